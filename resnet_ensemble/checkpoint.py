@@ -1,0 +1,60 @@
+"""Orbax checkpoints in ``workdir/checkpoints``, resumed automatically, with a config guard."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir was made by a run whose model/data config differs from this one."""
+
+
+def _as_dict(config) -> dict:
+  return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+
+
+def guard_config(workdir: str, config, keys=("model", "data")) -> None:
+  """Writes ``workdir/config.json``; if one exists, refuses a different model or data config.
+
+  A checkpoint restored into another architecture would fail with an opaque shape error (or,
+  worse, load), so we compare the sections that define the network first.
+  """
+  path = os.path.join(workdir, "config.json")
+  new = _as_dict(config)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    diffs = [f"{k}.{field}: workdir has {old.get(k, {}).get(field)!r}, config has {v!r}"
+             for k in keys for field, v in new.get(k, {}).items()
+             if field not in ("dir", "source", "unroll", "dtype") and old.get(k, {}).get(field) != v]
+    if diffs:
+      raise ConfigMismatchError(
+          f"the workdir {workdir} holds a run with another model/data config; use a new workdir "
+          "or the original config. Differences:\n  " + "\n  ".join(diffs))
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
+  """The newest checkpoint restored into ``abstract_state``'s structure, or None."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+  manager.save(int(step), args=ocp.args.StandardSave(state))

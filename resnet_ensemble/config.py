@@ -1,0 +1,61 @@
+"""The base config every experiment config starts from (configs/*.py override fields).
+
+All fields exist here so that ``lock_config=True`` turns a mistyped ``--config.`` override into
+an error instead of a silently ignored new field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cifar_resnet"      # cifar_resnet | imagenet_resnet | plain
+  c.model.depth = 110                # CIFAR: 6n+2; ImageNet: 18/34/50/101/152/200
+  c.model.width = 0                  # 0: the standard width (16 CIFAR, 64 ImageNet, 128 plain)
+  c.model.block_form = "preact"      # preact | postact
+  c.model.shortcut = "projection"    # projection | zero_pad (option A)
+  c.model.plain_stages = (5, 4, 4)   # plain net: gated layers per stage
+  c.model.dtype = "float32"          # compute dtype; params and BN statistics stay float32
+  c.model.unroll = 1                 # scan unroll over a stage's blocks; 0 = fully unrolled
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "cifar10"            # digits | cifar10 | imagenet2012
+  c.data.source = "auto"             # cifar10: auto | bin | tfds
+  c.data.dir = "~/.cache/cifar10"    # holds cifar-10-batches-bin/ (or a TFDS data_dir)
+  c.data.crop_padding = 4            # random crop after zero padding by this many pixels
+  c.data.flip = True                 # random horizontal flips
+  c.data.image_size = 224            # ImageNet only
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_steps = 64_000
+  c.train.steps_per_call = 1         # steps per compiled call (lax.scan)
+  c.train.log_every = 200
+  c.train.eval_every = 4_000
+  c.train.progress_every_s = 30.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup = "constant"        # constant (He et al.) | linear
+  c.optim.warmup_steps = 400
+  c.optim.warmup_learning_rate = 0.01
+  c.optim.schedule = "piecewise"     # piecewise | cosine
+  c.optim.boundaries = (32_000, 48_000)
+  c.optim.decay_factor = 0.1
+  c.optim.label_smoothing = 0.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 1_000
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 4_000
+  c.checkpoint.max_to_keep = 3
+  return c

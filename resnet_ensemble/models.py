@@ -1,0 +1,306 @@
+"""Gated residual networks (and the plain VGG-style network) in Flax Linen.
+
+Every block computes ``y = shortcut(x) + gate * f(x)``; the gates are a run-time array of shape
+``(n_blocks,)`` or ``(n_blocks, batch)``, so deleting, reordering or sampling blocks never
+builds a new model or recompiles. A plain (no-skip) layer computes ``y = x + gate * (f(x) - x)``:
+with a zero gate it becomes the identity, the plain-network analogue of deleting a block.
+
+The same-shape blocks of a stage are stacked on a leading parameter axis and run with
+``nn.scan`` (see layout.py); ``unroll`` trades compile time for speed on accelerators.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_ensemble.layout import BlockLayout, down_name, stacked_name
+
+Array = jax.Array
+ModuleDef = Any
+
+# He-normal with fan-out, as in torchvision; a block's last BN starts at one (no zero-init),
+# so deleting a block at initialisation is not trivially free.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
+  # Explicit symmetric padding (PyTorch's), not 'SAME': identical to torchvision at stride 2.
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def _broadcast_gate(gate: Array, like: Array) -> Array:
+  """A gate of shape () or (batch,) broadcast against an NHWC tensor."""
+  gate = gate.astype(like.dtype)
+  return gate.reshape(gate.shape + (1,) * (like.ndim - gate.ndim))
+
+
+def _zero_pad_shortcut(x: Array, features: int, stride: int) -> Array:
+  """Option A: subsample spatially, zero-pad the new channels evenly on both sides."""
+  x = x[:, ::stride, ::stride, :]
+  extra = features - x.shape[-1]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions; pre-activation (He et al. 2016b) or the original post-activation."""
+
+  features: int
+  stride: int = 1
+  down: bool = False          # does this block change the shape (needs a non-identity shortcut)?
+  preact: bool = True
+  shortcut: str = "projection"  # or "zero_pad" (option A)
+  norm: ModuleDef = nn.BatchNorm
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, gate: Array) -> Array:
+    conv = functools.partial(_conv, dtype=self.dtype)
+    if self.preact:
+      h = nn.relu(self.norm(name="bn1")(x))
+      f = conv(self.features, 3, self.stride, "conv1")(h)
+      f = nn.relu(self.norm(name="bn2")(f))
+      f = conv(self.features, 3, 1, "conv2")(f)
+      return self._shortcut(x, h) + _broadcast_gate(gate, f) * f
+    f = conv(self.features, 3, self.stride, "conv1")(x)
+    f = nn.relu(self.norm(name="bn1")(f))
+    f = conv(self.features, 3, 1, "conv2")(f)
+    f = self.norm(name="bn2")(f)
+    return nn.relu(self._shortcut(x, x) + _broadcast_gate(gate, f) * f)
+
+  def _shortcut(self, x: Array, h: Array) -> Array:
+    """Identity, or for a downsampling block a projection of ``h`` (the pre-activated input in
+    the pre-activation form, as in He et al.'s code) or option A's zero padding of ``x``."""
+    if not self.down:
+      return x
+    if self.shortcut == "zero_pad":
+      return _zero_pad_shortcut(x, self.features, self.stride)
+    s = _conv(self.features, 1, self.stride, "proj_conv", self.dtype)(h)
+    return s if self.preact else self.norm(name="proj_bn")(s)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 - 3x3 - 1x1 bottleneck (ImageNet ResNet-50..200); stride on the 3x3 (torchvision)."""
+
+  features: int  # bottleneck width; the output has 4x as many channels
+  stride: int = 1
+  down: bool = False
+  preact: bool = True
+  shortcut: str = "projection"
+  norm: ModuleDef = nn.BatchNorm
+  dtype: Any = jnp.float32
+  expansion: int = 4
+
+  @nn.compact
+  def __call__(self, x: Array, gate: Array) -> Array:
+    conv = functools.partial(_conv, dtype=self.dtype)
+    out = self.features * self.expansion
+    if self.preact:
+      h = nn.relu(self.norm(name="bn1")(x))
+      f = conv(self.features, 1, 1, "conv1")(h)
+      f = nn.relu(self.norm(name="bn2")(f))
+      f = conv(self.features, 3, self.stride, "conv2")(f)
+      f = nn.relu(self.norm(name="bn3")(f))
+      f = conv(out, 1, 1, "conv3")(f)
+      return self._shortcut(x, h, out) + _broadcast_gate(gate, f) * f
+    f = nn.relu(self.norm(name="bn1")(conv(self.features, 1, 1, "conv1")(x)))
+    f = nn.relu(self.norm(name="bn2")(conv(self.features, 3, self.stride, "conv2")(f)))
+    f = self.norm(name="bn3")(conv(out, 1, 1, "conv3")(f))
+    return nn.relu(self._shortcut(x, x, out) + _broadcast_gate(gate, f) * f)
+
+  def _shortcut(self, x: Array, h: Array, out: int) -> Array:
+    if not self.down:
+      return x
+    if self.shortcut == "zero_pad":
+      return _zero_pad_shortcut(x, out, self.stride)
+    s = _conv(out, 1, self.stride, "proj_conv", self.dtype)(h)
+    return s if self.preact else self.norm(name="proj_bn")(s)
+
+
+class PlainLayer(nn.Module):
+  """conv-BN-ReLU with no skip; a zero gate turns it into the identity (a deleted layer)."""
+
+  features: int
+  norm: ModuleDef = nn.BatchNorm
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, gate: Array) -> Array:
+    f = _conv(self.features, 3, 1, "conv", self.dtype)(x)
+    f = nn.relu(self.norm(name="bn")(f))
+    return x + _broadcast_gate(gate, f) * (f - x)
+
+
+def _scan_blocks(block: nn.Module, x: Array, gates: Array, unroll: int) -> Array:
+  """Runs ``len(gates)`` copies of ``block`` (stacked params and batch stats) in sequence."""
+
+  def body(mdl, carry, gate):
+    return mdl(carry, gate), None
+
+  scan = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
+                 split_rngs={"params": True}, in_axes=0, length=gates.shape[0],
+                 unroll=gates.shape[0] if unroll <= 0 else min(unroll, gates.shape[0]))
+  return scan(block, x, gates)[0]
+
+
+def _check_gates(gates: Array | None, n_blocks: int, batch: int, dtype) -> Array:
+  if gates is None:
+    return jnp.ones((n_blocks,), dtype)
+  gates = jnp.asarray(gates)
+  if gates.ndim not in (1, 2) or gates.shape[0] != n_blocks:
+    raise ValueError(
+        f"gates must have shape ({n_blocks},) or ({n_blocks}, batch) for this network of "
+        f"{n_blocks} blocks; got shape {gates.shape}")
+  if gates.ndim == 2 and gates.shape[1] != batch:
+    raise ValueError(f"per-example gates have batch size {gates.shape[1]}, the input has {batch}")
+  return gates
+
+
+class ResNet(nn.Module):
+  """A gated residual network: CIFAR (3x3 stem) or ImageNet (7x7/2 stem + max-pool) style.
+
+  ``__call__(x, gates=None, train=False)``; ``x`` is NHWC, already normalised.
+  """
+
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]                # per stage: block width (bottleneck: inner width)
+  block: str = "basic"                 # "basic" | "bottleneck"
+  stem: str = "cifar"                  # "cifar" | "imagenet"
+  stem_width: int | None = None        # default: widths[0]
+  preact: bool = True
+  shortcut: str = "projection"         # "projection" | "zero_pad"
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+  unroll: int = 1                      # scan unroll factor; <= 0 means fully unrolled
+
+  @property
+  def _expansion(self) -> int:
+    return 4 if self.block == "bottleneck" else 1
+
+  def _stage_strides(self) -> list[int]:
+    return [1] + [2] * (len(self.stage_sizes) - 1)
+
+  @property
+  def layout(self) -> BlockLayout:
+    channels = self.stem_width or self.widths[0]
+    first_is_down = []
+    for width, stride in zip(self.widths, self._stage_strides()):
+      out = width * self._expansion
+      first_is_down.append(stride != 1 or channels != out)
+      channels = out
+    return BlockLayout(tuple(self.stage_sizes), tuple(first_is_down))
+
+  @nn.compact
+  def __call__(self, x: Array, gates: Array | None = None, train: bool = False) -> Array:
+    layout = self.layout
+    gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
+    x = x.astype(self.dtype)
+    stem_width = self.stem_width or self.widths[0]
+    if self.stem == "imagenet":
+      x = _conv(stem_width, 7, 2, "stem_conv", self.dtype)(x)
+      x = nn.relu(norm(name="stem_bn")(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = _conv(stem_width, 3, 1, "stem_conv", self.dtype)(x)
+      if not self.preact:
+        x = nn.relu(norm(name="stem_bn")(x))
+    for s, (width, stride) in enumerate(zip(self.widths, self._stage_strides())):
+      block = functools.partial(block_cls, features=width, preact=self.preact,
+                                shortcut=self.shortcut, norm=norm, dtype=self.dtype)
+      stage = layout.stage_range(s)
+      if layout.first_is_down[s]:
+        x = block(stride=stride, down=True, name=down_name(s))(x, gates[stage.start])
+      stacked = layout.stacked_range(s)
+      if len(stacked):
+        x = _scan_blocks(block(name=stacked_name(s)), x,
+                         gates[stacked.start:stacked.stop], self.unroll)
+    if self.preact:
+      x = nn.relu(norm(name="final_bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return x.astype(jnp.float32)
+
+
+class PlainNet(nn.Module):
+  """The plain "VGG-15" of the comparison: a 3x3 conv stem, gated conv-BN-ReLU layers of equal
+  width in stages separated by 2x2 max-pooling, global average pooling and a dense layer
+  (stem + 13 layers + dense = 15 weight layers with the default stages)."""
+
+  stage_sizes: Sequence[int] = (5, 4, 4)
+  width: int = 128
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+  unroll: int = 1
+
+  @property
+  def layout(self) -> BlockLayout:
+    return BlockLayout(tuple(self.stage_sizes), (False,) * len(self.stage_sizes))
+
+  @nn.compact
+  def __call__(self, x: Array, gates: Array | None = None, train: bool = False) -> Array:
+    layout = self.layout
+    gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    x = _conv(self.width, 3, 1, "stem_conv", self.dtype)(x.astype(self.dtype))
+    x = nn.relu(norm(name="stem_bn")(x))
+    for s in range(layout.num_stages):
+      if s > 0:
+        x = nn.max_pool(x, (2, 2), (2, 2))
+      r = layout.stacked_range(s)
+      layer = PlainLayer(self.width, norm=norm, dtype=self.dtype, name=stacked_name(s))
+      x = _scan_blocks(layer, x, gates[r.start:r.stop], self.unroll)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+IMAGENET_STAGES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _choice(value: str, valid, what: str):
+  if value not in valid:
+    raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+  return value
+
+
+def build(model_config, num_classes: int) -> nn.Module:
+  """The model named by ``config.model``: cifar_resnet | imagenet_resnet | plain."""
+  c = model_config
+  name = _choice(c.name, ("cifar_resnet", "imagenet_resnet", "plain"), "model name")
+  dtype = _DTYPES[_choice(c.dtype, tuple(_DTYPES), "model dtype")]
+  if name == "plain":
+    return PlainNet(stage_sizes=tuple(c.plain_stages), width=c.width or 128,
+                    num_classes=num_classes, dtype=dtype, unroll=c.unroll)
+  _choice(c.block_form, ("preact", "postact"), "block form")
+  _choice(c.shortcut, ("projection", "zero_pad"), "shortcut")
+  common = dict(preact=c.block_form == "preact", shortcut=c.shortcut, num_classes=num_classes,
+                dtype=dtype, unroll=c.unroll)
+  if name == "cifar_resnet":
+    if c.depth < 8 or (c.depth - 2) % 6:
+      raise ValueError(f"a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, 56, 110, ...); got {c.depth}")
+    n = (c.depth - 2) // 6
+    w = c.width or 16
+    return ResNet(stage_sizes=(n, n, n), widths=(w, 2 * w, 4 * w), block="basic", stem="cifar",
+                  **common)
+  block, stages = IMAGENET_STAGES[_choice(c.depth, tuple(IMAGENET_STAGES), "ImageNet ResNet depth")]
+  w = c.width or 64
+  return ResNet(stage_sizes=stages, widths=(w, 2 * w, 4 * w, 8 * w), block=block, stem="imagenet",
+                **common)

@@ -1,0 +1,258 @@
+"""Training and evaluation: ``train_and_evaluate(config, workdir)``.
+
+One jitted program per job, over a data-parallel mesh: the state is replicated, every batch is
+sharded on the 'data' axis. Small datasets (CIFAR-10, the embedded digits) live on the device
+as uint8 and each step selects and augments its own batch, optionally several steps per
+compiled call (``train.steps_per_call``, a ``lax.scan``); ImageNet streams from a host pipeline.
+"""
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metrics
+
+from resnet_ensemble import checkpoint, data as data_lib, models, optim, writers
+from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
+from resnet_ensemble.progress import Progress
+from resnet_ensemble.sharding import check_divisible, make_mesh, replicated, sharded
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output("loss")
+  accuracy: metrics.Accuracy
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross-entropy against (optionally label-smoothed) one-hot targets."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if smoothing:
+    targets = optax.smooth_labels(targets, smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+@flax.struct.dataclass
+class ResidentData:
+  """A dataset on the device: train split flat, test split padded into masked batches."""
+  train_images: jax.Array  # uint8 (N, H, W, C), replicated
+  train_labels: jax.Array  # int32 (N,)
+  test_images: jax.Array   # uint8 (n_batches, B, H, W, C), batch axis sharded
+  test_labels: jax.Array   # int32 (n_batches, B)
+  test_mask: jax.Array     # float32 (n_batches, B): 0 for padding
+
+
+def put_resident(dataset: data_lib.ImageDataset, eval_batch_size: int, mesh) -> ResidentData:
+  check_divisible(eval_batch_size, mesh, "eval.batch_size")
+  n = len(dataset.test_labels)
+  n_batches = math.ceil(n / eval_batch_size)
+  pad = n_batches * eval_batch_size - n
+  shape = (n_batches, eval_batch_size)
+  test_images = np.concatenate(
+      [dataset.test_images, np.zeros((pad,) + dataset.test_images.shape[1:], np.uint8)])
+  test_labels = np.concatenate([dataset.test_labels, np.zeros((pad,), np.int32)])
+  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+  rep, batch_axis = replicated(mesh), sharded(mesh, axis=1)
+  return ResidentData(
+      train_images=jax.device_put(dataset.train_images, rep),
+      train_labels=jax.device_put(dataset.train_labels.astype(np.int32), rep),
+      test_images=jax.device_put(test_images.reshape(shape + test_images.shape[1:]), batch_axis),
+      test_labels=jax.device_put(test_labels.reshape(shape), batch_axis),
+      test_mask=jax.device_put(mask.reshape(shape), batch_axis))
+
+
+def make_eval_fn(model: nn.Module, mean, std) -> Callable:
+  """``eval_fn(variables, images, labels, mask, gates=None) -> {loss, accuracy, error, count}``
+  over a stack of padded batches (leading axis). Pure, so it can be vmapped over gates."""
+
+  def eval_fn(variables, images, labels, mask, gates=None):
+    def body(totals, batch):
+      x, y, m = batch
+      logits = model.apply(variables, normalize(x, mean, std), gates=gates, train=False)
+      loss = cross_entropy(logits, y)
+      correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+      return (totals[0] + jnp.sum(loss * m), totals[1] + jnp.sum(correct * m)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (images, labels, mask))
+    count = jnp.sum(mask)
+    accuracy = correct / count
+    return {"loss": loss_sum / count, "accuracy": accuracy, "error": 1.0 - accuracy,
+            "count": count}
+
+  return eval_fn
+
+
+def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean, std,
+                        label_smoothing: float, mesh) -> Callable:
+  """One SGD step on a given uint8 batch (already augmented)."""
+
+  def train_on_batch(state: TrainState, images, labels, gates=None):
+    x = jax.lax.with_sharding_constraint(normalize(images, mean, std), sharded(mesh))
+
+    def loss_fn(params):
+      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
+                                    gates=gates, train=True, mutable=["batch_stats"])
+      return cross_entropy(logits, labels, label_smoothing).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    step_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, step_updates),
+                          batch_stats=updates["batch_stats"], opt_state=opt_state)
+    return state, TrainMetrics.single_from_model_output(loss=loss, logits=logits, labels=labels)
+
+  return train_on_batch
+
+
+def make_resident_train_fn(train_on_batch: Callable, *, seed: int, batch_size: int,
+                           crop_padding: int, flip: bool, num_steps: int) -> Callable:
+  """``fn(state, data) -> (state, metrics)`` running ``num_steps`` steps on resident data.
+
+  The batch and augmentation of step t depend only on (seed, t)."""
+  root = jax.random.key(seed)
+  order_key, augment_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+
+  def one_step(state: TrainState, data: ResidentData):
+    idx = batch_indices(order_key, state.step, data.train_labels.shape[0], batch_size)
+    images = random_crop_flip(jax.random.fold_in(augment_key, state.step),
+                              data.train_images[idx], crop_padding, flip)
+    return train_on_batch(state, images, data.train_labels[idx])
+
+  def train_fn(state: TrainState, data: ResidentData):
+    if num_steps == 1:
+      return one_step(state, data)
+    state, stacked = jax.lax.scan(lambda s, _: one_step(s, data), state, None, length=num_steps)
+    return state, stacked.reduce()
+
+  return train_fn
+
+
+def create_train_state(model: nn.Module, tx, seed: int, input_shape, mesh) -> TrainState:
+  def init():
+    x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+    variables = model.init(jax.random.fold_in(jax.random.key(seed), 0), x)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=replicated(mesh))()
+
+
+def _crossed(step: int, previous: int, every: int) -> bool:
+  return every > 0 and step // every != previous // every
+
+
+def _check_finite(value: float, what: str, step: int, manager) -> None:
+  if not math.isfinite(value):
+    raise FloatingPointError(
+        f"non-finite {what} ({value}) at step {step}; stopping. The last good checkpoint is "
+        f"step {manager.latest_step()} (lower the learning rate or check the data).")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains ``config.model`` on ``config.data``; checkpoints, metrics and config in ``workdir``.
+
+  Resumes from the newest checkpoint in the workdir. Returns the final evaluation metrics.
+  """
+  is_main = jax.process_index() == 0
+  if is_main:
+    checkpoint.guard_config(workdir, config)
+  mesh = make_mesh()
+  tc = config.train
+  check_divisible(tc.batch_size, mesh, "train.batch_size")
+  dataset = data_lib.load(config.data)
+  logging.info("data: %s (%d train, %d test)", dataset.source, len(dataset.train_labels),
+               len(dataset.test_labels))
+  model = models.build(config.model, dataset.num_classes)
+  tx, schedule = optim.make_optimizer(config.optim, tc.num_steps)
+  state = create_train_state(model, tx, config.seed, dataset.train_images.shape[1:], mesh)
+  manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep)
+  restored = checkpoint.restore_latest(manager, state)
+  if restored is not None:
+    state = jax.device_put(restored, replicated(mesh))
+    print(f"resumed from {workdir} at step {int(state.step)}", flush=True)
+
+  resident = put_resident(dataset, config.eval.batch_size, mesh)
+  train_on_batch = make_train_on_batch(model, tx, dataset.mean, dataset.std,
+                                       config.optim.label_smoothing, mesh)
+  make_train_fn = functools.partial(
+      make_resident_train_fn, train_on_batch, seed=config.seed, batch_size=tc.batch_size,
+      crop_padding=config.data.crop_padding, flip=config.data.flip)
+  rep = replicated(mesh)
+  writer = writers.create_writer(workdir, enabled=is_main)
+  compiled: dict[int, Any] = {}
+
+  def train_fn(k: int):
+    if k not in compiled:
+      t0 = time.perf_counter()
+      jitted = jax.jit(make_train_fn(num_steps=k), out_shardings=(rep, rep), donate_argnums=0)
+      compiled[k] = jitted.lower(state, resident).compile()
+      seconds = time.perf_counter() - t0
+      writer.write_scalars(int(state.step), {f"compile_s_train_{k}_steps": seconds})
+      print(f"compiled train step ({k} steps/call) in {seconds:.1f}s", flush=True)
+    return compiled[k]
+
+  eval_fn = jax.jit(make_eval_fn(model, dataset.mean, dataset.std), out_shardings=rep)
+
+  def evaluate(state: TrainState) -> dict:
+    out = eval_fn(state.variables, resident.test_images, resident.test_labels, resident.test_mask)
+    return {f"eval_{k}": float(v) for k, v in out.items() if k != "count"}
+
+  step = int(state.step)
+  progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
+  accumulated, last_log_time, last_log_step = None, time.perf_counter(), step
+  final: dict = {}
+  while step < tc.num_steps:
+    k = min(tc.steps_per_call, tc.num_steps - step)
+    previous = step
+    state, batch_metrics = train_fn(k)(state, resident)
+    step += k
+    accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
+    done = step == tc.num_steps
+    if _crossed(step, previous, tc.log_every) or done:
+      scalars = {f"train_{k_}": float(v) for k_, v in accumulated.compute().items()}
+      _check_finite(scalars["train_loss"], "training loss", step, manager)
+      now = time.perf_counter()
+      scalars["steps_per_s"] = (step - last_log_step) / (now - last_log_time)
+      scalars["learning_rate"] = float(schedule(step - 1))
+      writer.write_scalars(step, scalars)
+      progress.update(step, force=True, loss=scalars["train_loss"],
+                      acc=scalars["train_accuracy"])
+      accumulated, last_log_time, last_log_step = None, now, step
+    if _crossed(step, previous, tc.eval_every) or done:
+      final = evaluate(state)
+      writer.write_scalars(step, final)
+      print(f"eval at step {step}: " + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()),
+            flush=True)
+    if _crossed(step, previous, config.checkpoint.every) or done:
+      checkpoint.save(manager, step, state)
+  manager.wait_until_finished()
+  writer.flush()
+  if not final:  # resumed a finished run
+    final = evaluate(state)
+  if is_main:
+    with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+      json.dump({"step": step, **final}, f, indent=2)
+  return final

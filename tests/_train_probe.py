@@ -1,0 +1,30 @@
+"""Subprocess helper for tests: train a tiny config, save the final params as .npz.
+
+Usage: python tests/_train_probe.py WORKDIR OUT.npz [key=value ...]  (XLA_FLAGS set by caller)
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from tests.conftest import tiny_config  # noqa: E402
+from resnet_ensemble import train  # noqa: E402
+
+
+def main():
+  workdir, out = sys.argv[1], sys.argv[2]
+  overrides = dict(kv.split("=", 1) for kv in sys.argv[3:])
+  config = tiny_config(**{k: json.loads(v) for k, v in overrides.items()})
+  final = train.train_and_evaluate(config, workdir)
+  state = train.checkpoint.restore_latest(
+      train.checkpoint.make_manager(workdir), None)
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  np.savez(out, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+  print(json.dumps({"devices": jax.device_count(), **final}))
+
+
+if __name__ == "__main__":
+  main()

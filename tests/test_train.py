@@ -1,0 +1,114 @@
+"""Training behaves: same numbers on 1 and 8 devices, resume == uninterrupted, loss goes down."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_ensemble import augment, optim, train
+from resnet_ensemble.config import base_config
+from resnet_ensemble.writers import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _probe(tmp_path, name, devices, *overrides):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  out = tmp_path / f"{name}.npz"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_train_probe.py"),
+                         str(tmp_path / name), str(out), *overrides],
+                        env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1]), dict(np.load(out))
+
+
+def test_one_and_eight_devices_give_the_same_training(tmp_path):
+  one, params_one = _probe(tmp_path, "one", 1, "train.steps_per_call=2")
+  eight, params_eight = _probe(tmp_path, "eight", 8, "train.steps_per_call=2")
+  assert one["devices"] == 1 and eight["devices"] == 8
+  assert params_one.keys() == params_eight.keys()
+  for key in params_one:
+    np.testing.assert_allclose(params_one[key], params_eight[key], rtol=1e-5, atol=1e-5,
+                               err_msg=key)
+  for metric in ("eval_loss", "eval_accuracy"):
+    assert abs(one[metric] - eight[metric]) <= 1e-5
+  history_one = read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))
+  history_eight = read_jsonl(str(tmp_path / "eight" / "metrics.jsonl"))
+  losses = lambda h: [r["train_loss"] for r in h if "train_loss" in r]
+  np.testing.assert_allclose(losses(history_one), losses(history_eight), rtol=1e-5, atol=1e-5)
+
+
+def _params(workdir):
+  state = train.checkpoint.restore_latest(train.checkpoint.make_manager(str(workdir)), None)
+  return state["step"], jax.tree.leaves(state)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny):
+  train.train_and_evaluate(tiny(), str(tmp_path / "straight"))
+  train.train_and_evaluate(tiny(**{"train.num_steps": 3}), str(tmp_path / "resumed"))
+  assert _params(tmp_path / "resumed")[0] == 3
+  train.train_and_evaluate(tiny(), str(tmp_path / "resumed"))
+  step_a, leaves_a = _params(tmp_path / "straight")
+  step_b, leaves_b = _params(tmp_path / "resumed")
+  assert step_a == step_b == 6
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_training_reduces_the_loss_and_writes_the_workdir(tmp_path, tiny):
+  workdir = tmp_path / "w"
+  final = train.train_and_evaluate(
+      tiny(**{"model.width": 8, "train.num_steps": 60, "train.log_every": 20,
+              "train.eval_every": 60, "train.steps_per_call": 5, "optim.boundaries": (),
+              "optim.warmup_steps": 0}), str(workdir))
+  history = [r for r in read_jsonl(str(workdir / "metrics.jsonl")) if "train_loss" in r]
+  assert history[-1]["train_loss"] < 0.75 * history[0]["train_loss"]
+  assert final["eval_accuracy"] > 0.3  # chance is 0.1
+  assert (workdir / "config.json").exists() and (workdir / "final_metrics.json").exists()
+  assert "60" in os.listdir(workdir / "checkpoints")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny):
+  with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 2"):
+    train.train_and_evaluate(tiny(**{"optim.learning_rate": 1e30, "optim.warmup_steps": 0}),
+                             str(tmp_path / "nan"))
+
+
+def test_a_workdir_refuses_another_model(tmp_path, tiny):
+  train.train_and_evaluate(tiny(**{"train.num_steps": 2}), str(tmp_path / "w"))
+  with pytest.raises(train.checkpoint.ConfigMismatchError, match="model.depth: workdir has 8"):
+    train.train_and_evaluate(tiny(**{"model.depth": 14}), str(tmp_path / "w"))
+
+
+def test_paper_learning_rate_schedule():
+  c = base_config().optim
+  schedule = optim.learning_rate_schedule(c, 64_000)
+  for step, lr in [(0, 0.01), (399, 0.01), (400, 0.1), (31_999, 0.1), (32_000, 0.01),
+                   (48_000, 0.001), (63_999, 0.001)]:
+    assert float(schedule(step)) == pytest.approx(lr), step
+  c.schedule, c.warmup, c.warmup_steps, c.warmup_learning_rate = "cosine", "linear", 10, 0.0
+  schedule = optim.learning_rate_schedule(c, 110)
+  assert float(schedule(5)) == pytest.approx(0.05)
+  assert float(schedule(60)) == pytest.approx(0.05, abs=1e-6)
+  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_batches_are_epoch_permutations_and_augmentation_is_a_crop():
+  key = jax.random.key(0)
+  seen = np.concatenate([np.asarray(augment.batch_indices(key, jnp.asarray(s), 100, 20))
+                         for s in range(5)])
+  assert sorted(seen) == list(range(100))  # one epoch = every example once
+  nxt = np.asarray(augment.batch_indices(key, jnp.asarray(5), 100, 20))
+  assert not np.array_equal(nxt, seen[:20])  # a fresh permutation next epoch
+  images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.uint8).reshape(2, 4, 4, 1) + 1
+  out = np.asarray(augment.random_crop_flip(jax.random.key(3), images, 1, flip=True))
+  for b in range(2):
+    nonzero = out[b][out[b] > 0]
+    assert set(nonzero.tolist()) <= set(np.asarray(images[b]).ravel().tolist())
+    assert len(nonzero) >= 9  # a crop shifted by at most 1 pixel keeps a 3x3 core

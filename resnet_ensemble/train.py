@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -160,6 +162,29 @@ def create_train_state(model: nn.Module, tx, seed: int, input_shape, mesh) -> Tr
   return jax.jit(init, out_shardings=replicated(mesh))()
 
 
+class StopRequest:
+  """Turns SIGTERM (a preempted VM) and SIGINT into a request to checkpoint and exit cleanly."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def _crossed(step: int, previous: int, every: int) -> bool:
   return every > 0 and step // every != previous // every
 
@@ -224,30 +249,40 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), step
   final: dict = {}
-  while step < tc.num_steps:
-    k = min(tc.steps_per_call, tc.num_steps - step)
-    previous = step
-    state, batch_metrics = train_fn(k)(state, resident)
-    step += k
-    accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
-    done = step == tc.num_steps
-    if _crossed(step, previous, tc.log_every) or done:
-      scalars = {f"train_{k_}": float(v) for k_, v in accumulated.compute().items()}
-      _check_finite(scalars["train_loss"], "training loss", step, manager)
-      now = time.perf_counter()
-      scalars["steps_per_s"] = (step - last_log_step) / (now - last_log_time)
-      scalars["learning_rate"] = float(schedule(step - 1))
-      writer.write_scalars(step, scalars)
-      progress.update(step, force=True, loss=scalars["train_loss"],
-                      acc=scalars["train_accuracy"])
-      accumulated, last_log_time, last_log_step = None, now, step
-    if _crossed(step, previous, tc.eval_every) or done:
-      final = evaluate(state)
-      writer.write_scalars(step, final)
-      print(f"eval at step {step}: " + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()),
-            flush=True)
-    if _crossed(step, previous, config.checkpoint.every) or done:
-      checkpoint.save(manager, step, state)
+  with StopRequest() as stop:
+    while step < tc.num_steps and not stop.received:
+      k = min(tc.steps_per_call, tc.num_steps - step)
+      previous = step
+      state, batch_metrics = train_fn(k)(state, resident)
+      step += k
+      accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
+      done = step == tc.num_steps
+      if _crossed(step, previous, tc.log_every) or done:
+        scalars = {f"train_{k_}": float(v) for k_, v in accumulated.compute().items()}
+        _check_finite(scalars["train_loss"], "training loss", step, manager)
+        now = time.perf_counter()
+        scalars["steps_per_s"] = (step - last_log_step) / (now - last_log_time)
+        scalars["learning_rate"] = float(schedule(step - 1))
+        writer.write_scalars(step, scalars)
+        progress.update(step, force=True, loss=scalars["train_loss"],
+                        acc=scalars["train_accuracy"])
+        accumulated, last_log_time, last_log_step = None, now, step
+      if _crossed(step, previous, tc.eval_every) or done:
+        final = evaluate(state)
+        writer.write_scalars(step, final)
+        print(f"eval at step {step}: " + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()),
+              flush=True)
+      if _crossed(step, previous, config.checkpoint.every) or done:
+        checkpoint.save(manager, step, state)
+    if stop.received:
+      if accumulated is not None:
+        _check_finite(float(accumulated.compute()["loss"]), "training loss", step, manager)
+      if manager.latest_step() != step:
+        checkpoint.save(manager, step, state)
+      manager.wait_until_finished()
+      print(f"{stop.received}: saved a checkpoint at step {step} in {workdir}; rerun the same "
+            "command to resume", flush=True)
+      return {"stopped_at": step}
   manager.wait_until_finished()
   writer.flush()
   if not final:  # resumed a finished run

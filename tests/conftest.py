@@ -5,6 +5,12 @@ import sys
 
 import pytest
 
+# Tests are compile-bound (tiny models, few steps): XLA's CPU backend at optimisation level 0
+# compiles them ~4x faster. Tests that run for long (the quickstart) unset it in their
+# subprocess. Must be set before jax is imported.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 

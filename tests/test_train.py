@@ -18,8 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _probe(tmp_path, name, devices, *overrides):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"))
   out = tmp_path / f"{name}.npz"
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_train_probe.py"),
                          str(tmp_path / name), str(out), *overrides],

@@ -1,0 +1,159 @@
+"""Small image datasets held in memory as uint8, ready to live on the device.
+
+Sources, in the order users have them: TFDS ``cifar10``; the official binary release
+directory ``cifar-10-batches-bin/`` (parsed with numpy: the pickled python release is never
+unpickled, since unpickling runs code); and scikit-learn's digits, real images that ship inside
+the package, so the quickstart runs offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+CIFAR10_RECORD = 1 + 32 * 32 * 3  # label byte, then 1024 R, 1024 G, 1024 B (row-major)
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch.bin"
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                  "ship", "truck")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+  """Train/test splits on the host as uint8 NHWC, small enough to live on the device."""
+
+  name: str
+  train_images: np.ndarray  # uint8 (N, H, W, C)
+  train_labels: np.ndarray  # int32 (N,)
+  test_images: np.ndarray   # uint8
+  test_labels: np.ndarray   # int32
+  num_classes: int
+  mean: tuple[float, ...]   # per-channel mean of the train split, 0..255 units
+  std: tuple[float, ...]
+  source: str               # where it came from, for reports
+
+
+def _dataset(name, train_x, train_y, test_x, test_y, num_classes, source) -> ImageDataset:
+  flat = train_x.reshape(-1, train_x.shape[-1]).astype(np.float64)
+  return ImageDataset(name, train_x, train_y.astype(np.int32), test_x, test_y.astype(np.int32),
+                      num_classes, tuple(float(m) for m in flat.mean(0)),
+                      tuple(float(s) for s in flat.std(0)), source)
+
+
+def load_digits(num_test: int = 360) -> ImageDataset:
+  """scikit-learn's 1,797 real 8x8 digits (0..16 grey levels) as uint8, fixed split."""
+  from sklearn.datasets import load_digits as sk_digits
+  digits = sk_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  order = np.random.default_rng(0).permutation(len(labels))
+  images, labels = images[order], labels[order]
+  return _dataset("digits", images[:-num_test], labels[:-num_test], images[-num_test:],
+                  labels[-num_test:], 10, "scikit-learn digits (embedded, 8x8 grey)")
+
+
+def _bin_dir(directory: str) -> str:
+  directory = os.path.expanduser(directory)
+  nested = os.path.join(directory, "cifar-10-batches-bin")
+  return nested if os.path.isdir(nested) else directory
+
+
+def _read_records(path: str) -> tuple[np.ndarray, np.ndarray]:
+  raw = np.fromfile(path, dtype=np.uint8)
+  if raw.size == 0 or raw.size % CIFAR10_RECORD:
+    raise ValueError(f"{path} has {raw.size} bytes, not a whole number of {CIFAR10_RECORD}-byte "
+                     "CIFAR-10 records: the file is truncated or not CIFAR-10 binary")
+  records = raw.reshape(-1, CIFAR10_RECORD)
+  images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), records[:, 0].astype(np.int32)
+
+
+def read_cifar10_bin(directory: str):
+  """(train_images, train_labels, test_images, test_labels) from the official binary layout.
+
+  ``directory`` is ``cifar-10-batches-bin/`` itself or the folder that contains it."""
+  root = _bin_dir(directory)
+  paths = [os.path.join(root, f) for f in CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(
+        "CIFAR-10 binary files not found: " + ", ".join(missing) + ". Set --config.data.dir to "
+        "the folder holding cifar-10-batches-bin/ (the official 'CIFAR-10 binary version', or "
+        "make one offline with ../shared/data/cifar10/make_cifar10_bin.py DIR).")
+  train = [_read_records(p) for p in paths[:-1]]
+  test_x, test_y = _read_records(paths[-1])
+  return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+          test_x, test_y)
+
+
+def write_cifar10_bin(directory: str, train_images, train_labels, test_images, test_labels):
+  """Writes ``directory/cifar-10-batches-bin/`` in the official layout (for tests and tools)."""
+  root = os.path.join(directory, "cifar-10-batches-bin")
+  os.makedirs(root, exist_ok=True)
+
+  def records(images, labels):
+    planes = np.asarray(images, np.uint8).transpose(0, 3, 1, 2).reshape(len(labels), -1)
+    return np.concatenate([np.asarray(labels, np.uint8)[:, None], planes], axis=1)
+
+  for name, idx in zip(CIFAR10_TRAIN_FILES, np.array_split(np.arange(len(train_labels)), 5)):
+    records(train_images[idx], train_labels[idx]).tofile(os.path.join(root, name))
+  records(test_images, test_labels).tofile(os.path.join(root, CIFAR10_TEST_FILE))
+  with open(os.path.join(root, "batches.meta.txt"), "w") as f:
+    f.write("\n".join(CIFAR10_LABELS) + "\n")
+  return root
+
+
+def load_cifar10_tfds(data_dir: str | None) -> ImageDataset:
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError("TFDS is not installed: pip install 'resnet-ensemble[tfds]', or use "
+                      "--config.data.source=bin") from e
+  data_dir = os.path.expanduser(data_dir) if data_dir else None
+  try:
+    splits = {s: tfds.as_numpy(tfds.load("cifar10", split=s, batch_size=-1, data_dir=data_dir,
+                                          download=False)) for s in ("train", "test")}
+  except (AssertionError, FileNotFoundError, OSError) as e:
+    raise FileNotFoundError(f"TFDS cifar10 is not prepared in data_dir={data_dir or '~/tensorflow_datasets'}"
+                            f" ({e})") from e
+  return _dataset("cifar10", splits["train"]["image"], splits["train"]["label"],
+                  splits["test"]["image"], splits["test"]["label"], 10,
+                  f"TFDS cifar10 (data_dir={data_dir or 'default'})")
+
+
+def _tfds_available() -> bool:
+  try:
+    import tensorflow_datasets  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def load(data_config) -> ImageDataset:
+  """The dataset named by ``config.data``: digits | cifar10 (source auto | bin | tfds)."""
+  name, source = data_config.name, data_config.source
+  if name == "digits":
+    return load_digits()
+  if name != "cifar10":
+    raise ValueError(f"unknown dataset {name!r} for in-memory training; valid: digits, cifar10 "
+                     "(imagenet2012 streams from TFDS)")
+  if source not in ("auto", "bin", "tfds"):
+    raise ValueError(f"unknown data source {source!r}; valid: auto, bin, tfds")
+  root = _bin_dir(data_config.dir)
+  if source == "bin" or (source == "auto" and os.path.isdir(root)
+                         and os.path.isfile(os.path.join(root, CIFAR10_TEST_FILE))):
+    return _dataset("cifar10", *read_cifar10_bin(data_config.dir), 10,
+                    f"CIFAR-10 binary at {root}")
+  if source == "tfds" or _tfds_available():
+    try:
+      return load_cifar10_tfds(data_config.dir if source == "tfds" else None)
+    except (FileNotFoundError, ImportError) as e:
+      if source == "tfds":
+        raise
+      tfds_error = str(e)
+  else:
+    tfds_error = "tensorflow_datasets not installed"
+  raise FileNotFoundError(f"CIFAR-10 not found. Looked for the binary release in {root} and "
+                          f"for TFDS cifar10 ({tfds_error}). Set --config.data.dir.")

@@ -1,0 +1,110 @@
+"""Data sources: the official CIFAR-10 binary layout, the embedded digits, clear errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from resnet_ensemble import data
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def _config(**kw):
+  c = ml_collections.ConfigDict(dict(name="cifar10", source="bin", dir=""))
+  c.update(kw)
+  return c
+
+
+def _random_split(rng, n):
+  return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+          rng.integers(0, 10, n).astype(np.int32))
+
+
+def test_binary_reader_round_trips_and_accepts_both_directory_forms(tmp_path):
+  rng = np.random.default_rng(0)
+  train_x, train_y = _random_split(rng, 25)
+  test_x, test_y = _random_split(rng, 7)
+  root = data.write_cifar10_bin(str(tmp_path), train_x, train_y, test_x, test_y)
+  for directory in (str(tmp_path), root):
+    ds = data.load(_config(dir=directory))
+    np.testing.assert_array_equal(ds.train_images, train_x)
+    np.testing.assert_array_equal(ds.train_labels, train_y)
+    np.testing.assert_array_equal(ds.test_images, test_x)
+    np.testing.assert_array_equal(ds.test_labels, test_y)
+    assert ds.train_images.dtype == np.uint8 and ds.train_labels.dtype == np.int32
+  np.testing.assert_allclose(ds.mean, train_x.reshape(-1, 3).mean(0))
+
+
+def test_binary_reader_follows_the_official_record_layout(tmp_path):
+  """A record written by hand, byte by byte: label, then the R, G and B planes row-major."""
+  root = tmp_path / "cifar-10-batches-bin"
+  root.mkdir()
+  record = np.zeros(3073, np.uint8)
+  record[0] = 7                       # label
+  record[1 + 0] = 11                  # R at (row 0, col 0)
+  record[1 + 1024 + 32 * 2 + 5] = 22  # G at (row 2, col 5)
+  record[1 + 2048 + 32 * 31 + 31] = 33  # B at (row 31, col 31)
+  for name in data.CIFAR10_TRAIN_FILES + (data.CIFAR10_TEST_FILE,):
+    record.tofile(root / name)
+  train_x, train_y, test_x, test_y = data.read_cifar10_bin(str(tmp_path))
+  assert train_x.shape == (5, 32, 32, 3) and test_x.shape == (1, 32, 32, 3)
+  image = test_x[0]
+  assert test_y[0] == 7 and image[0, 0, 0] == 11 and image[2, 5, 1] == 22
+  assert image[31, 31, 2] == 33 and image.sum() == 11 + 22 + 33
+
+
+def test_missing_and_truncated_files_are_clear_errors(tmp_path):
+  missing = tmp_path / "nowhere"
+  with pytest.raises(FileNotFoundError, match=str(missing)):
+    data.load(_config(dir=str(missing)))
+  rng = np.random.default_rng(1)
+  root = data.write_cifar10_bin(str(tmp_path), *_random_split(rng, 10), *_random_split(rng, 2))
+  with open(os.path.join(root, "data_batch_3.bin"), "ab") as f:
+    f.write(b"\0" * 10)
+  with pytest.raises(ValueError, match="data_batch_3.bin.*truncated"):
+    data.load(_config(dir=str(tmp_path)))
+
+
+def test_auto_source_lists_where_it_looked(tmp_path):
+  with pytest.raises(FileNotFoundError, match="Looked for the binary release in .*nothing"):
+    data.load(_config(source="auto", dir=str(tmp_path / "nothing")))
+
+
+def test_embedded_digits():
+  ds = data.load(_config(name="digits"))
+  assert ds.train_images.shape == (1437, 8, 8, 1) and ds.test_images.shape == (360, 8, 8, 1)
+  assert ds.train_images.dtype == np.uint8 and ds.train_images.max() == 255
+  assert ds.num_classes == 10 and set(np.unique(ds.test_labels)) == set(range(10))
+  again = data.load(_config(name="digits"))
+  np.testing.assert_array_equal(ds.test_labels, again.test_labels)
+
+
+def test_unknown_names_are_clear_errors():
+  with pytest.raises(ValueError, match="unknown dataset 'mnist'.*digits, cifar10"):
+    data.load(_config(name="mnist"))
+  with pytest.raises(ValueError, match="unknown data source 'web'"):
+    data.load(_config(source="web"))
+
+
+@pytest.fixture(scope="module")
+def shared_cifar(tmp_path_factory):
+  if not (SHARED_CIFAR / "make_cifar10_bin.py").exists():
+    pytest.skip(f"no CIFAR-10 copy at {SHARED_CIFAR} (only on the project's dev machines)")
+  pytest.importorskip("PIL", reason="the converter needs Pillow")
+  out = tmp_path_factory.mktemp("cifar")
+  subprocess.run([sys.executable, str(SHARED_CIFAR / "make_cifar10_bin.py"), str(out)],
+                 check=True, capture_output=True)
+  return out
+
+
+def test_the_real_cifar10_copy(shared_cifar):
+  ds = data.load(_config(dir=str(shared_cifar)))
+  assert ds.train_images.shape == (50_000, 32, 32, 3) and ds.test_images.shape == (10_000, 32, 32, 3)
+  assert np.bincount(ds.train_labels).tolist() == [5000] * 10
+  assert ds.test_labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]  # the official order
+  np.testing.assert_allclose(ds.mean, [125.27, 122.93, 113.86], atol=0.5)

@@ -196,6 +196,98 @@ def _check_finite(value: float, what: str, step: int, manager) -> None:
         f"step {manager.latest_step()} (lower the learning rate or check the data).")
 
 
+class ResidentFeed:
+  """A small dataset on the device; each compiled call runs k steps that pick their batches."""
+
+  def __init__(self, config, mesh):
+    self.dataset = data_lib.load(config.data)
+    d = self.dataset
+    print(f"data: {d.source} ({len(d.train_labels)} train, {len(d.test_labels)} test)",
+          flush=True)
+    self.config, self.mesh = config, mesh
+    self.num_classes, self.input_shape = d.num_classes, d.train_images.shape[1:]
+    self.mean, self.std = d.mean, d.std
+
+  def start(self, model, train_on_batch, log_compile: Callable[[str, float], None]) -> None:
+    c, rep = self.config, replicated(self.mesh)
+    self.resident = put_resident(self.dataset, c.eval.batch_size, self.mesh)
+    self._make = functools.partial(
+        make_resident_train_fn, train_on_batch, seed=c.seed, batch_size=c.train.batch_size,
+        crop_padding=c.data.crop_padding, flip=c.data.flip)
+    self._compiled: dict[int, Any] = {}
+    self._log_compile = log_compile
+    self._eval = jax.jit(make_eval_fn(model, self.mean, self.std), out_shardings=rep)
+
+  def train(self, state: TrainState, k: int):
+    if k not in self._compiled:
+      t0 = time.perf_counter()
+      jitted = jax.jit(self._make(num_steps=k), out_shardings=(replicated(self.mesh),) * 2,
+                       donate_argnums=0)
+      self._compiled[k] = jitted.lower(state, self.resident).compile()
+      self._log_compile(f"train_{k}_steps", time.perf_counter() - t0)
+    return self._compiled[k](state, self.resident)
+
+  def evaluate(self, state: TrainState) -> dict:
+    r = self.resident
+    out = self._eval(state.variables, r.test_images, r.test_labels, r.test_mask)
+    return {f"eval_{k}": float(v) for k, v in out.items() if k != "count"}
+
+
+class StreamedFeed:
+  """ImageNet from the host pipeline: each process feeds its share of every global batch."""
+
+  def __init__(self, config, mesh):
+    from resnet_ensemble import imagenet
+    self.imagenet, self.config, self.mesh = imagenet, config, mesh
+    size = config.data.image_size
+    self.num_classes, self.input_shape = imagenet.NUM_CLASSES, (size, size, 3)
+    self.mean, self.std = imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD
+    print(f"data: TFDS imagenet2012 (data_dir={config.data.dir or 'default'})", flush=True)
+
+  def _split(self, split: str, train: bool, batch_size: int):
+    c = self.config.data
+    return self.imagenet.make_split(split, batch_size=batch_size, train=train,
+                                    image_size=c.image_size, data_dir=c.dir or None,
+                                    seed=self.config.seed)
+
+  def _global(self, local: np.ndarray) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharded(self.mesh), local)
+
+  def start(self, model, train_on_batch, log_compile) -> None:
+    rep = replicated(self.mesh)
+    check_divisible(self.config.eval.batch_size, self.mesh, "eval.batch_size")
+    self._batches = self._split("train", True, self.config.train.batch_size)
+    self._step = jax.jit(train_on_batch, out_shardings=(rep, rep), donate_argnums=0)
+    eval_fn = make_eval_fn(model, self.mean, self.std)
+    # One batch at a time: add a leading batch-stack axis of 1 for eval_fn's scan.
+    self._eval = jax.jit(lambda v, x, y, m: eval_fn(v, x[None], y[None], m[None]),
+                         out_shardings=rep)
+
+  def train(self, state: TrainState, k: int):
+    total = None
+    for _ in range(k):
+      images, labels = next(self._batches)
+      state, m = self._step(state, self._global(images), self._global(labels))
+      total = m if total is None else total.merge(m)
+    return state, total
+
+  def evaluate(self, state: TrainState) -> dict:
+    loss = correct = count = 0.0
+    for images, labels, mask in self._split("validation", False, self.config.eval.batch_size):
+      out = self._eval(state.variables, *(self._global(a) for a in (images, labels, mask)))
+      n = float(out["count"])
+      loss, correct, count = loss + float(out["loss"]) * n, correct + float(out["accuracy"]) * n, count + n
+    return {"eval_loss": loss / count, "eval_accuracy": correct / count,
+            "eval_error": 1.0 - correct / count}
+
+
+def make_feed(config, mesh):
+  """The input feed for ``config.data.name``: resident (digits, cifar10) or streamed (ImageNet)."""
+  if config.data.name == "imagenet2012":
+    return StreamedFeed(config, mesh)
+  return ResidentFeed(config, mesh)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.model`` on ``config.data``; checkpoints, metrics and config in ``workdir``.
 
@@ -207,44 +299,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = make_mesh()
   tc = config.train
   check_divisible(tc.batch_size, mesh, "train.batch_size")
-  dataset = data_lib.load(config.data)
-  logging.info("data: %s (%d train, %d test)", dataset.source, len(dataset.train_labels),
-               len(dataset.test_labels))
-  model = models.build(config.model, dataset.num_classes)
+  feed = make_feed(config, mesh)
+  model = models.build(config.model, feed.num_classes)
   tx, schedule = optim.make_optimizer(config.optim, tc.num_steps)
-  state = create_train_state(model, tx, config.seed, dataset.train_images.shape[1:], mesh)
+  state = create_train_state(model, tx, config.seed, feed.input_shape, mesh)
   manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep)
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
     state = jax.device_put(restored, replicated(mesh))
     print(f"resumed from {workdir} at step {int(state.step)}", flush=True)
-
-  resident = put_resident(dataset, config.eval.batch_size, mesh)
-  train_on_batch = make_train_on_batch(model, tx, dataset.mean, dataset.std,
-                                       config.optim.label_smoothing, mesh)
-  make_train_fn = functools.partial(
-      make_resident_train_fn, train_on_batch, seed=config.seed, batch_size=tc.batch_size,
-      crop_padding=config.data.crop_padding, flip=config.data.flip)
-  rep = replicated(mesh)
   writer = writers.create_writer(workdir, enabled=is_main)
-  compiled: dict[int, Any] = {}
 
-  def train_fn(k: int):
-    if k not in compiled:
-      t0 = time.perf_counter()
-      jitted = jax.jit(make_train_fn(num_steps=k), out_shardings=(rep, rep), donate_argnums=0)
-      compiled[k] = jitted.lower(state, resident).compile()
-      seconds = time.perf_counter() - t0
-      writer.write_scalars(int(state.step), {f"compile_s_train_{k}_steps": seconds})
-      print(f"compiled train step ({k} steps/call) in {seconds:.1f}s", flush=True)
-    return compiled[k]
+  def log_compile(what: str, seconds: float) -> None:
+    writer.write_scalars(int(state.step), {f"compile_s_{what}": seconds})
+    print(f"compiled {what} in {seconds:.1f}s", flush=True)
 
-  eval_fn = jax.jit(make_eval_fn(model, dataset.mean, dataset.std), out_shardings=rep)
-
-  def evaluate(state: TrainState) -> dict:
-    out = eval_fn(state.variables, resident.test_images, resident.test_labels, resident.test_mask)
-    return {f"eval_{k}": float(v) for k, v in out.items() if k != "count"}
-
+  train_on_batch = make_train_on_batch(model, tx, feed.mean, feed.std,
+                                       config.optim.label_smoothing, mesh)
+  feed.start(model, train_on_batch, log_compile)
+  evaluate = feed.evaluate
   step = int(state.step)
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), step
@@ -253,7 +326,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     while step < tc.num_steps and not stop.received:
       k = min(tc.steps_per_call, tc.num_steps - step)
       previous = step
-      state, batch_metrics = train_fn(k)(state, resident)
+      state, batch_metrics = feed.train(state, k)
       step += k
       accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
       done = step == tc.num_steps

@@ -25,4 +25,8 @@ def get_config():
   c.optim.boundaries = (400, 500)
   c.eval.batch_size = 120
   c.checkpoint.every = 300
+  c.lesion.max_k = 9                 # all 9 blocks of ResNet-20
+  c.lesion.draws = 20
+  c.lesion.reorder_max_swaps = 10
+  c.lesion.reorder_draws = 10
   return c

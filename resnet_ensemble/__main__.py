@@ -17,7 +17,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "lesion"],
+                  "train: train (resuming); lesion: E1-E4 on the newest checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: print the message, not a traceback.
@@ -34,6 +35,9 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "lesion":
+      from resnet_ensemble import lesion
+      lesion.run_study(FLAGS.config, FLAGS.workdir)
   except USER_ERRORS as e:
     logging.debug("user error", exc_info=True)
     print(f"resnet_ensemble: error: {e}", file=sys.stderr)

@@ -17,28 +17,37 @@ def _as_dict(config) -> dict:
   return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
 
 
-def guard_config(workdir: str, config, keys=("model", "data")) -> None:
-  """Writes ``workdir/config.json``; if one exists, refuses a different model or data config.
-
-  A checkpoint restored into another architecture would fail with an opaque shape error (or,
-  worse, load), so we compare the sections that define the network first.
-  """
+def check_config(workdir: str, config, keys=("model", "data")) -> None:
+  """Refuses a config whose model or data section differs from the one the workdir was made
+  with: a checkpoint restored into another architecture would fail with an opaque shape error
+  (or, worse, load)."""
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
   new = _as_dict(config)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    diffs = [f"{k}.{field}: workdir has {old.get(k, {}).get(field)!r}, config has {v!r}"
-             for k in keys for field, v in new.get(k, {}).items()
-             if field not in ("dir", "source", "unroll", "dtype") and old.get(k, {}).get(field) != v]
-    if diffs:
-      raise ConfigMismatchError(
-          f"the workdir {workdir} holds a run with another model/data config; use a new workdir "
-          "or the original config. Differences:\n  " + "\n  ".join(diffs))
+  diffs = [f"{k}.{field}: workdir has {old.get(k, {}).get(field)!r}, config has {v!r}"
+           for k in keys for field, v in new.get(k, {}).items()
+           if field not in _RUNTIME_FIELDS and old.get(k, {}).get(field) != v]
+  if diffs:
+    raise ConfigMismatchError(
+        f"the workdir {workdir} holds a run with another model/data config; use a new workdir "
+        "or the original config. Differences:\n  " + "\n  ".join(diffs))
+
+
+# Fields that change how a run executes, not what network or data it is about.
+_RUNTIME_FIELDS = ("dir", "source", "unroll", "dtype")
+
+
+def guard_config(workdir: str, config) -> None:
+  """``check_config``, then (re)writes ``workdir/config.json`` atomically."""
+  check_config(workdir, config)
   os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(new, f, indent=2, sort_keys=True)
+    json.dump(_as_dict(config), f, indent=2, sort_keys=True)
   os.replace(tmp, path)
 
 

@@ -55,6 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1_000
 
+  c.lesion = ml_collections.ConfigDict()
+  c.lesion.max_k = 20                # E3: delete k = 0..max_k random blocks
+  c.lesion.draws = 100               # E3: draws per k
+  c.lesion.exclude_downsampling_variant = True  # E3 again, never deleting downsampling blocks
+  c.lesion.reorder_max_swaps = 30    # E4: k = 1..max random swaps of same-shape blocks
+  c.lesion.reorder_draws = 50        # E4: draws per k
+  c.lesion.chunk = 32                # damaged networks evaluated per compiled call
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 4_000
   c.checkpoint.max_to_keep = 3

@@ -27,6 +27,7 @@ from clu import metrics
 from resnet_ensemble import checkpoint, data as data_lib, models, optim, writers
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress
+from resnet_ensemble.trained import padded_test_batches
 from resnet_ensemble.sharding import check_divisible, make_mesh, replicated, sharded
 
 
@@ -68,21 +69,14 @@ class ResidentData:
 
 def put_resident(dataset: data_lib.ImageDataset, eval_batch_size: int, mesh) -> ResidentData:
   check_divisible(eval_batch_size, mesh, "eval.batch_size")
-  n = len(dataset.test_labels)
-  n_batches = math.ceil(n / eval_batch_size)
-  pad = n_batches * eval_batch_size - n
-  shape = (n_batches, eval_batch_size)
-  test_images = np.concatenate(
-      [dataset.test_images, np.zeros((pad,) + dataset.test_images.shape[1:], np.uint8)])
-  test_labels = np.concatenate([dataset.test_labels, np.zeros((pad,), np.int32)])
-  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+  test_images, test_labels, mask = padded_test_batches(dataset, eval_batch_size)
   rep, batch_axis = replicated(mesh), sharded(mesh, axis=1)
   return ResidentData(
       train_images=jax.device_put(dataset.train_images, rep),
       train_labels=jax.device_put(dataset.train_labels.astype(np.int32), rep),
-      test_images=jax.device_put(test_images.reshape(shape + test_images.shape[1:]), batch_axis),
-      test_labels=jax.device_put(test_labels.reshape(shape), batch_axis),
-      test_mask=jax.device_put(mask.reshape(shape), batch_axis))
+      test_images=jax.device_put(test_images, batch_axis),
+      test_labels=jax.device_put(test_labels, batch_axis),
+      test_mask=jax.device_put(mask, batch_axis))
 
 
 def make_eval_fn(model: nn.Module, mean, std) -> Callable:
@@ -151,14 +145,16 @@ def make_resident_train_fn(train_on_batch: Callable, *, seed: int, batch_size: i
   return train_fn
 
 
-def create_train_state(model: nn.Module, tx, seed: int, input_shape, mesh) -> TrainState:
-  def init():
-    x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-    variables = model.init(jax.random.fold_in(jax.random.key(seed), 0), x)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+def create_train_state_unsharded(model: nn.Module, tx, seed: int, input_shape) -> TrainState:
+  x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  variables = model.init(jax.random.fold_in(jax.random.key(seed), 0), x)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
+
+def create_train_state(model: nn.Module, tx, seed: int, input_shape, mesh) -> TrainState:
+  init = functools.partial(create_train_state_unsharded, model, tx, seed, input_shape)
   return jax.jit(init, out_shardings=replicated(mesh))()
 
 

@@ -1,0 +1,114 @@
+"""The lesion engine: batched lesions equal lesions evaluated alone, one compilation."""
+
+import itertools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_ensemble import lesion, train, trained
+from resnet_ensemble.layout import BlockLayout, check_order
+from resnet_ensemble.sharding import make_mesh
+from resnet_ensemble.surgery import permute_blocks
+from tests.conftest import tiny_config
+
+LAYOUT = BlockLayout((3, 3, 3), (False, True, True))  # ResNet-20: downsampling 3 and 6
+
+
+def _brute_force_tau(order):
+  concordant = discordant = 0
+  for i, j in itertools.combinations(range(len(order)), 2):
+    if order[i] < order[j]:
+      concordant += 1
+    else:
+      discordant += 1
+  return (concordant - discordant) / (concordant + discordant)
+
+
+def test_kendall_tau_is_exact():
+  rng = np.random.default_rng(0)
+  assert lesion.kendall_tau(range(10)) == 1.0
+  assert lesion.kendall_tau(range(9, -1, -1)) == -1.0
+  for _ in range(50):
+    order = rng.permutation(rng.integers(2, 30))
+    assert lesion.kendall_tau(order) == pytest.approx(_brute_force_tau(order), abs=1e-15)
+
+
+def test_random_deletions_delete_exactly_k_eligible_blocks():
+  rng = np.random.default_rng(0)
+  for k in range(8):
+    gates = lesion.random_deletion_gates(rng, LAYOUT, k, 200, exclude_downsampling=True)
+    assert (np.sum(gates == 0, axis=1) == k).all()
+    assert (gates[:, [3, 6]] == 1).all()
+  gates = lesion.random_deletion_gates(rng, LAYOUT, 2, 4000)
+  freq = np.mean(gates == 0, axis=0)  # each block deleted with probability 2/9
+  assert np.allclose(freq, 2 / 9, atol=0.03)
+  with pytest.raises(ValueError, match="k=8 blocks.*7 eligible"):
+    lesion.random_deletion_gates(rng, LAYOUT, 8, 1, exclude_downsampling=True)
+  with pytest.raises(ValueError, match="k=10 blocks.*9 eligible"):
+    lesion.random_deletion_gates(rng, LAYOUT, 10, 1)
+
+
+def test_random_swaps_stay_within_stages_and_keep_downsampling_blocks():
+  rng = np.random.default_rng(1)
+  orders = lesion.random_swap_orders(rng, LAYOUT, 5, 100)
+  for order in orders:
+    check_order(LAYOUT, order)  # raises if a block left its stage or a downsampling block moved
+  assert any(lesion.kendall_tau(o) < 1 for o in orders)
+  one = lesion.random_swap_orders(rng, LAYOUT, 1, 50)
+  assert all((o != np.arange(9)).sum() == 2 for o in one)  # a single swap moves two blocks
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("lesion"))
+  config = tiny_config(**{"model.depth": 20, "train.num_steps": 20, "train.eval_every": 20,
+                          "lesion.max_k": 3, "lesion.draws": 3, "lesion.reorder_max_swaps": 2,
+                          "lesion.reorder_draws": 3, "lesion.chunk": 4})
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny):
+  config, workdir = trained_tiny
+  t = trained.load_trained(config, workdir)
+  eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
+  batches = trained.padded_test_batches(t.dataset, config.eval.batch_size)
+  engine = lesion.LesionEngine(eval_fn, t.layout, t.variables, *batches, mesh=make_mesh(), chunk=4)
+  rng = np.random.default_rng(0)
+  gates = np.concatenate([np.ones((1, 9), np.float32), lesion.single_deletion_gates(t.layout),
+                          lesion.random_deletion_gates(rng, t.layout, 3, 4)])
+  batched = engine.evaluate(gates)
+  alone = jax.jit(eval_fn)
+  for g, err in zip(gates, batched):
+    assert err == pytest.approx(float(alone(t.variables, *batches, g)["error"]), abs=1e-6)
+  with open(f"{workdir}/final_metrics.json") as f:  # all ones = the trained network's error
+    assert batched[0] == pytest.approx(json.load(f)["eval_error"], abs=1e-6)
+  orders = lesion.random_swap_orders(rng, t.layout, 2, 5)
+  reordered = engine.evaluate(orders=orders)
+  for order, err in zip(orders, reordered):
+    permuted = permute_blocks(t.variables, t.layout, order)
+    assert err == pytest.approx(float(alone(permuted, *batches)["error"]), abs=1e-6)
+  assert engine.fn._cache_size() == 1  # 4 chunked calls of two kinds, one compilation
+
+
+def test_lesion_study_writes_every_experiment(trained_tiny):
+  config, workdir = trained_tiny
+  out = lesion.run_study(config, workdir)
+  assert out["layout"]["downsampling"] == [3, 6] and len(out["single"]["error"]) == 9
+  assert out["random"]["k"] == [0, 1, 2, 3] and len(out["random"]["error"][3]) == 3
+  assert out["random"]["mean"][0] == pytest.approx(out["baseline"]["error"])
+  assert out["random_no_downsampling"]["exclude_downsampling"] is True
+  assert np.asarray(out["reorder"]["tau"]).shape == (2, 3)
+  assert out["checkpoint_step"] == 20
+
+
+def test_lesion_errors_name_the_problem(trained_tiny, tmp_path):
+  config, workdir = trained_tiny
+  with pytest.raises(FileNotFoundError, match=f"no trained checkpoint in workdir .*{tmp_path.name}"):
+    lesion.run_study(config, str(tmp_path))
+  with pytest.raises(train.checkpoint.ConfigMismatchError, match="model.depth"):
+    lesion.run_study(tiny_config(**{"model.depth": 14}), workdir)
+  with pytest.raises(ValueError, match="lesion.max_k=10 is larger than the number of blocks"):
+    lesion.run_study(tiny_config(**{"model.depth": 20, "lesion.max_k": 10}), workdir)

@@ -1,0 +1,180 @@
+"""report.write_report: figures and report.md from synthetic results of a 6-block network."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from resnet_ensemble import paths, report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N = 6
+DOWN = [2, 4]
+ALL_FIGS = ["fig3_single_block_deletion.png", "fig5a_delete_k_blocks.png", "fig5b_reorder.png",
+            "fig6a_path_lengths.png", "fig6b_gradient_per_length.png",
+            "fig6c_total_gradient.png", "fig7_deletion_removes_long_paths.png",
+            "fig8_stochastic_depth.png"]
+
+
+def _write(directory, name, obj):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, name), "w") as f:
+    json.dump(obj, f)
+
+
+def _random(rng, exclude, base=0.06):
+  ks = list(range(0, N + 1))
+  errs = [(base + 0.1 * k + 0.02 * rng.standard_normal(20)).clip(0, 0.9).tolist() for k in ks]
+  return {"k": ks, "draws": 20, "exclude_downsampling": exclude, "error": errs,
+          "mean": [float(np.mean(e)) for e in errs], "std": [float(np.std(e)) for e in errs],
+          "min": [float(np.min(e)) for e in errs], "max": [float(np.max(e)) for e in errs]}
+
+
+def _lesion(rng, kind="resnet", baseline=0.0612, single=None, data="cifar10"):
+  """A plausible lesion.json: downsampling blocks hurt, the others barely matter."""
+  down = DOWN if kind == "resnet" else []
+  if single is None:
+    single = [0.30 if i in down else baseline + 0.002 * i for i in range(N)]
+  out = {"config": {"seed": 0, "model": {"name": "cifar_resnet" if kind == "resnet" else "plain",
+                                         "depth": 2 * N + 2},
+                    "data": {"name": data}},
+         "checkpoint_step": 640, "data_source": "synthetic test data", "seed": 0,
+         "layout": {"n_blocks": N, "stage_sizes": [2, 2, 2] if kind == "resnet" else [N],
+                    "downsampling": down,
+                    "stages": [[0, 1], [2, 3], [4, 5]] if kind == "resnet" else [list(range(N))]},
+         "model_kind": kind,
+         "baseline": {"error": baseline, "accuracy": 1 - baseline, "loss": 0.3},
+         "single": {"error": single}}
+  if kind == "resnet":
+    out["random"] = _random(rng, False)
+    out["random_no_downsampling"] = _random(rng, True)
+    ks = [1, 2, 3]
+    out["reorder"] = {"k": ks, "draws": 10,
+                      "tau": [(1 - 0.15 * k + 0.03 * rng.standard_normal(10)).tolist()
+                              for k in ks],
+                      "error": [(baseline + 0.05 * k + 0.01 * rng.standard_normal(10)).tolist()
+                                for k in ks]}
+  return out
+
+
+def _paths_json():
+  k = np.arange(N + 1)
+  mean = 2.0 * 0.5**k
+  return {"n": N, "checkpoint_step": 640, "config": {},
+          "gradient": {"k": k.tolist(), "samples_per_k": 50, "batch_size": 16,
+                       "mean_norm": mean.tolist(), "std_norm": (0.3 * mean).tolist(),
+                       "mean_norm_image": (0.1 * mean).tolist(),
+                       "std_norm_image": (0.03 * mean).tolist()}}
+
+
+def _assert_png(path):
+  with open(path, "rb") as f:
+    head = f.read(8)
+  assert head == PNG_MAGIC, path
+  assert os.path.getsize(path) > 5_000, path
+
+
+@pytest.fixture
+def full_run(tmp_path):
+  rng = np.random.default_rng(0)
+  main, vgg, sd, eff = (str(tmp_path / d) for d in ("main", "vgg", "sd", "eff"))
+  _write(main, "lesion.json", _lesion(rng))
+  _write(main, "paths.json", _paths_json())
+  _write(main, "final_metrics.json", {"step": 640, "eval_accuracy": 0.9388,
+                                      "eval_error": 0.0612, "eval_loss": 0.31})
+  _write(vgg, "lesion.json", _lesion(rng, kind="plain", baseline=0.07,
+                                     single=[0.885, 0.9, 0.8975, 0.91, 0.8925, 0.9]))
+  _write(sd, "lesion.json", _lesion(rng, baseline=0.058,
+                                    single=[0.2 if i in DOWN else 0.06 for i in range(N)]))
+  _write(eff, "final_metrics.json", {"step": 640, "eval_accuracy": 0.9404, "eval_error": 0.0596,
+                                     "eval_loss": 0.3})
+  files = report.write_report(main, vgg_workdir=vgg, sd_workdir=sd, effective_workdir=eff)
+  with open(os.path.join(main, "report.md")) as f:
+    return main, files, f.read()
+
+
+def test_every_figure_is_a_real_png(full_run):
+  main, files, _ = full_run
+  assert sorted(files) == sorted([os.path.join(main, f) for f in ALL_FIGS]
+                                 + [os.path.join(main, "report.md")])
+  for name in ALL_FIGS:
+    _assert_png(os.path.join(main, name))
+
+
+def test_table_has_our_numbers_and_the_papers(full_run):
+  _, _, md = full_run
+  rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+  assert "6.12 %" in rows["ResNet-110 test error"] and "6.10 %" in rows["ResNet-110 test error"]
+  eff = rows["effective-path (23 of 54) training test error"]
+  assert "5.96 %" in eff
+  # k = 10 does not exist in a 6-block network: the largest k <= 10 is used and said so.
+  lesion = json.load(open(os.path.join(full_run[0], "lesion.json")))
+  r = lesion["random"]
+  row = rows["error after deleting 10 random blocks"]
+  assert f"{100 * r['mean'][6]:.2f} % ± {100 * r['std'][6]:.2f} %" in row and "k = 6" in row
+  # Analytic rows computed with paths.py for our n: central interval 1..5 of 6 holds 62/64.
+  assert "96.88 % (lengths 1–5, n = 6)" in rows["share of paths of length 19–35"]
+  total = paths.total_gradient(N, _paths_json()["gradient"]["mean_norm"])
+  lo, hi = paths.effective_interval(total, 0.9)
+  assert f"{lo}–{hi}" in rows["effective path lengths"]
+  share = float(paths.share_of_paths(N, lo, hi))
+  assert f"{100 * share:.2f} %" in rows["share of paths that are effective"]
+  assert "0.45 %" in rows["share of paths that are effective"]
+  vgg = rows["VGG, any single layer deleted"]
+  assert "88.50 %" in vgg and "91.00 %" in vgg
+
+
+def test_report_links_figures_and_states_computed_findings(full_run):
+  _, _, md = full_run
+  for name in ALL_FIGS:
+    assert f"]({name})" in md
+  # E1 text: the downsampling blocks (1-based 3 and 5) at 30 %, the others within 1 point.
+  assert "30.00 % (block 3)" in md and "30.00 % (block 5)" in md
+  assert "at most 1.00 percentage points (block 6" in md
+  assert "Seed 0".lower() in md.lower() and "synthetic test data" in md
+  assert "None: every experiment has results." in md
+
+
+def test_only_final_metrics_lists_missing_experiments_with_commands(tmp_path):
+  main = str(tmp_path / "run")
+  _write(main, "final_metrics.json", {"step": 64000, "eval_accuracy": 0.94, "eval_error": 0.06,
+                                      "eval_loss": 0.3})
+  files = report.write_report(main)
+  names = {os.path.basename(f) for f in files}
+  # Only the analytic figures can be drawn (with the paper's n = 54).
+  assert names == {"fig6a_path_lengths.png", "fig7_deletion_removes_long_paths.png",
+                   "report.md"}
+  for f in files:
+    if f.endswith(".png"):
+      _assert_png(f)
+  md = open(os.path.join(main, "report.md")).read()
+  assert "## Missing experiments" in md
+  assert f"python -m resnet_ensemble --config=configs/cifar10_resnet110.py --workdir={main} " \
+         "--mode=lesion" in md
+  assert f"--workdir={main} --mode=paths" in md
+  assert "E1, E3, E4" in md and "E6, E7" in md and "E10" in md and "E8" in md
+  assert "VGG-15" in md and "vgg_workdir" in md
+  assert "| ResNet-110 test error | 6.00 % (step 64000) | 6.10 % |" in md
+  assert "98.02 % (lengths 19–35, n = 54)" in md
+  assert "effective-path" not in md.split("## Ours vs paper")[1].split("##")[0]
+
+
+def test_imagenet_names_the_single_block_figure_fig4(tmp_path):
+  rng = np.random.default_rng(1)
+  main = str(tmp_path / "imagenet")
+  _write(main, "lesion.json", _lesion(rng, data="imagenet2012"))
+  files = {os.path.basename(f) for f in report.write_report(main)}
+  assert "fig4_imagenet_single_block_deletion.png" in files
+  assert "fig3_single_block_deletion.png" not in files
+  md = open(os.path.join(main, "report.md")).read()
+  assert "configs/imagenet_resnet200.py" in md
+
+
+def test_corrupt_json_is_an_error(tmp_path):
+  main = str(tmp_path / "bad")
+  os.makedirs(main)
+  with open(os.path.join(main, "lesion.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(ValueError, match="lesion.json"):
+    report.write_report(main)

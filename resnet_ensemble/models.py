@@ -59,20 +59,27 @@ class BasicBlock(nn.Module):
   norm: ModuleDef = nn.BatchNorm
   dtype: Any = jnp.float32
 
-  @nn.compact
   def __call__(self, x: Array, gate: Array) -> Array:
+    s, f = self.branches(x)
+    return self.merge(s + _broadcast_gate(gate, f) * f)
+
+  def merge(self, z: Array) -> Array:
+    """What follows the addition: nothing (pre-activation) or a ReLU (post-activation)."""
+    return z if self.preact else nn.relu(z)
+
+  @nn.compact
+  def branches(self, x: Array) -> tuple[Array, Array]:
+    """(shortcut s(x), residual f(x)): the two ways a path can go through this block."""
     conv = functools.partial(_conv, dtype=self.dtype)
     if self.preact:
       h = nn.relu(self.norm(name="bn1")(x))
       f = conv(self.features, 3, self.stride, "conv1")(h)
       f = nn.relu(self.norm(name="bn2")(f))
-      f = conv(self.features, 3, 1, "conv2")(f)
-      return self._shortcut(x, h) + _broadcast_gate(gate, f) * f
+      return self._shortcut(x, h), conv(self.features, 3, 1, "conv2")(f)
     f = conv(self.features, 3, self.stride, "conv1")(x)
     f = nn.relu(self.norm(name="bn1")(f))
     f = conv(self.features, 3, 1, "conv2")(f)
-    f = self.norm(name="bn2")(f)
-    return nn.relu(self._shortcut(x, x) + _broadcast_gate(gate, f) * f)
+    return self._shortcut(x, x), self.norm(name="bn2")(f)
 
   def _shortcut(self, x: Array, h: Array) -> Array:
     """Identity, or for a downsampling block a projection of ``h`` (the pre-activated input in
@@ -97,8 +104,15 @@ class BottleneckBlock(nn.Module):
   dtype: Any = jnp.float32
   expansion: int = 4
 
-  @nn.compact
   def __call__(self, x: Array, gate: Array) -> Array:
+    s, f = self.branches(x)
+    return self.merge(s + _broadcast_gate(gate, f) * f)
+
+  def merge(self, z: Array) -> Array:
+    return z if self.preact else nn.relu(z)
+
+  @nn.compact
+  def branches(self, x: Array) -> tuple[Array, Array]:
     conv = functools.partial(_conv, dtype=self.dtype)
     out = self.features * self.expansion
     if self.preact:
@@ -107,12 +121,10 @@ class BottleneckBlock(nn.Module):
       f = nn.relu(self.norm(name="bn2")(f))
       f = conv(self.features, 3, self.stride, "conv2")(f)
       f = nn.relu(self.norm(name="bn3")(f))
-      f = conv(out, 1, 1, "conv3")(f)
-      return self._shortcut(x, h, out) + _broadcast_gate(gate, f) * f
+      return self._shortcut(x, h, out), conv(out, 1, 1, "conv3")(f)
     f = nn.relu(self.norm(name="bn1")(conv(self.features, 1, 1, "conv1")(x)))
     f = nn.relu(self.norm(name="bn2")(conv(self.features, 3, self.stride, "conv2")(f)))
-    f = self.norm(name="bn3")(conv(out, 1, 1, "conv3")(f))
-    return nn.relu(self._shortcut(x, x, out) + _broadcast_gate(gate, f) * f)
+    return self._shortcut(x, x, out), self.norm(name="bn3")(conv(out, 1, 1, "conv3")(f))
 
   def _shortcut(self, x: Array, h: Array, out: int) -> Array:
     if not self.down:
@@ -130,11 +142,18 @@ class PlainLayer(nn.Module):
   norm: ModuleDef = nn.BatchNorm
   dtype: Any = jnp.float32
 
-  @nn.compact
   def __call__(self, x: Array, gate: Array) -> Array:
-    f = _conv(self.features, 3, 1, "conv", self.dtype)(x)
-    f = nn.relu(self.norm(name="bn")(f))
-    return x + _broadcast_gate(gate, f) * (f - x)
+    s, f = self.branches(x)
+    return s + _broadcast_gate(gate, f) * f
+
+  def merge(self, z: Array) -> Array:
+    return z
+
+  @nn.compact
+  def branches(self, x: Array) -> tuple[Array, Array]:
+    """Skip = identity, enter = the change the layer makes, f(x) - x."""
+    f = nn.relu(self.norm(name="bn")(_conv(self.features, 3, 1, "conv", self.dtype)(x)))
+    return x, f - x
 
 
 def _scan_blocks(block: nn.Module, x: Array, gates: Array, unroll: int) -> Array:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display is ever needed to write PNGs
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from resnet_ensemble import paths  # noqa: E402
 
@@ -312,7 +313,8 @@ def _fig_delete_k(w: _Writer, lesion: dict | None) -> dict | None:
   if lesion is None:
     return None
   variants = [(lesion.get("random"), "all blocks eligible", "C0", 0.0),
-              (lesion.get("random_no_downsampling"), "downsampling blocks kept", "C1", 0.2)]
+              (lesion.get("random_no_downsampling"), "downsampling blocks never deleted", "C1",
+               0.2)]
   variants = [v for v in variants if v[0]]
   if not variants:
     return None
@@ -341,6 +343,7 @@ def _fig_delete_k(w: _Writer, lesion: dict | None) -> dict | None:
   if base is not None:
     ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline ({_pct(base)})")
   ax.axhline(_chance_error(lesion), color="gray", ls=":", lw=1, label="chance")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_title("Error when deleting layers")
   ax.set_xlabel("Number of layers deleted")
   ax.set_ylabel("Error")
@@ -468,15 +471,15 @@ def _fig_total_gradient(w: _Writer, n: int, eff: tuple | None) -> None:
   fig, ax = plt.subplots(figsize=(6.5, 4))
   ax.plot(k, total, "o-", ms=3, lw=1, color="C0")
   ax.axvspan(lo - 0.5, hi + 0.5, color="C1", alpha=0.2,
-             label=f"{E7_MASS:.0%} of total gradient: lengths {lo}–{hi}\n"
+             label=f"{E7_MASS * 100:.0f} % of total gradient: lengths {lo}–{hi}\n"
                    f"= {_pct(share)} of all paths")
   ax.set_title("Total gradient magnitude per path length")
   ax.set_xlabel("path length")
   ax.set_ylabel("total gradient magnitude")
   ax.legend(fontsize=8, loc="upper right")
   peak = int(np.argmax(total))
-  text = [f"{E7_MASS:.0%} of the total gradient comes from paths of length {lo}–{hi} "
-          f"({2 * lo}–{2 * hi} layers for basic blocks), which are only {_pct(share)} of all "
+  text = [f"{E7_MASS * 100:.0f} % of the total gradient comes from paths of length {lo}–{hi} "
+          f"({2 * lo}–{2 * hi} layers for basic blocks), which are {_pct(share)} of all "
           f"paths; the total peaks at length {peak}, against a typical path length of {n / 2:g}."]
   w.section("E7 / Fig. 6c — total gradient per path length",
             w.save(fig, "fig6c_total_gradient.png"), text)
@@ -497,8 +500,8 @@ def _fig_deletion_paths(w: _Writer, n: int, eff: tuple | None) -> None:
   ax.set_ylabel("fraction of remaining paths")
   ax.legend(fontsize=8)
   d = ds[len(ds) // 2]
-  short = eff[1] if eff is not None else max(1, n // 10)
   typical = n // 2
+  short = eff[1] if eff is not None and eff[1] < typical else max(1, n // 10)
   text = [f"Deleting {d} of {n} blocks leaves {_pct(paths.surviving_fraction(n, d, short))} of "
           f"the length-{short} paths but only "
           f"{_pct(paths.surviving_fraction(n, d, typical))} of the typical length-{typical} "
@@ -532,7 +535,8 @@ def _run_lines(workdir: str, lesion, pj, final, vgg, sd, eff_final) -> list[str]
   def lesion_line(res: dict, what: str) -> str:
     n, down = _layout(res)
     cfg = _config(res)
-    return (f"- {what}: {_model_label(res)} ({res.get('model_kind', 'n/a')}, {n} blocks, "
+    unit = "deletable layers" if _is_plain(res) else "blocks"
+    return (f"- {what}: {_model_label(res)} ({res.get('model_kind', 'n/a')}, {n} {unit}, "
             f"stages {(res.get('layout') or {}).get('stage_sizes', 'n/a')}, downsampling blocks "
             f"{_blocks_1based(down) or 'none'}), data {cfg.get('data', {}).get('name', 'n/a')} "
             f"({res.get('data_source', 'n/a')}), seed {res.get('seed', cfg.get('seed', 'n/a'))}, "
@@ -588,15 +592,14 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
 
   # Ours vs paper.
   rows = []
+  model = f"{_model_label(lesion)}, " if lesion else ""
   if final and final.get("eval_error") is not None:
-    ours = f"{_pct(final['eval_error'])} (step {final.get('step', 'n/a')})"
+    ours = f"{_pct(final['eval_error'])} ({model}step {final.get('step', 'n/a')})"
   elif lesion and (lesion.get("baseline") or {}).get("error") is not None:
-    ours = f"{_pct(lesion['baseline']['error'])} (lesion baseline)"
+    ours = f"{_pct(lesion['baseline']['error'])} ({model}lesion baseline)"
   else:
     ours = "missing"
-  label = _model_label(lesion, "ResNet-110") if lesion else "ResNet-110"
-  rows.append(("ResNet-110 test error", f"{ours}, {label}" if lesion else ours,
-               PAPER_RESNET_ERROR))
+  rows.append(("ResNet-110 test error", ours, PAPER_RESNET_ERROR))
   if effective_workdir is not None:
     e = (eff_final or {}).get("eval_error")
     extra = [f"{key} {_pct(v)}" for key, v in sorted((eff_final or {}).items())
@@ -617,7 +620,7 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
                PAPER_PATH_SHARE))
   if eff is not None:
     rows.append(("effective path lengths",
-                 f"{eff[1]}–{eff[2]} ({E7_MASS:.0%} of total gradient)",
+                 f"{eff[1]}–{eff[2]} ({E7_MASS * 100:.0f} % of total gradient)",
                  PAPER_EFFECTIVE_LENGTHS))
     rows.append(("share of paths that are effective", _pct(eff[3]), PAPER_EFFECTIVE_SHARE))
   else:
@@ -674,7 +677,8 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
     md += [f"## {title}", ""]
     if image:
       md += [f"![{title}]({image})", ""]
-    md += text + [""]
+    for paragraph in text:
+      md += [paragraph, ""]
   md += ["## Missing experiments", ""]
   if not w.missing:
     md += ["None: every experiment has results.", ""]

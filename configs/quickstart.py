@@ -1,7 +1,7 @@
 """Quickstart: a ResNet-20 on scikit-learn's digits (real 8x8 images shipped inside the
-package), on a CPU, offline, in a few minutes.
+package), on a CPU, offline, in a few minutes: training, then every analysis and the report.
 
-    python -m resnet_ensemble --config=configs/quickstart.py --workdir=runs/quickstart
+    python -m resnet_ensemble --config=configs/quickstart.py --workdir=runs/quickstart --mode=all
 """
 
 from resnet_ensemble.config import base_config
@@ -29,4 +29,7 @@ def get_config():
   c.lesion.draws = 20
   c.lesion.reorder_max_swaps = 10
   c.lesion.reorder_draws = 10
+  c.paths.samples_per_k = 20
+  c.paths.batch_size = 64
+  c.paths.chunk = 35
   return c

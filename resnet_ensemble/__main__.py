@@ -6,7 +6,9 @@ Any config field can be overridden with ``--config.a.b=value``; a mistyped field
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,8 +19,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", ["train", "lesion"],
-                  "train: train (resuming); lesion: E1-E4 on the newest checkpoint.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "lesion", "paths", "report", "all"],
+    "train: train (resuming); lesion: E1-E4 on the newest checkpoint; paths: E6/E7 routed "
+    "gradients; report: report.md + figures from the results; all: train if no checkpoint, "
+    "then lesion, paths and report.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: print the message, not a traceback.
@@ -33,15 +38,34 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   from resnet_ensemble import train  # after flag parsing: jax reads XLA_FLAGS at import
   try:
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "lesion":
-      from resnet_ensemble import lesion
-      lesion.run_study(FLAGS.config, FLAGS.workdir)
+    run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
   except USER_ERRORS as e:
     logging.debug("user error", exc_info=True)
     print(f"resnet_ensemble: error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_mode(mode: str, config, workdir: str) -> None:
+  from resnet_ensemble import lesion, report, routing, train
+  from resnet_ensemble.progress import format_duration
+  steps = {"train": [train.train_and_evaluate], "lesion": [lesion.run_study],
+           "paths": [routing.run_study], "report": [], "all": []}[mode]
+  if mode == "all":
+    has_checkpoint = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints")))
+    steps = ([] if has_checkpoint else [train.train_and_evaluate]) + [lesion.run_study,
+                                                                       routing.run_study]
+  for i, step in enumerate(steps):
+    t0 = time.perf_counter()
+    print(f"== {mode}: {step.__module__.split('.')[-1]} ({i + 1}/{len(steps)})", flush=True)
+    step(config, workdir)
+    print(f"== done in {format_duration(time.perf_counter() - t0)}", flush=True)
+  if mode in ("report", "all"):
+    r = config.report
+    written = report.write_report(workdir, vgg_workdir=r.vgg_workdir or None,
+                                  sd_workdir=r.sd_workdir or None,
+                                  effective_workdir=r.effective_workdir or None)
+    print(f"report: {written[-1]} and {len(written) - 1} figures", flush=True)
 
 
 def run():

@@ -63,6 +63,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.lesion.reorder_draws = 50        # E4: draws per k
   c.lesion.chunk = 32                # damaged networks evaluated per compiled call
 
+  c.paths = ml_collections.ConfigDict()
+  c.paths.samples_per_k = 1_000      # E6: sampled paths per length k = 0..n
+  c.paths.batch_size = 128           # E6: training images per forward (a new batch per chunk)
+  c.paths.chunk = 50                 # paths per compiled call (they share one forward)
+
+  c.report = ml_collections.ConfigDict()
+  c.report.vgg_workdir = ""          # a trained plain network's workdir (Fig. 3, VGG panel)
+  c.report.sd_workdir = ""           # stochastic-depth model's workdir (Fig. 8)
+  c.report.effective_workdir = ""    # effective-paths model's workdir (E8 row)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 4_000
   c.checkpoint.max_to_keep = 3

@@ -11,6 +11,7 @@ The same-shape blocks of a stage are stacked on a leading parameter axis and run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -63,6 +64,7 @@ class BasicBlock(nn.Module):
     s, f = self.branches(x)
     return self.merge(s + _broadcast_gate(gate, f) * f)
 
+  @nn.nowrap
   def merge(self, z: Array) -> Array:
     """What follows the addition: nothing (pre-activation) or a ReLU (post-activation)."""
     return z if self.preact else nn.relu(z)
@@ -108,6 +110,7 @@ class BottleneckBlock(nn.Module):
     s, f = self.branches(x)
     return self.merge(s + _broadcast_gate(gate, f) * f)
 
+  @nn.nowrap
   def merge(self, z: Array) -> Array:
     return z if self.preact else nn.relu(z)
 
@@ -146,6 +149,7 @@ class PlainLayer(nn.Module):
     s, f = self.branches(x)
     return s + _broadcast_gate(gate, f) * f
 
+  @nn.nowrap
   def merge(self, z: Array) -> Array:
     return z
 
@@ -219,34 +223,51 @@ class ResNet(nn.Module):
   def __call__(self, x: Array, gates: Array | None = None, train: bool = False) -> Array:
     layout = self.layout
     gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
-    block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
+    norm = _norm(train, self.dtype)
+    x = self.embed(x, norm)
+    for s, down, stacked in self.stage_blocks(norm):
+      stage = layout.stage_range(s)
+      if down is not None:
+        x = down(name=down_name(s))(x, gates[stage.start])
+      r = layout.stacked_range(s)
+      if len(r):
+        x = _scan_blocks(stacked(name=stacked_name(s)), x, gates[r.start:r.stop], self.unroll)
+    return self.head(x, norm)
+
+  @nn.nowrap
+  def embed(self, x: Array, norm: ModuleDef) -> Array:
+    """The stem: image -> input of the first block."""
     x = x.astype(self.dtype)
     stem_width = self.stem_width or self.widths[0]
     if self.stem == "imagenet":
       x = _conv(stem_width, 7, 2, "stem_conv", self.dtype)(x)
       x = nn.relu(norm(name="stem_bn")(x))
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-    else:
-      x = _conv(stem_width, 3, 1, "stem_conv", self.dtype)(x)
-      if not self.preact:
-        x = nn.relu(norm(name="stem_bn")(x))
+      return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = _conv(stem_width, 3, 1, "stem_conv", self.dtype)(x)
+    return x if self.preact else nn.relu(norm(name="stem_bn")(x))
+
+  @nn.nowrap
+  def stage_blocks(self, norm: ModuleDef):
+    """Per stage: (index, downsampling-block factory or None, stacked-block factory)."""
+    block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
     for s, (width, stride) in enumerate(zip(self.widths, self._stage_strides())):
       block = functools.partial(block_cls, features=width, preact=self.preact,
                                 shortcut=self.shortcut, norm=norm, dtype=self.dtype)
-      stage = layout.stage_range(s)
-      if layout.first_is_down[s]:
-        x = block(stride=stride, down=True, name=down_name(s))(x, gates[stage.start])
-      stacked = layout.stacked_range(s)
-      if len(stacked):
-        x = _scan_blocks(block(name=stacked_name(s)), x,
-                         gates[stacked.start:stacked.stop], self.unroll)
+      down = functools.partial(block, stride=stride, down=True)
+      yield s, down if self.layout.first_is_down[s] else None, block
+
+  @nn.nowrap
+  def head(self, x: Array, norm: ModuleDef) -> Array:
+    """Output of the last block -> logits."""
     if self.preact:
       x = nn.relu(norm(name="final_bn")(x))
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+def _norm(train: bool, dtype) -> ModuleDef:
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=dtype)
 
 
 class PlainNet(nn.Module):
@@ -268,18 +289,88 @@ class PlainNet(nn.Module):
   def __call__(self, x: Array, gates: Array | None = None, train: bool = False) -> Array:
     layout = self.layout
     gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
-    x = _conv(self.width, 3, 1, "stem_conv", self.dtype)(x.astype(self.dtype))
-    x = nn.relu(norm(name="stem_bn")(x))
-    for s in range(layout.num_stages):
-      if s > 0:
-        x = nn.max_pool(x, (2, 2), (2, 2))
+    norm = _norm(train, self.dtype)
+    x = self.embed(x, norm)
+    for s, _, layer in self.stage_blocks(norm):
+      x = self.enter_stage(s, x)
       r = layout.stacked_range(s)
-      layer = PlainLayer(self.width, norm=norm, dtype=self.dtype, name=stacked_name(s))
-      x = _scan_blocks(layer, x, gates[r.start:r.stop], self.unroll)
+      x = _scan_blocks(layer(name=stacked_name(s)), x, gates[r.start:r.stop], self.unroll)
+    return self.head(x, norm)
+
+  @nn.nowrap
+  def embed(self, x: Array, norm: ModuleDef) -> Array:
+    x = _conv(self.width, 3, 1, "stem_conv", self.dtype)(x.astype(self.dtype))
+    return nn.relu(norm(name="stem_bn")(x))
+
+  @nn.nowrap
+  def stage_blocks(self, norm: ModuleDef):
+    for s in range(len(self.stage_sizes)):
+      yield s, None, functools.partial(PlainLayer, self.width, norm=norm, dtype=self.dtype)
+
+  @nn.nowrap
+  def enter_stage(self, stage: int, x: Array) -> Array:
+    """2x2 max-pooling between stages (not a layer: nothing to delete)."""
+    return nn.max_pool(x, (2, 2), (2, 2)) if stage > 0 else x
+
+  @nn.nowrap
+  def head(self, x: Array, norm: ModuleDef) -> Array:
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+class _Part(nn.Module):
+  """Runs ``fn(x)`` in a compact scope, so the parameter names ``fn`` creates match the ones the
+  whole network's ``__call__`` creates (used to apply the stem or head on their own)."""
+
+  fn: Callable
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return self.fn(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unrolled:
+  """A trained network as embed -> blocks -> head, each a pure function (BN in inference
+  mode). Block i maps y to its two branches (s_i(y), f_i(y)); y_i = merge_i(s_i + f_i)."""
+
+  embed: Callable[[Array], Array]
+  branches: tuple[Callable[[Array], tuple[Array, Array]], ...]
+  merges: tuple[Callable[[Array], Array], ...]
+  head: Callable[[Array], Array]
+
+
+def unroll(model: "ResNet | PlainNet", variables) -> Unrolled:
+  """The per-block view of ``model`` with ``variables`` (for routed gradients, E6)."""
+  norm = _norm(False, model.dtype)
+  params, stats = variables["params"], variables.get("batch_stats", {})
+
+  def sub(name, index=None):
+    tree = {"params": params[name]}
+    if name in stats:
+      tree["batch_stats"] = stats[name]
+    return tree if index is None else jax.tree.map(lambda a: a[index], tree)
+
+  def part(fn, names):
+    tree = {"params": {k: params[k] for k in names if k in params},
+            "batch_stats": {k: stats[k] for k in names if k in stats}}
+    return functools.partial(_Part(fn).apply, tree)
+
+  layout = model.layout
+  branches, merges = [], []
+  for s, down, stacked in model.stage_blocks(norm):
+    enter = functools.partial(model.enter_stage, s) if hasattr(model, "enter_stage") else None
+    blocks = ([(down(), sub(down_name(s)))] if down is not None else []) + [
+        (stacked(), sub(stacked_name(s), j)) for j in range(len(layout.stacked_range(s)))]
+    for position, (block, tree) in enumerate(blocks):
+      apply = functools.partial(block.apply, tree, method=block.branches)
+      if enter is not None and position == 0:
+        apply = lambda y, apply=apply, enter=enter: apply(enter(y))
+      branches.append(apply)
+      merges.append(block.merge)
+  embed = part(lambda x: model.embed(x, norm), ("stem_conv", "stem_bn"))
+  head = part(lambda x: model.head(x, norm), ("final_bn", "head"))
+  return Unrolled(embed=embed, branches=tuple(branches), merges=tuple(merges), head=head)
 
 
 IMAGENET_STAGES = {

@@ -18,14 +18,33 @@ def cli(*args, timeout=600, fast_compile=True):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_quickstart_trains_well_above_chance(tmp_path):
+FIGURES = ["fig3_single_block_deletion.png", "fig5a_delete_k_blocks.png", "fig5b_reorder.png",
+           "fig6a_path_lengths.png", "fig6b_gradient_per_length.png",
+           "fig6c_total_gradient.png", "fig7_deletion_removes_long_paths.png"]
+
+
+def test_quickstart_all_trains_analyses_and_reports(tmp_path):
   workdir = tmp_path / "quickstart"
-  proc = cli("--config=configs/quickstart.py", f"--workdir={workdir}", fast_compile=False)
+  proc = cli("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=all",
+             fast_compile=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   final = json.loads((workdir / "final_metrics.json").read_text())
   assert final["eval_accuracy"] > 0.8, final  # 10 classes: chance is 0.1
   assert "ETA" in proc.stdout
   assert (workdir / "metrics.jsonl").exists() and (workdir / "checkpoints").is_dir()
+  for name in ["report.md", "lesion.json", "paths.json"] + FIGURES:
+    assert (workdir / name).stat().st_size > 1000, name
+  report = (workdir / "report.md").read_text()
+  assert all(f in report for f in FIGURES)
+  # A second --mode=all finds the checkpoint and does not train again.
+  again = cli("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=report")
+  assert again.returncode == 0 and "train " not in again.stdout
+
+
+def test_analyses_without_a_checkpoint_name_the_workdir(tmp_path):
+  proc = cli("--config=configs/quickstart.py", f"--workdir={tmp_path / 'empty'}", "--mode=lesion")
+  assert proc.returncode == 2
+  assert "no trained checkpoint in workdir" in proc.stderr and "empty" in proc.stderr
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,0 +1,126 @@
+"""Routed gradients (E6): how much gradient flows along paths of each length.
+
+A path is a 0/1 selection over the n blocks. Its gradient is the backward pass that, at block
+i, goes only through the residual branch f_i (selected) or only through the shortcut s_i (not
+selected). The forward pass and every block's linearisation (``jax.vjp``) are computed once per
+batch and shared by all the paths sampled on it; the routed backward chain then runs for many
+paths at once under ``vmap``. Since the backward pass is linear in the cotangent, the routed
+gradients of all 2^n paths sum exactly to the ordinary gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_ensemble.models import Unrolled
+
+
+def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array):
+  """Shared forward: returns (dLoss/dy_n, per-block vjps, merge vjps, embed vjp)."""
+  y0, embed_vjp = jax.vjp(unrolled.embed, images)
+  y, block_vjps, merge_vjps = y0, [], []
+  for branches, merge in zip(unrolled.branches, unrolled.merges):
+    (s, f), vjp = jax.vjp(branches, y)
+    y, merge_vjp = jax.vjp(merge, s + f)
+    block_vjps.append(vjp)
+    merge_vjps.append(merge_vjp)
+
+  def loss(y_n):
+    logits = unrolled.head(y_n)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+  g_n = jax.grad(loss)(y)
+  return g_n, block_vjps, merge_vjps, embed_vjp
+
+
+def routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array):
+  """dLoss/dy_0 and dLoss/d(image) along the path ``selection`` (n,) of 0/1."""
+  g = g_n
+  for i in reversed(range(len(block_vjps))):
+    (g_z,) = merge_vjps[i](g)
+    sel = selection[i].astype(g_z.dtype)
+    (g,) = block_vjps[i]((g_z * (1 - sel), g_z * sel))
+  (g_image,) = embed_vjp(g)
+  return g, g_image
+
+
+def make_path_gradient_fn(unrolled_fn: Callable[[dict], Unrolled]) -> Callable:
+  """``fn(variables, images, labels, selections (P, n)) -> (norm_y0 (P,), norm_image (P,))``:
+  one forward, P routed backward passes (vmapped)."""
+
+  def fn(variables, images, labels, selections):
+    g_n, block_vjps, merge_vjps, embed_vjp = linearize(unrolled_fn(variables), images, labels)
+
+    def one(selection):
+      g0, g_image = routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection)
+      return (jnp.linalg.norm(g0.astype(jnp.float32).ravel()),
+              jnp.linalg.norm(g_image.astype(jnp.float32).ravel()))
+
+    return jax.vmap(one)(selections)
+
+  return fn
+
+
+def sample_selections(rng: np.random.Generator, n: int, k: int, count: int) -> np.ndarray:
+  """``count`` paths of length k: uniformly random k-subsets of the n blocks, as 0/1 rows."""
+  if not 0 <= k <= n:
+    raise ValueError(f"path length k={k} is outside 0..{n} for a network of {n} blocks")
+  out = np.zeros((count, n), np.float32)
+  for row in out:
+    row[rng.choice(n, size=k, replace=False)] = 1.0
+  return out
+
+
+def run_study(config, workdir: str) -> dict:
+  """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``paths.json``."""
+  from resnet_ensemble import augment, models, paths, results, trained
+  from resnet_ensemble.progress import Progress
+  from resnet_ensemble.sharding import make_mesh, replicated, sharded
+  t = trained.load_trained(config, workdir)
+  pc, n = config.paths, t.layout.n_blocks
+  mesh = make_mesh()
+  chunk = mesh.size * math.ceil(pc.chunk / mesh.size)
+  rng = np.random.default_rng(config.seed)
+  selections = np.concatenate([sample_selections(rng, n, k, pc.samples_per_k)
+                               for k in range(n + 1)])
+  mean, std = t.dataset.mean, t.dataset.std
+  fn = make_path_gradient_fn(lambda v: models.unroll(t.model, v))
+  rep, split = replicated(mesh), sharded(mesh)
+  jitted = jax.jit(lambda v, x, y, s: fn(v, augment.normalize(x, mean, std), y, s),
+                   in_shardings=(rep, rep, rep, split), out_shardings=(split, split))
+  variables = jax.device_put(t.variables, rep)
+  norms = np.zeros((len(selections), 2))
+  n_train = len(t.dataset.train_labels)
+  progress = Progress(len(selections), "E6 routed path gradients", unit="paths", every_s=10.0)
+  for c, start in enumerate(range(0, len(selections), chunk)):
+    # A new training batch for each chunk of paths (un-augmented; BN in inference mode).
+    idx = np.random.default_rng([config.seed, c]).choice(n_train, pc.batch_size, replace=False)
+    sel = selections[start:start + chunk]
+    pad = chunk - len(sel)
+    sel = np.concatenate([sel, np.zeros((pad, n), np.float32)])
+    y0, image = jitted(variables, t.dataset.train_images[idx], t.dataset.train_labels[idx], sel)
+    norms[start:start + chunk - pad] = np.stack([np.asarray(y0), np.asarray(image)], 1)[:chunk - pad]
+    progress.update(min(start + chunk, len(selections)))
+  by_k = norms.reshape(n + 1, pc.samples_per_k, 2)
+  mean_norm = by_k[..., 0].mean(1)
+  total = paths.total_gradient(n, mean_norm)
+  lo, hi = paths.effective_interval(total, 0.9)
+  out = {
+      "n": n, "checkpoint_step": t.step, "config": results.config_dict(config),
+      "data_source": t.dataset.source,
+      "gradient": {"k": list(range(n + 1)), "samples_per_k": pc.samples_per_k,
+                   "batch_size": pc.batch_size, "mean_norm": mean_norm.tolist(),
+                   "std_norm": by_k[..., 0].std(1).tolist(),
+                   "mean_norm_image": by_k[..., 1].mean(1).tolist(),
+                   "std_norm_image": by_k[..., 1].std(1).tolist()},
+      "total_gradient": total.tolist(),
+      "effective_interval": [lo, hi],
+      "effective_share_of_paths": float(paths.share_of_paths(n, lo, hi)),
+  }
+  results.write_json(workdir, "paths.json", out)
+  return out

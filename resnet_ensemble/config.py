@@ -55,6 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1_000
 
+  c.gates = ml_collections.ConfigDict()
+  c.gates.sampler = "none"           # none | effective (E8) | stochastic_depth (E10)
+  c.gates.k = 23                     # effective: active blocks per mini-batch
+  c.gates.keep_downsampling = True   # downsampling blocks always active (count towards k)
+  c.gates.p_last = 0.5               # stochastic depth: survival probability of the last block
+  c.gates.per_example = False        # stochastic depth: independent gates per example
+  c.gates.test_scaling = "expected"  # expected: residuals scaled by E[gate] at test; none
+
   c.lesion = ml_collections.ConfigDict()
   c.lesion.max_k = 20                # E3: delete k = 0..max_k random blocks
   c.lesion.draws = 100               # E3: draws per k

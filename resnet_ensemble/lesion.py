@@ -115,10 +115,14 @@ class LesionEngine:
   """Evaluates any number of variants in fixed-size chunks (one compilation)."""
 
   def __init__(self, eval_fn: Callable, layout: BlockLayout, variables, test_images,
-               test_labels, test_mask, mesh, chunk: int):
+               test_labels, test_mask, mesh, chunk: int, base_gates: np.ndarray | None = None):
+    """``base_gates``: the trained network's test-time gates (stochastic depth or effective
+    paths scale residuals by their expected gate); every variant's gates multiply them."""
     if chunk % mesh.size:
       chunk = mesh.size * math.ceil(chunk / mesh.size)
     self.layout, self.chunk, self.mesh = layout, chunk, mesh
+    self.base_gates = (np.ones((layout.n_blocks,), np.float32) if base_gates is None
+                       else np.asarray(base_gates, np.float32))
     self.fn = make_variant_evaluator(eval_fn, layout, mesh)
     rep = replicated(mesh)
     self.args = jax.device_put((variables, test_images, test_labels, test_mask), rep)
@@ -140,7 +144,7 @@ class LesionEngine:
       pad = self.chunk - (stop - start)
       g = np.concatenate([gates[start:stop], np.ones((pad, n), np.float32)])
       o = np.concatenate([orders[start:stop], np.tile(np.arange(n), (pad, 1))]).astype(np.int32)
-      out = self.fn(*self.args, g, o)
+      out = self.fn(*self.args, g * self.base_gates, o)
       errors[start:stop] = np.asarray(out["error"])[:stop - start]
       progress.update(stop)
     return errors
@@ -165,9 +169,11 @@ def run_study(config, workdir: str) -> dict:
     raise ValueError(f"lesion.max_k={lc.max_k} is larger than the number of blocks ({n})")
   mesh = make_mesh()
   eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
+  from resnet_ensemble import gates as gates_lib
   engine = LesionEngine(eval_fn, layout, t.variables,
                         *trained.padded_test_batches(t.dataset, config.eval.batch_size),
-                        mesh=mesh, chunk=lc.chunk)
+                        mesh=mesh, chunk=lc.chunk,
+                        base_gates=gates_lib.eval_gates(config.gates, layout))
   rng = np.random.default_rng(config.seed)
   baseline = float(engine.evaluate(np.ones((1, n), np.float32), desc="baseline")[0])
   single = engine.evaluate(single_deletion_gates(layout), desc="E1 delete one block")

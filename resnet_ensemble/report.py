@@ -42,7 +42,7 @@ CONFIGS = {
   "resnet": "configs/cifar10_resnet110.py",
   "imagenet": "configs/imagenet_resnet200.py",
   "vgg": "configs/cifar10_vgg15.py",
-  "sd": "configs/cifar10_resnet110_stochastic_depth.py",
+  "sd": "configs/cifar10_resnet110_sd.py",
   "effective": "configs/cifar10_resnet110_effective.py",
 }
 DEFAULT_WORKDIRS = {"vgg": "runs/vgg15", "sd": "runs/resnet110_sd",

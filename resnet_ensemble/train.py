@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from clu import metrics
 
-from resnet_ensemble import checkpoint, data as data_lib, models, optim, writers
+from resnet_ensemble import checkpoint, data as data_lib, gates as gates_lib, models, optim, writers
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress
 from resnet_ensemble.trained import padded_test_batches
@@ -102,11 +102,20 @@ def make_eval_fn(model: nn.Module, mean, std) -> Callable:
 
 
 def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean, std,
-                        label_smoothing: float, mesh) -> Callable:
-  """One SGD step on a given uint8 batch (already augmented)."""
+                        label_smoothing: float, mesh,
+                        sample_gates: Callable[[jax.Array], jax.Array] | None = None,
+                        gate_key: jax.Array | None = None) -> Callable:
+  """One SGD step on a given uint8 batch (already augmented).
 
-  def train_on_batch(state: TrainState, images, labels, gates=None):
+  With ``sample_gates`` (gates.make_sampler), step t trains the network gated by
+  ``sample_gates(fold_in(gate_key, t))``: the gate sequence is a function of (seed, step), so a
+  resumed run samples the same gates."""
+
+  def train_on_batch(state: TrainState, images, labels):
     x = jax.lax.with_sharding_constraint(normalize(images, mean, std), sharded(mesh))
+    gates = None
+    if sample_gates is not None:
+      gates = sample_gates(jax.random.fold_in(gate_key, state.step))
 
     def loss_fn(params):
       logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
@@ -223,9 +232,9 @@ class ResidentFeed:
       self._log_compile(f"train_{k}_steps", time.perf_counter() - t0)
     return self._compiled[k](state, self.resident)
 
-  def evaluate(self, state: TrainState) -> dict:
+  def evaluate(self, state: TrainState, gates=None) -> dict:
     r = self.resident
-    out = self._eval(state.variables, r.test_images, r.test_labels, r.test_mask)
+    out = self._eval(state.variables, r.test_images, r.test_labels, r.test_mask, gates)
     return {f"eval_{k}": float(v) for k, v in out.items() if k != "count"}
 
 
@@ -256,7 +265,7 @@ class StreamedFeed:
     self._step = jax.jit(train_on_batch, out_shardings=(rep, rep), donate_argnums=0)
     eval_fn = make_eval_fn(model, self.mean, self.std)
     # One batch at a time: add a leading batch-stack axis of 1 for eval_fn's scan.
-    self._eval = jax.jit(lambda v, x, y, m: eval_fn(v, x[None], y[None], m[None]),
+    self._eval = jax.jit(lambda v, x, y, m, g: eval_fn(v, x[None], y[None], m[None], g),
                          out_shardings=rep)
 
   def train(self, state: TrainState, k: int):
@@ -267,10 +276,10 @@ class StreamedFeed:
       total = m if total is None else total.merge(m)
     return state, total
 
-  def evaluate(self, state: TrainState) -> dict:
+  def evaluate(self, state: TrainState, gates=None) -> dict:
     loss = correct = count = 0.0
     for images, labels, mask in self._split("validation", False, self.config.eval.batch_size):
-      out = self._eval(state.variables, *(self._global(a) for a in (images, labels, mask)))
+      out = self._eval(state.variables, *(self._global(a) for a in (images, labels, mask)), gates)
       n = float(out["count"])
       loss, correct, count = loss + float(out["loss"]) * n, correct + float(out["accuracy"]) * n, count + n
     return {"eval_loss": loss / count, "eval_accuracy": correct / count,
@@ -310,10 +319,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.write_scalars(int(state.step), {f"compile_s_{what}": seconds})
     print(f"compiled {what} in {seconds:.1f}s", flush=True)
 
-  train_on_batch = make_train_on_batch(model, tx, feed.mean, feed.std,
-                                       config.optim.label_smoothing, mesh)
+  train_on_batch = make_train_on_batch(
+      model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
+      sample_gates=gates_lib.make_sampler(config.gates, model.layout, tc.batch_size),
+      gate_key=jax.random.fold_in(jax.random.key(config.seed), 3))
   feed.start(model, train_on_batch, log_compile)
-  evaluate = feed.evaluate
+  test_gates = gates_lib.eval_gates(config.gates, model.layout)
+
+  def evaluate(state: TrainState) -> dict:
+    """The test-time network (scaled by the expected gates when training samples gates), and
+    the unscaled one beside it."""
+    out = feed.evaluate(state, test_gates)
+    if test_gates is not None:
+      out.update({f"{k}_unscaled": v for k, v in feed.evaluate(state, None).items()})
+    return out
   step = int(state.step)
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), step

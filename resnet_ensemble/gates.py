@@ -1,0 +1,92 @@
+"""Gate samplers: training variants that are the same program with different gates.
+
+- ``effective`` (E8): every mini-batch keeps exactly k of the n blocks active (the paper's 23
+  of 54), chosen uniformly from the step's key; downsampling blocks always active by default
+  (they count towards k).
+- ``stochastic_depth`` (E10, Huang et al. 2016): block i survives with probability
+  p_i = 1 - (i + 1) / n * (1 - p_L), independently per mini-batch (or per example).
+
+At test time every block is active with its residual scaled by its expected gate
+(``test_scaling='expected'``), or unscaled (``'none'``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_ensemble.layout import BlockLayout
+
+SAMPLERS = ("none", "effective", "stochastic_depth")
+
+
+def _check(gc, layout: BlockLayout) -> None:
+  if gc.sampler not in SAMPLERS:
+    raise ValueError(f"unknown gate sampler {gc.sampler!r}; valid: {', '.join(SAMPLERS)}")
+  if gc.test_scaling not in ("expected", "none"):
+    raise ValueError(f"unknown gates.test_scaling {gc.test_scaling!r}; valid: expected, none")
+  n = layout.n_blocks
+  if gc.sampler == "effective":
+    fixed = len(layout.downsampling) if gc.keep_downsampling else 0
+    if not 1 <= gc.k <= n:
+      raise ValueError(f"gates.k={gc.k} must be between 1 and the number of blocks ({n})")
+    if gc.k < fixed:
+      raise ValueError(f"gates.k={gc.k} is smaller than the {fixed} downsampling blocks kept "
+                       "always active (set gates.keep_downsampling=False or raise k)")
+  if gc.sampler == "stochastic_depth" and not 0.0 < gc.p_last <= 1.0:
+    raise ValueError(f"gates.p_last={gc.p_last} must be in (0, 1]")
+
+
+def survival_probabilities(layout: BlockLayout, p_last: float,
+                           keep_downsampling: bool) -> np.ndarray:
+  """Huang et al.'s linear decay: 1 - (i + 1) / n * (1 - p_last) for block i (0-based)."""
+  n = layout.n_blocks
+  p = 1.0 - (np.arange(1, n + 1) / n) * (1.0 - p_last)
+  if keep_downsampling:
+    p[list(layout.downsampling)] = 1.0
+  return p.astype(np.float32)
+
+
+def expected_gates(gc, layout: BlockLayout) -> np.ndarray | None:
+  """E[gate_i] under the sampler (None for 'none')."""
+  _check(gc, layout)
+  if gc.sampler == "none":
+    return None
+  if gc.sampler == "stochastic_depth":
+    return survival_probabilities(layout, gc.p_last, gc.keep_downsampling)
+  n, fixed = layout.n_blocks, list(layout.downsampling) if gc.keep_downsampling else []
+  p = np.full((n,), (gc.k - len(fixed)) / (n - len(fixed)), np.float32)
+  p[fixed] = 1.0
+  return p
+
+
+def eval_gates(gc, layout: BlockLayout) -> np.ndarray | None:
+  """The gates of the test-time network (None = all ones, unscaled)."""
+  return expected_gates(gc, layout) if gc.test_scaling == "expected" else None
+
+
+def make_sampler(gc, layout: BlockLayout,
+                 batch_size: int) -> Callable[[jax.Array], jax.Array] | None:
+  """``sample(key) -> gates`` of shape (n,) or (n, batch) for the train step, or None."""
+  _check(gc, layout)
+  n = layout.n_blocks
+  if gc.sampler == "none":
+    return None
+  if gc.sampler == "stochastic_depth":
+    p = jnp.asarray(survival_probabilities(layout, gc.p_last, gc.keep_downsampling))
+    shape = (n, batch_size) if gc.per_example else (n,)
+    return lambda key: jax.random.bernoulli(
+        key, p.reshape((n,) + (1,) * (len(shape) - 1)), shape).astype(jnp.float32)
+  fixed = np.asarray(layout.downsampling if gc.keep_downsampling else (), np.int32)
+  free = np.setdiff1d(np.arange(n), fixed).astype(np.int32)
+  draw = gc.k - len(fixed)
+
+  def sample(key):
+    chosen = jax.random.permutation(key, jnp.asarray(free))[:draw]
+    active = jnp.concatenate([jnp.asarray(fixed), chosen])
+    return jnp.zeros((n,), jnp.float32).at[active].set(1.0)
+
+  return sample

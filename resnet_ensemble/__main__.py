@@ -24,6 +24,13 @@ flags.DEFINE_enum(
     "train: train (resuming); lesion: E1-E4 on the newest checkpoint; paths: E6/E7 routed "
     "gradients; report: report.md + figures from the results; all: train if no checkpoint, "
     "then lesion, paths and report.")
+flags.DEFINE_bool("distributed", os.environ.get("RESNET_ENSEMBLE_DISTRIBUTED") == "1",
+                  "Join the multi-process runtime with jax.distributed.initialize() (automatic on "
+                  "Cloud TPU VMs; env RESNET_ENSEMBLE_DISTRIBUTED=1).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs "
+                    "outside Cloud TPU; or env JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (or env JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's id, 0..n-1 (or env JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: print the message, not a traceback.
@@ -36,8 +43,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from resnet_ensemble import train  # after flag parsing: jax reads XLA_FLAGS at import
+  from resnet_ensemble import sharding  # after flag parsing: jax reads XLA_FLAGS at import
   try:
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id, auto=FLAGS.distributed)
     run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
   except USER_ERRORS as e:
     logging.debug("user error", exc_info=True)
@@ -47,7 +56,7 @@ def main(argv):
 
 def run_mode(mode: str, config, workdir: str) -> None:
   from resnet_ensemble import lesion, report, routing, train
-  from resnet_ensemble.progress import format_duration
+  from resnet_ensemble.progress import format_duration, is_main_process, say
   steps = {"train": [train.train_and_evaluate], "lesion": [lesion.run_study],
            "paths": [routing.run_study], "report": [], "all": []}[mode]
   if mode == "all":
@@ -57,15 +66,15 @@ def run_mode(mode: str, config, workdir: str) -> None:
                                                                        routing.run_study]
   for i, step in enumerate(steps):
     t0 = time.perf_counter()
-    print(f"== {mode}: {step.__module__.split('.')[-1]} ({i + 1}/{len(steps)})", flush=True)
+    say(f"== {mode}: {step.__module__.split('.')[-1]} ({i + 1}/{len(steps)})")
     step(config, workdir)
-    print(f"== done in {format_duration(time.perf_counter() - t0)}", flush=True)
-  if mode in ("report", "all"):
+    say(f"== done in {format_duration(time.perf_counter() - t0)}")
+  if mode in ("report", "all") and is_main_process():
     r = config.report
     written = report.write_report(workdir, vgg_workdir=r.vgg_workdir or None,
                                   sd_workdir=r.sd_workdir or None,
                                   effective_workdir=r.effective_workdir or None)
-    print(f"report: {written[-1]} and {len(written) - 1} figures", flush=True)
+    say(f"report: {written[-1]} and {len(written) - 1} figures")
 
 
 def run():

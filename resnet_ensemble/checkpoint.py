@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -58,11 +59,38 @@ def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
-  """The newest checkpoint restored into ``abstract_state``'s structure, or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  """The newest readable checkpoint restored into ``abstract_state``'s structure, or None.
+
+  A newest checkpoint that cannot be read (a partial write, a corrupt file) is skipped with a
+  message and renamed ``<step>.unreadable-<n>`` (kept, never deleted, and out of the way of the
+  save that will recreate that step); the previous good one is used."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # orbax raises many types for unreadable data
+      path = os.path.join(str(manager.directory), str(step))
+      if jax.process_index() == 0:
+        aside = _unused(path + ".unreadable")
+        os.rename(path, aside)
+        print(f"checkpoint step {step} in {manager.directory} is unreadable "
+              f"({type(e).__name__}: {str(e)[:200]}); kept as {aside}, trying the previous one",
+              flush=True)
+      _sync(f"skip-{step}")
+      manager.reload()
+  return None
+
+
+def _unused(prefix: str) -> str:
+  n = 0
+  while os.path.exists(f"{prefix}-{n}"):
+    n += 1
+  return f"{prefix}-{n}"
+
+
+def _sync(tag: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"resnet_ensemble-{tag}")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from resnet_ensemble.layout import BlockLayout, stacked_name
 from resnet_ensemble.progress import Progress
-from resnet_ensemble.sharding import replicated, sharded
+from resnet_ensemble.sharding import put, put_tree, replicated, sharded
 
 
 # ---------------------------------------------------------------- variants (host side, numpy)
@@ -108,7 +108,8 @@ def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh) -> Call
 
   batched = jax.vmap(one, in_axes=(None, None, None, None, 0, 0))
   rep, split = replicated(mesh), sharded(mesh)
-  return jax.jit(batched, in_shardings=(rep, rep, rep, rep, split, split), out_shardings=split)
+  # Outputs replicated: a few floats per variant, readable on every process.
+  return jax.jit(batched, in_shardings=(rep, rep, rep, rep, split, split), out_shardings=rep)
 
 
 class LesionEngine:
@@ -124,8 +125,8 @@ class LesionEngine:
     self.base_gates = (np.ones((layout.n_blocks,), np.float32) if base_gates is None
                        else np.asarray(base_gates, np.float32))
     self.fn = make_variant_evaluator(eval_fn, layout, mesh)
-    rep = replicated(mesh)
-    self.args = jax.device_put((variables, test_images, test_labels, test_mask), rep)
+    self.split = sharded(mesh)
+    self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
 
   def evaluate(self, gates: np.ndarray | None = None, orders: np.ndarray | None = None,
                desc: str = "lesions") -> np.ndarray:
@@ -144,7 +145,7 @@ class LesionEngine:
       pad = self.chunk - (stop - start)
       g = np.concatenate([gates[start:stop], np.ones((pad, n), np.float32)])
       o = np.concatenate([orders[start:stop], np.tile(np.arange(n), (pad, 1))]).astype(np.int32)
-      out = self.fn(*self.args, g * self.base_gates, o)
+      out = self.fn(*self.args, put(g * self.base_gates, self.split), put(o, self.split))
       errors[start:stop] = np.asarray(out["error"])[:stop - start]
       progress.update(stop)
     return errors

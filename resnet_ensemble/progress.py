@@ -6,6 +6,18 @@ import sys
 import time
 
 
+def is_main_process() -> bool:
+  """Only process 0 of a multi-process run prints progress and writes results."""
+  import jax
+  return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+  """print(), on process 0 only."""
+  if is_main_process():
+    print(message, flush=True)
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -36,4 +48,5 @@ class Progress:
     if extra:
       line += " | " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in extra.items())
-    print(line, file=self.stream, flush=True)
+    if is_main_process():
+      print(line, file=self.stream, flush=True)

@@ -11,6 +11,11 @@ def config_dict(config) -> dict:
 
 
 def write_json(workdir: str, name: str, payload: dict) -> str:
+  """Writes ``workdir/name`` (process 0 only: every process computed the same payload)."""
+  import jax
+  path = os.path.join(workdir, name)
+  if jax.process_index() != 0:
+    return path
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name)
   tmp = path + ".tmp"

@@ -80,7 +80,7 @@ def run_study(config, workdir: str) -> dict:
   """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``paths.json``."""
   from resnet_ensemble import augment, models, paths, results, trained
   from resnet_ensemble.progress import Progress
-  from resnet_ensemble.sharding import make_mesh, replicated, sharded
+  from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
   t = trained.load_trained(config, workdir)
   pc, n = config.paths, t.layout.n_blocks
   mesh = make_mesh()
@@ -92,8 +92,8 @@ def run_study(config, workdir: str) -> dict:
   fn = make_path_gradient_fn(lambda v: models.unroll(t.model, v))
   rep, split = replicated(mesh), sharded(mesh)
   jitted = jax.jit(lambda v, x, y, s: fn(v, augment.normalize(x, mean, std), y, s),
-                   in_shardings=(rep, rep, rep, split), out_shardings=(split, split))
-  variables = jax.device_put(t.variables, rep)
+                   in_shardings=(rep, rep, rep, split), out_shardings=(rep, rep))
+  variables = put_tree(t.variables, rep)
   norms = np.zeros((len(selections), 2))
   n_train = len(t.dataset.train_labels)
   progress = Progress(len(selections), "E6 routed path gradients", unit="paths", every_s=10.0)
@@ -103,7 +103,8 @@ def run_study(config, workdir: str) -> dict:
     sel = selections[start:start + chunk]
     pad = chunk - len(sel)
     sel = np.concatenate([sel, np.zeros((pad, n), np.float32)])
-    y0, image = jitted(variables, t.dataset.train_images[idx], t.dataset.train_labels[idx], sel)
+    y0, image = jitted(variables, put(t.dataset.train_images[idx], rep),
+                       put(t.dataset.train_labels[idx], rep), put(sel, split))
     norms[start:start + chunk - pad] = np.stack([np.asarray(y0), np.asarray(image)], 1)[:chunk - pad]
     progress.update(min(start + chunk, len(selections)))
   by_k = norms.reshape(n + 1, pc.samples_per_k, 2)

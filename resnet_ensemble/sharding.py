@@ -32,3 +32,41 @@ def sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
 def check_divisible(size: int, mesh: Mesh, what: str) -> None:
   if size % mesh.size:
     raise ValueError(f"{what} = {size} must be divisible by the number of devices ({mesh.size})")
+
+
+def put(value, sharding: NamedSharding) -> jax.Array:
+  """A host value (the same on every process) as a global array with ``sharding``.
+
+  Unlike ``jax.device_put`` this also works when the mesh spans several processes: each
+  process fills only its own devices' shards."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def put_tree(tree, sharding: NamedSharding):
+  return jax.tree.map(lambda v: v if isinstance(v, jax.Array) and v.sharding == sharding
+                      else put(v, sharding), tree)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           auto: bool = False) -> None:
+  """Joins the JAX multi-process runtime when launched on several hosts.
+
+  ``auto``: Cloud TPU (and SLURM/Open MPI) environments, where ``jax.distributed.initialize()``
+  discovers everything itself. Otherwise a coordinator address, process count and id (flags or
+  ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``). Nothing to do
+  for a single process."""
+  import os
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  if auto and not coordinator_address:
+    jax.distributed.initialize()
+  elif coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError("a coordinator address needs --num_processes and --process_id (or "
+                       "JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)

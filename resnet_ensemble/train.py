@@ -26,9 +26,9 @@ from clu import metrics
 
 from resnet_ensemble import checkpoint, data as data_lib, gates as gates_lib, models, optim, writers
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
-from resnet_ensemble.progress import Progress
+from resnet_ensemble.progress import Progress, say
 from resnet_ensemble.trained import padded_test_batches
-from resnet_ensemble.sharding import check_divisible, make_mesh, replicated, sharded
+from resnet_ensemble.sharding import check_divisible, make_mesh, put, replicated, sharded
 
 
 @flax.struct.dataclass
@@ -72,11 +72,11 @@ def put_resident(dataset: data_lib.ImageDataset, eval_batch_size: int, mesh) -> 
   test_images, test_labels, mask = padded_test_batches(dataset, eval_batch_size)
   rep, batch_axis = replicated(mesh), sharded(mesh, axis=1)
   return ResidentData(
-      train_images=jax.device_put(dataset.train_images, rep),
-      train_labels=jax.device_put(dataset.train_labels.astype(np.int32), rep),
-      test_images=jax.device_put(test_images, batch_axis),
-      test_labels=jax.device_put(test_labels, batch_axis),
-      test_mask=jax.device_put(mask, batch_axis))
+      train_images=put(dataset.train_images, rep),
+      train_labels=put(dataset.train_labels.astype(np.int32), rep),
+      test_images=put(test_images, batch_axis),
+      test_labels=put(test_labels, batch_axis),
+      test_mask=put(mask, batch_axis))
 
 
 def make_eval_fn(model: nn.Module, mean, std) -> Callable:
@@ -207,8 +207,7 @@ class ResidentFeed:
   def __init__(self, config, mesh):
     self.dataset = data_lib.load(config.data)
     d = self.dataset
-    print(f"data: {d.source} ({len(d.train_labels)} train, {len(d.test_labels)} test)",
-          flush=True)
+    say(f"data: {d.source} ({len(d.train_labels)} train, {len(d.test_labels)} test)")
     self.config, self.mesh = config, mesh
     self.num_classes, self.input_shape = d.num_classes, d.train_images.shape[1:]
     self.mean, self.std = d.mean, d.std
@@ -247,7 +246,7 @@ class StreamedFeed:
     size = config.data.image_size
     self.num_classes, self.input_shape = imagenet.NUM_CLASSES, (size, size, 3)
     self.mean, self.std = imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD
-    print(f"data: TFDS imagenet2012 (data_dir={config.data.dir or 'default'})", flush=True)
+    say(f"data: TFDS imagenet2012 (data_dir={config.data.dir or 'default'})")
 
   def _split(self, split: str, train: bool, batch_size: int):
     c = self.config.data
@@ -311,13 +310,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep)
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
-    state = jax.device_put(restored, replicated(mesh))
-    print(f"resumed from {workdir} at step {int(state.step)}", flush=True)
+    state = restored
+    say(f"resumed from {workdir} at step {int(state.step)}")
   writer = writers.create_writer(workdir, enabled=is_main)
 
   def log_compile(what: str, seconds: float) -> None:
     writer.write_scalars(int(state.step), {f"compile_s_{what}": seconds})
-    print(f"compiled {what} in {seconds:.1f}s", flush=True)
+    say(f"compiled {what} in {seconds:.1f}s")
 
   train_on_batch = make_train_on_batch(
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
@@ -333,6 +332,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if test_gates is not None:
       out.update({f"{k}_unscaled": v for k, v in feed.evaluate(state, None).items()})
     return out
+  param_norm = jax.jit(optax.tree.norm, out_shardings=replicated(mesh))
   step = int(state.step)
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), step
@@ -351,6 +351,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         now = time.perf_counter()
         scalars["steps_per_s"] = (step - last_log_step) / (now - last_log_time)
         scalars["learning_rate"] = float(schedule(step - 1))
+        scalars["param_norm"] = float(param_norm(state.params))
         writer.write_scalars(step, scalars)
         progress.update(step, force=True, loss=scalars["train_loss"],
                         acc=scalars["train_accuracy"])
@@ -358,8 +359,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if _crossed(step, previous, tc.eval_every) or done:
         final = evaluate(state)
         writer.write_scalars(step, final)
-        print(f"eval at step {step}: " + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()),
-              flush=True)
+        say(f"eval at step {step}: " + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()))
       if _crossed(step, previous, config.checkpoint.every) or done:
         checkpoint.save(manager, step, state)
     if stop.received:
@@ -368,8 +368,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if manager.latest_step() != step:
         checkpoint.save(manager, step, state)
       manager.wait_until_finished()
-      print(f"{stop.received}: saved a checkpoint at step {step} in {workdir}; rerun the same "
-            "command to resume", flush=True)
+      say(f"{stop.received}: saved a checkpoint at step {step} in {workdir}; rerun the same "
+            "command to resume")
       return {"stopped_at": step}
   manager.wait_until_finished()
   writer.flush()

@@ -39,9 +39,12 @@ def load_trained(config, workdir: str) -> Trained:
   model = models.build(config.model, dataset.num_classes)
   from resnet_ensemble import train  # late: train imports this module's users
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-  abstract = jax.eval_shape(
-      lambda: train.create_train_state_unsharded(model, tx, config.seed,
-                                                 dataset.train_images.shape[1:]))
+  from resnet_ensemble.sharding import make_mesh, replicated
+  rep = replicated(make_mesh())
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+      jax.eval_shape(lambda: train.create_train_state_unsharded(
+          model, tx, config.seed, dataset.train_images.shape[1:])))
   state = checkpoint.restore_latest(manager, abstract)
   return Trained(model=model, variables={"params": state.params, "batch_stats": state.batch_stats},
                  step=int(state.step), dataset=dataset)

@@ -4,6 +4,7 @@ Usage: python tests/_train_probe.py WORKDIR OUT.npz [key=value ...]  (XLA_FLAGS 
 """
 
 import json
+import os
 import sys
 
 import jax
@@ -18,7 +19,15 @@ def main():
   workdir, out = sys.argv[1], sys.argv[2]
   overrides = dict(kv.split("=", 1) for kv in sys.argv[3:])
   config = tiny_config(**{k: json.loads(v) for k, v in overrides.items()})
+  from resnet_ensemble import sharding
+  sharding.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS etc. when set
   final = train.train_and_evaluate(config, workdir)
+  if os.environ.get("PROBE_LESION") == "1":  # then E1-E4 on the result (lesion.json)
+    from resnet_ensemble import lesion
+    lesion.run_study(config, workdir)
+  if jax.process_count() > 1:  # process 0 wrote the metrics; params are compared through them
+    print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), **final}))
+    return
   state = train.checkpoint.restore_latest(
       train.checkpoint.make_manager(workdir), None)
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]

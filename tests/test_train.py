@@ -17,8 +17,8 @@ from resnet_ensemble.writers import read_jsonl
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _probe(tmp_path, name, devices, *overrides):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+def _probe(tmp_path, name, devices, *overrides, **extra_env):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra_env, XLA_FLAGS=(
       f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"))
   out = tmp_path / f"{name}.npz"
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_train_probe.py"),
@@ -112,3 +112,59 @@ def test_batches_are_epoch_permutations_and_augmentation_is_a_crop():
     nonzero = out[b][out[b] > 0]
     assert set(nonzero.tolist()) <= set(np.asarray(images[b]).ravel().tolist())
     assert len(nonzero) >= 9  # a crop shifted by at most 1 pixel keeps a 3x3 core
+
+
+LESION = ("model.depth=14", "lesion.max_k=2", "lesion.draws=3", "lesion.reorder_max_swaps=2",
+          "lesion.reorder_draws=2", "lesion.chunk=4")
+
+
+def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
+  """2 processes x 2 CPU devices, joined by jax.distributed on localhost == 1 x 4 devices,
+  for training and for a lesion sweep split across the processes."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid), PROBE_LESION="1", XLA_FLAGS=(
+                   "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"))
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "_train_probe.py"), str(tmp_path / "multi"),
+         str(tmp_path / "multi.npz"), "train.steps_per_call=2", *LESION],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  multi = json.loads(outs[0][0].strip().splitlines()[-1])
+  assert multi["processes"] == 2 and multi["devices"] == 4
+  single, _ = _probe(tmp_path, "single", 4, "train.steps_per_call=2", *LESION, PROBE_LESION="1")
+  for metric in ("eval_loss", "eval_accuracy"):
+    assert abs(single[metric] - multi[metric]) <= 1e-5
+  history = lambda d: [(r["train_loss"], r["param_norm"]) for r in
+                       read_jsonl(str(tmp_path / d / "metrics.jsonl")) if "train_loss" in r]
+  np.testing.assert_allclose(history("multi"), history("single"), rtol=1e-5, atol=1e-5)
+  lesions = [json.loads((tmp_path / d / "lesion.json").read_text()) for d in ("multi", "single")]
+  for key in ("single", "random", "reorder"):
+    np.testing.assert_allclose(lesions[0][key]["error"], lesions[1][key]["error"], atol=1e-6)
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_kept(tmp_path, tiny):
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(tiny(), str(straight))
+  workdir = tmp_path / "w"
+  train.train_and_evaluate(tiny(), str(workdir))  # checkpoints at steps 3 and 6
+  # Damage the newest checkpoint (step 6): truncate every file it holds.
+  for root, _, files in os.walk(workdir / "checkpoints" / "6"):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(7)
+  train.train_and_evaluate(tiny(), str(workdir))  # resumes from 3, trains 3 -> 6 again
+  names = os.listdir(workdir / "checkpoints")
+  assert "6.unreadable-0" in names and "6" in names and "3" in names  # nothing deleted
+  _, leaves_a = _params(straight)
+  step_b, leaves_b = _params(workdir)
+  assert step_b == 6
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b)

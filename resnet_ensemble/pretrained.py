@@ -1,0 +1,352 @@
+"""Pretrained torchvision / timm ImageNet ResNets as gated Flax models.
+
+torchvision's ``resnet18/34/50/101/152`` (and timm's plain ``resnet*`` models, which use the
+same names) are post-activation ResNets with a 7x7/2 stem + 3x3/2 max-pool, the stride on the
+3x3 convolution, and a 1x1 projection (conv + BN) shortcut on each stage's first block when its
+shape changes. That is ``models.ResNet(preact=False, stem="imagenet", shortcut="projection")``;
+this module maps between the two namings:
+
+    torchvision                          ours (params / batch_stats)
+    conv1.weight (O,I,H,W)               stem_conv/kernel (H,W,I,O)
+    bn1.{weight,bias}                    stem_bn/{scale,bias}
+    bn1.{running_mean,running_var}       stem_bn/{mean,var} (batch_stats)
+    layer{s+1}.0.*   (shape-changing)    stage{s}_down/*
+    layer{s+1}.{j}.* (the others)        stage{s}_blocks/*[k], k = j-1 (j if layer{s+1}.0 keeps
+                                         the shape: resnet18/34's layer1), stacked on axis 0
+      .conv{i}.weight / .bn{i}.*           conv{i}/kernel, bn{i}/...
+      .downsample.0.weight                 proj_conv/kernel
+      .downsample.1.*                      proj_bn/...
+    fc.weight (out,in), fc.bias          head/kernel (in,out), head/bias
+
+``num_batches_tracked`` is ignored on import and not written on export. Everything is float32.
+
+The wide ResNets (``wide_resnet50_2``, ``wide_resnet101_2``) are not supported: their bottleneck
+output is 2x the inner width (inner 128..1024, output 256..2048), and ``models.ResNet`` fixes a
+bottleneck's output at 4x its inner width.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_ensemble import models
+from resnet_ensemble.layout import down_name, stacked_name
+
+# torchvision arch -> (block, stage_sizes, stem/first-stage width).
+ARCHS: dict[str, tuple[str, tuple[int, ...], int]] = {
+    f"resnet{depth}": (block, stages, 64) for depth, (block, stages) in models.IMAGENET_STAGES.items()
+    if depth in (18, 34, 50, 101, 152)
+}
+
+UNSUPPORTED = {
+    name: ("its bottleneck blocks widen 2x (inner widths 128/256/512/1024, outputs "
+           "256/512/1024/2048), but models.ResNet fixes a bottleneck's output at 4x its inner width")
+    for name in ("wide_resnet50_2", "wide_resnet101_2")
+}
+
+IMAGENET_CLASSES = 1000
+
+# Our leaf name -> torchvision parameter/buffer suffix, per kind of layer.
+_CONV_LEAVES = {"kernel": "weight"}
+_DENSE_LEAVES = {"kernel": "weight", "bias": "bias"}
+_BN_LEAVES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def _arch(arch: str) -> tuple[str, tuple[int, ...], int]:
+  if arch in UNSUPPORTED:
+    raise ValueError(f"{arch} is not supported: {UNSUPPORTED[arch]}")
+  if arch not in ARCHS:
+    raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(ARCHS)}")
+  return ARCHS[arch]
+
+
+def model_for(arch: str, num_classes: int = IMAGENET_CLASSES, dtype: Any = jnp.float32,
+              width: int | None = None, unroll: int = 1) -> models.ResNet:
+  """The gated Flax ResNet with torchvision ``arch``'s layout (post-activation, ImageNet stem,
+  projection shortcuts). ``width`` (default 64) scales all stages (tests use narrow copies)."""
+  block, stages, default_width = _arch(arch)
+  w = width or default_width
+  return models.ResNet(stage_sizes=stages, widths=(w, 2 * w, 4 * w, 8 * w), block=block,
+                       stem="imagenet", preact=False, shortcut="projection",
+                       num_classes=num_classes, dtype=dtype, unroll=unroll)
+
+
+# ---------------------------------------------------------------------------------------------
+# The name mapping, derived from the model's own (abstract) variable tree.
+
+
+def _abstract_variables(model: models.ResNet) -> dict:
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  return flax.core.unfreeze(jax.eval_shape(model.init, jax.random.key(0), x))
+
+
+def _torch_prefix(model: models.ResNet, top: str, index: int | None) -> str:
+  """Torchvision module name of our top-level subtree ``top`` (``index``: stacked position)."""
+  if top == "stem_conv":
+    return "conv1"
+  if top == "stem_bn":
+    return "bn1"
+  if top == "head":
+    return "fc"
+  m = re.fullmatch(r"stage(\d+)_(down|blocks)", top)
+  if m is None:
+    raise AssertionError(f"unexpected subtree {top!r} in the model")
+  s = int(m.group(1))
+  if top == down_name(s):
+    return f"layer{s + 1}.0"
+  assert top == stacked_name(s)
+  offset = 1 if model.layout.first_is_down[s] else 0
+  return f"layer{s + 1}.{index + offset}"
+
+
+def _torch_module(name: str) -> tuple[str, dict[str, str]]:
+  """A block's submodule name -> (torchvision submodule name, leaf-name map)."""
+  if name == "proj_conv":
+    return "downsample.0", _CONV_LEAVES
+  if name == "proj_bn":
+    return "downsample.1", _BN_LEAVES
+  if re.fullmatch(r"conv\d", name):
+    return name, _CONV_LEAVES
+  if re.fullmatch(r"bn\d", name):
+    return name, _BN_LEAVES
+  raise AssertionError(f"unexpected block submodule {name!r}")
+
+
+def _to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(a, (3, 2, 0, 1))  # HWIO -> OIHW
+  if kind == "dense":
+    return np.transpose(a, (1, 0))        # (in, out) -> (out, in)
+  return a
+
+
+def _from_torch(kind: str, a: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(a, (2, 3, 1, 0))  # OIHW -> HWIO
+  if kind == "dense":
+    return np.transpose(a, (1, 0))
+  return a
+
+
+def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  perm = {"conv": (3, 2, 0, 1), "dense": (1, 0)}.get(kind, tuple(range(len(shape))))
+  return tuple(shape[i] for i in perm)
+
+
+def _mapping(model: models.ResNet) -> list[tuple[str, tuple[str, ...], int | None, str, tuple]]:
+  """Every variable leaf as (torch key, our path, stacked index or None, kind, our leaf shape):
+  kind is conv | dense | bn (the latter also covers the head's bias)."""
+  entries = []
+  for path, leaf in flax.traverse_util.flatten_dict(_abstract_variables(model)).items():
+    collection, top, *rest = path
+    stacked = top.startswith("stage") and top.endswith("_blocks")
+    count = leaf.shape[0] if stacked else 1
+    shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+    if top in ("stem_conv", "stem_bn", "head"):
+      (name,) = rest
+      leaves = {"stem_conv": _CONV_LEAVES, "stem_bn": _BN_LEAVES, "head": _DENSE_LEAVES}[top]
+      module_suffix = ""
+      kind = {"stem_conv": "conv", "stem_bn": "bn", "head": "dense"}[top]
+    else:
+      sub, name = rest
+      module_suffix, leaves = _torch_module(sub)
+      module_suffix = "." + module_suffix
+      kind = "conv" if leaves is _CONV_LEAVES else "bn"
+    if kind == "dense" and name == "bias":
+      kind = "bn"  # a vector: no transpose
+    for i in range(count):
+      index = i if stacked else None
+      key = f"{_torch_prefix(model, top, index)}{module_suffix}.{leaves[name]}"
+      entries.append((key, path, index, kind, shape))
+  return sorted(entries, key=lambda e: _torch_order(e[0]))
+
+
+_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")
+
+
+def _torch_order(key: str) -> tuple:
+  """Sort key giving torchvision's state_dict order (stem, layers, blocks, modules, fc)."""
+  *module, leaf = key.split(".")
+  if module[0].startswith("layer"):
+    layer, block, *sub = module
+    section = (1, int(layer[len("layer"):]), int(block))
+    sub = ".".join(sub)
+    pos = (2, sub) if sub.startswith("downsample") else (1, sub[-1], sub[:-1] != "conv")
+  else:
+    section, pos = ((0,), (module[0] == "bn1",)) if module[0] != "fc" else ((2,), ())
+  return section, pos, _LEAF_ORDER.index(leaf)
+
+
+def expected_shapes(arch: str, num_classes: int = IMAGENET_CLASSES,
+                    width: int | None = None) -> dict[str, tuple[int, ...]]:
+  """Torchvision key -> shape of every tensor ``arch``'s state dict must hold (without
+  ``num_batches_tracked``)."""
+  model = model_for(arch, num_classes, width=width)
+  return {key: _torch_shape(kind, shape) for key, _, _, kind, shape in _mapping(model)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Import / export.
+
+
+def _as_array(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor handed over directly
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value)
+
+
+def from_state_dict(arch: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
+                    width: int | None = None, dtype: Any = jnp.float32,
+                    unroll: int = 1) -> tuple[models.ResNet, dict]:
+  """(gated Flax model, {"params", "batch_stats"} as float32 numpy) from a torchvision-named
+  state dict of ``arch``. ``num_classes`` defaults to ``fc.weight``'s rows (else 1000).
+
+  Raises a ValueError listing every missing key, unexpected key and shape mismatch.
+  """
+  _arch(arch)
+  if num_classes is None:
+    fc = state_dict.get("fc.weight")
+    num_classes = int(np.shape(fc)[0]) if fc is not None and np.ndim(fc) == 2 else IMAGENET_CLASSES
+  model = model_for(arch, num_classes, dtype=dtype, width=width, unroll=unroll)
+  entries = _mapping(model)
+  expected = {key: _torch_shape(kind, shape) for key, _, _, kind, shape in entries}
+  bn_prefixes = {k[:-len(".running_mean")] for k in expected if k.endswith(".running_mean")}
+
+  missing = sorted(k for k in expected if k not in state_dict)
+  unexpected = sorted(
+      k for k in state_dict if k not in expected
+      and not (k.endswith(".num_batches_tracked")
+               and k[:-len(".num_batches_tracked")] in bn_prefixes))
+  mismatched = sorted(
+      (k, expected[k], tuple(np.shape(state_dict[k])))
+      for k in expected if k in state_dict and tuple(np.shape(state_dict[k])) != expected[k])
+  if missing or unexpected or mismatched:
+    lines = [f"the state dict does not match {arch} (width {model.widths[0]}, "
+             f"{num_classes} classes):"]
+    if missing:
+      lines.append(f"  {len(missing)} missing key(s): {', '.join(missing)}")
+    if unexpected:
+      lines.append(f"  {len(unexpected)} unexpected key(s): {', '.join(unexpected)}")
+    if mismatched:
+      lines.append(f"  {len(mismatched)} shape mismatch(es): " + ", ".join(
+          f"{k} expected {e} got {g}" for k, e, g in mismatched))
+    raise ValueError("\n".join(lines))
+
+  flat: dict[tuple[str, ...], Any] = {}
+  for key, path, index, kind, _ in entries:
+    a = _from_torch(kind, _as_array(state_dict[key]).astype(np.float32))
+    if index is None:
+      flat[path] = a
+    else:
+      flat.setdefault(path, {})[index] = a
+  flat = {p: (np.stack([v[i] for i in range(len(v))]) if isinstance(v, dict) else
+              np.ascontiguousarray(v)) for p, v in flat.items()}
+  variables = flax.traverse_util.unflatten_dict(flat)
+
+  # Every leaf the model creates is filled, with its shape and dtype.
+  abstract = flax.traverse_util.flatten_dict(_abstract_variables(model))
+  got = {p: (a.shape, a.dtype) for p, a in flat.items()}
+  want = {p: (a.shape, np.dtype(a.dtype)) for p, a in abstract.items()}
+  if got != want:
+    raise AssertionError(f"internal mapping error for {arch}: "
+                         f"{sorted(set(got.items()) ^ set(want.items()))}")
+  return model, variables
+
+
+def to_state_dict(arch: str, variables: Mapping[str, Any],
+                  width: int | None = None) -> dict[str, np.ndarray]:
+  """The torchvision-named state dict (float32, contiguous numpy) of ``arch``'s ``variables``."""
+  _arch(arch)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables)))
+  flat = {p: v for p, v in flat.items() if p[0] in ("params", "batch_stats")}
+  head = flat.get(("params", "head", "kernel"))
+  if head is None:
+    raise ValueError("variables have no params/head/kernel: not a ResNet's variables")
+  model = model_for(arch, int(np.shape(head)[-1]), width=width)
+  abstract = flax.traverse_util.flatten_dict(_abstract_variables(model))
+  missing = sorted("/".join(p) for p in abstract if p not in flat)
+  unexpected = sorted("/".join(p) for p in flat if p not in abstract)
+  mismatched = sorted(("/".join(p), tuple(abstract[p].shape), tuple(np.shape(flat[p])))
+                      for p in abstract if p in flat and tuple(np.shape(flat[p])) != abstract[p].shape)
+  if missing or unexpected or mismatched:
+    raise ValueError(
+        f"variables do not match {arch} (width {model.widths[0]}): missing {missing}, "
+        f"unexpected {unexpected}, shape mismatches (path, expected, got) {mismatched}")
+  out = {}
+  for key, path, index, kind, _ in _mapping(model):
+    a = np.asarray(jax.device_get(flat[path]), np.float32)
+    out[key] = np.ascontiguousarray(_to_torch(kind, a if index is None else a[index]))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A state dict from ``.safetensors`` (numpy only) or ``.pth``/``.pt`` (torch, weights only).
+
+  ``.pth`` files are read with ``torch.load(weights_only=True)``: a file that needs a full
+  unpickle (one holding arbitrary Python objects) is refused, since unpickling runs code from
+  the file. A checkpoint dict wrapping the weights under ``state_dict`` or ``model`` is
+  unwrapped, and DataParallel's ``module.`` prefix is stripped.
+  """
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in (".safetensors", ".pth", ".pt"):
+    raise ValueError(f"unknown weights file type {ext or '(none)'!r} of {path}: expected "
+                     f".safetensors, .pth or .pt")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"weights file not found: {path}")
+  if ext == ".safetensors":
+    try:
+      from safetensors.numpy import load_file
+    except ImportError as e:
+      raise ImportError("reading .safetensors needs the safetensors package: "
+                        "pip install safetensors") from e
+    try:
+      return dict(load_file(path))
+    except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy has no dtype for
+      raise ValueError(f"could not read {path} with safetensors' numpy API ({e}); store the "
+                       f"weights as float32 or float16") from e
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"reading {ext} files needs PyTorch (pip install torch); or convert "
+                      f"{path} to .safetensors, which needs only numpy") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(
+        f"refusing to load {path}: it is not a plain weights file. torch.load(weights_only=True) "
+        f"rejected it because it needs a full unpickle (it holds Python objects other than "
+        f"tensors and containers), and unpickling can run arbitrary code from the file. "
+        f"Export its state_dict() (ideally to .safetensors) and load that. ({e})") from e
+  for wrapper in ("state_dict", "model"):
+    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+      obj = obj[wrapper]
+      break
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+  bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+  if bad:
+    raise ValueError(f"{path}: these entries are not tensors: {', '.join(bad)}")
+  out = {}
+  for k, v in obj.items():
+    k = k[len("module."):] if k.startswith("module.") else k
+    v = v.detach().cpu()
+    out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+  return out
+
+
+def load_pretrained(arch: str, path: str | os.PathLike, **kwargs) -> tuple[models.ResNet, dict]:
+  """``from_state_dict(arch, load_weights(path))``."""
+  return from_state_dict(arch, load_weights(path), **kwargs)

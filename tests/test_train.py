@@ -168,3 +168,31 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_kept(tmp_path, tiny):
   assert step_b == 6
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_checkpoints_and_a_restart_finishes_like_an_uninterrupted_run(tmp_path):
+  """What a preempted spot VM sees: SIGTERM mid-run, then the same command again."""
+  import signal
+  import time
+  args = ("train.num_steps=400", "train.log_every=2", "train.eval_every=400",
+          "checkpoint.every=400")
+  _, uninterrupted = _probe(tmp_path, "straight", 1, *args)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+  cmd = [sys.executable, os.path.join(REPO, "tests", "_train_probe.py"), str(tmp_path / "pre"),
+         str(tmp_path / "pre.npz"), *args]
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "pre" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      metrics.exists() and sum("train_loss" in line for line in metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  stopped = json.loads(out.strip().splitlines()[-1])["stopped_at"]
+  assert 0 < stopped < 400 and "SIGTERM: saved a checkpoint" in out
+  _, resumed = _probe(tmp_path, "pre", 1, *args)
+  for key in uninterrupted:
+    np.testing.assert_array_equal(uninterrupted[key], resumed[key], err_msg=key)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_ensemble.layout import BlockLayout, stacked_name
+from resnet_ensemble.layout import BlockLayout
+from resnet_ensemble.surgery import reorder_stacked
 from resnet_ensemble.progress import Progress
 from resnet_ensemble.sharding import put, put_tree, replicated, sharded
 
@@ -82,28 +83,13 @@ def kendall_tau(order: Sequence[int]) -> float:
 
 # ------------------------------------------------------------------- the compiled evaluator
 
-def reorder_variables(variables, layout: BlockLayout, order: jax.Array):
-  """``surgery.permute_blocks`` for a traced order (inside jit/vmap); order[p] = block at p."""
-  out = {}
-  for collection, tree in variables.items():
-    tree = dict(tree)
-    for s in range(layout.num_stages):
-      r = layout.stacked_range(s)
-      name = stacked_name(s)
-      if name in tree and len(r):
-        take = order[r.start:r.stop] - r.start
-        tree[name] = jax.tree.map(lambda a, take=take: jnp.take(a, take, axis=0), tree[name])
-    out[collection] = tree
-  return out
-
-
 def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh) -> Callable:
   """``fn(variables, images, labels, mask, gates (G, n), orders (G, n)) -> {error, loss}`` (G,).
 
   ``eval_fn`` is ``train.make_eval_fn(...)``; G must be a multiple of the device count."""
 
   def one(variables, images, labels, mask, gates, order):
-    out = eval_fn(reorder_variables(variables, layout, order), images, labels, mask, gates)
+    out = eval_fn(reorder_stacked(variables, layout, order), images, labels, mask, gates)
     return {"error": out["error"], "loss": out["loss"]}
 
   batched = jax.vmap(one, in_axes=(None, None, None, None, 0, 0))

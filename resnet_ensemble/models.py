@@ -49,8 +49,10 @@ def _zero_pad_shortcut(x: Array, features: int, stride: int) -> Array:
   return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions; pre-activation (He et al. 2016b) or the original post-activation."""
+class _ResidualBlock(nn.Module):
+  """What every residual block shares: ``y = merge(s(x) + gate * f(x))`` and its shortcut.
+
+  Subclasses define the fields below and ``branches(x) -> (s(x), f(x))``."""
 
   features: int
   stride: int = 1
@@ -69,6 +71,20 @@ class BasicBlock(nn.Module):
     """What follows the addition: nothing (pre-activation) or a ReLU (post-activation)."""
     return z if self.preact else nn.relu(z)
 
+  def _shortcut(self, x: Array, h: Array, out: int) -> Array:
+    """Identity, or for a downsampling block a projection of ``h`` (the pre-activated input in
+    the pre-activation form, as in He et al.'s code) or option A's zero padding of ``x``."""
+    if not self.down:
+      return x
+    if self.shortcut == "zero_pad":
+      return _zero_pad_shortcut(x, out, self.stride)
+    s = _conv(out, 1, self.stride, "proj_conv", self.dtype)(h)
+    return s if self.preact else self.norm(name="proj_bn")(s)
+
+
+class BasicBlock(_ResidualBlock):
+  """Two 3x3 convolutions; pre-activation (He et al. 2016b) or the original post-activation."""
+
   @nn.compact
   def branches(self, x: Array) -> tuple[Array, Array]:
     """(shortcut s(x), residual f(x)): the two ways a path can go through this block."""
@@ -77,42 +93,18 @@ class BasicBlock(nn.Module):
       h = nn.relu(self.norm(name="bn1")(x))
       f = conv(self.features, 3, self.stride, "conv1")(h)
       f = nn.relu(self.norm(name="bn2")(f))
-      return self._shortcut(x, h), conv(self.features, 3, 1, "conv2")(f)
+      return self._shortcut(x, h, self.features), conv(self.features, 3, 1, "conv2")(f)
     f = conv(self.features, 3, self.stride, "conv1")(x)
     f = nn.relu(self.norm(name="bn1")(f))
     f = conv(self.features, 3, 1, "conv2")(f)
-    return self._shortcut(x, x), self.norm(name="bn2")(f)
-
-  def _shortcut(self, x: Array, h: Array) -> Array:
-    """Identity, or for a downsampling block a projection of ``h`` (the pre-activated input in
-    the pre-activation form, as in He et al.'s code) or option A's zero padding of ``x``."""
-    if not self.down:
-      return x
-    if self.shortcut == "zero_pad":
-      return _zero_pad_shortcut(x, self.features, self.stride)
-    s = _conv(self.features, 1, self.stride, "proj_conv", self.dtype)(h)
-    return s if self.preact else self.norm(name="proj_bn")(s)
+    return self._shortcut(x, x, self.features), self.norm(name="bn2")(f)
 
 
-class BottleneckBlock(nn.Module):
-  """1x1 - 3x3 - 1x1 bottleneck (ImageNet ResNet-50..200); stride on the 3x3 (torchvision)."""
+class BottleneckBlock(_ResidualBlock):
+  """1x1 - 3x3 - 1x1 bottleneck (ImageNet ResNet-50..200); stride on the 3x3 (torchvision).
+  ``features`` is the bottleneck width; the output has ``expansion`` (4) times as many."""
 
-  features: int  # bottleneck width; the output has 4x as many channels
-  stride: int = 1
-  down: bool = False
-  preact: bool = True
-  shortcut: str = "projection"
-  norm: ModuleDef = nn.BatchNorm
-  dtype: Any = jnp.float32
   expansion: int = 4
-
-  def __call__(self, x: Array, gate: Array) -> Array:
-    s, f = self.branches(x)
-    return self.merge(s + _broadcast_gate(gate, f) * f)
-
-  @nn.nowrap
-  def merge(self, z: Array) -> Array:
-    return z if self.preact else nn.relu(z)
 
   @nn.compact
   def branches(self, x: Array) -> tuple[Array, Array]:
@@ -128,14 +120,6 @@ class BottleneckBlock(nn.Module):
     f = nn.relu(self.norm(name="bn1")(conv(self.features, 1, 1, "conv1")(x)))
     f = nn.relu(self.norm(name="bn2")(conv(self.features, 3, self.stride, "conv2")(f)))
     return self._shortcut(x, x, out), self.norm(name="bn3")(conv(out, 1, 1, "conv3")(f))
-
-  def _shortcut(self, x: Array, h: Array, out: int) -> Array:
-    if not self.down:
-      return x
-    if self.shortcut == "zero_pad":
-      return _zero_pad_shortcut(x, out, self.stride)
-    s = _conv(out, 1, self.stride, "proj_conv", self.dtype)(h)
-    return s if self.preact else self.norm(name="proj_bn")(s)
 
 
 class PlainLayer(nn.Module):

@@ -5,19 +5,14 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from resnet_ensemble.layout import BlockLayout, check_order, stacked_name
 
 
-def permute_blocks(variables: Mapping[str, Any], layout: BlockLayout,
-                   order: Sequence[int]) -> dict[str, Any]:
-  """Returns variables whose network runs block ``order[p]`` at position ``p``.
-
-  Only the stacked (same-shape) blocks of a stage can move; params and batch statistics move
-  together. ``order`` is validated by ``layout.check_order``.
-  """
-  order = check_order(layout, order)
+def reorder_stacked(variables: Mapping[str, Any], layout: BlockLayout, order) -> dict[str, Any]:
+  """Variables whose network runs block ``order[p]`` at position ``p``; ``order`` may be traced
+  (inside jit/vmap), so it is not validated here: see ``permute_blocks``."""
   out = {}
   for collection, tree in variables.items():
     tree = dict(tree)
@@ -25,7 +20,16 @@ def permute_blocks(variables: Mapping[str, Any], layout: BlockLayout,
       r = layout.stacked_range(s)
       name = stacked_name(s)
       if name in tree and len(r):
-        take = np.asarray([order[p] - r.start for p in r])
-        tree[name] = jax.tree.map(lambda a, take=take: a[take], tree[name])
+        take = jnp.asarray(order)[r.start:r.stop] - r.start
+        tree[name] = jax.tree.map(lambda a, take=take: jnp.take(a, take, axis=0), tree[name])
     out[collection] = tree
   return out
+
+
+def permute_blocks(variables: Mapping[str, Any], layout: BlockLayout,
+                   order: Sequence[int]) -> dict[str, Any]:
+  """Returns variables whose network runs block ``order[p]`` at position ``p``.
+
+  Only the stacked (same-shape) blocks of a stage can move (``layout.check_order`` says why
+  an order is refused); params and batch statistics move together."""
+  return reorder_stacked(variables, layout, check_order(layout, order))

@@ -13,7 +13,6 @@ import math
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from resnet_ensemble.layout import BlockLayout

@@ -8,7 +8,6 @@ compiled call (``train.steps_per_call``, a ``lax.scan``); ImageNet streams from 
 
 import functools
 import json
-import logging
 import math
 import os
 import signal

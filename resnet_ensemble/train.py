@@ -334,6 +334,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   param_norm = jax.jit(optax.tree.norm, out_shardings=replicated(mesh))
   step = int(state.step)
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
+  report_progress = writers.report_progress(tc.num_steps, writer)
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), step
   final: dict = {}
   with StopRequest() as stop:
@@ -342,6 +343,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       previous = step
       state, batch_metrics = feed.train(state, k)
       step += k
+      report_progress(step, t=time.time())
       accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
       done = step == tc.num_steps
       if _crossed(step, previous, tc.log_every) or done:

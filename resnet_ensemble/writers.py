@@ -40,8 +40,9 @@ class JsonlWriter:
 
 
 class MultiWriter:
-  def __init__(self, writers):
+  def __init__(self, writers, clu_writer=None):
     self.writers = list(writers)
+    self.clu_writer = clu_writer  # CLU's TensorBoard writer, where TensorFlow is installed
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     for w in self.writers:
@@ -66,10 +67,22 @@ def create_writer(workdir: str, enabled: bool = True):
   writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
   try:
     from clu import metric_writers  # imports TensorFlow
-    writers.append(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
+    clu_writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writers.append(clu_writer)
   except ImportError:
     logging.info("TensorFlow not installed: metrics go to metrics.jsonl only")
-  return MultiWriter(writers)
+    clu_writer = None
+  return MultiWriter(writers, clu_writer)
+
+
+def report_progress(num_steps: int, writer: MultiWriter):
+  """CLU's ``ReportProgress`` (steps/s and ETA to TensorBoard) where TensorFlow is installed,
+  else a no-op; called with the step after every compiled call."""
+  if writer.clu_writer is None:
+    return lambda step, **_: None
+  from clu import periodic_actions
+  action = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer.clu_writer)
+  return lambda step, **kw: action(step, **kw)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -60,8 +60,9 @@ def run_mode(mode: str, config, workdir: str) -> None:
   steps = {"train": [train.train_and_evaluate], "lesion": [lesion.run_study],
            "paths": [routing.run_study], "report": [], "all": []}[mode]
   if mode == "all":
-    has_checkpoint = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints")))
+    from resnet_ensemble import results
+    checkpoints = results.path(workdir, "checkpoints")
+    has_checkpoint = checkpoints.is_dir() and any(d.name.isdigit() for d in checkpoints.iterdir())
     steps = ([] if has_checkpoint else [train.train_and_evaluate]) + [lesion.run_study,
                                                                        routing.run_study]
   for i, step in enumerate(steps):

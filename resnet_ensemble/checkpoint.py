@@ -8,6 +8,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from resnet_ensemble import results
 
 
 class ConfigMismatchError(ValueError):
@@ -22,11 +25,9 @@ def check_config(workdir: str, config, keys=("model", "data")) -> None:
   """Refuses a config whose model or data section differs from the one the workdir was made
   with: a checkpoint restored into another architecture would fail with an opaque shape error
   (or, worse, load)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  old = results.read_json(workdir, "config.json")
+  if old is None:
     return
-  with open(path, encoding="utf-8") as f:
-    old = json.load(f)
   new = _as_dict(config)
   diffs = [f"{k}.{field}: workdir has {old.get(k, {}).get(field)!r}, config has {v!r}"
            for k in keys for field, v in new.get(k, {}).items()
@@ -44,18 +45,14 @@ _RUNTIME_FIELDS = ("dir", "source", "unroll", "dtype")
 def guard_config(workdir: str, config) -> None:
   """``check_config``, then (re)writes ``workdir/config.json`` atomically."""
   check_config(workdir, config)
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(_as_dict(config), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  results.write_text(workdir, "config.json",
+                     json.dumps(_as_dict(config), indent=2, sort_keys=True))
 
 
 def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  directory = workdir if "://" in workdir else os.path.abspath(workdir)
+  return ocp.CheckpointManager(results.path(directory, "checkpoints"), options=options)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
@@ -68,10 +65,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any |
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # orbax raises many types for unreadable data
-      path = os.path.join(str(manager.directory), str(step))
+      path = epath.Path(manager.directory) / str(step)
       if jax.process_index() == 0:
-        aside = _unused(path + ".unreadable")
-        os.rename(path, aside)
+        aside = _unused(str(path) + ".unreadable")
+        path.rename(aside)
         print(f"checkpoint step {step} in {manager.directory} is unreadable "
               f"({type(e).__name__}: {str(e)[:200]}); kept as {aside}, trying the previous one",
               flush=True)
@@ -82,7 +79,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any |
 
 def _unused(prefix: str) -> str:
   n = 0
-  while os.path.exists(f"{prefix}-{n}"):
+  while epath.Path(f"{prefix}-{n}").exists():
     n += 1
   return f"{prefix}-{n}"
 

@@ -8,9 +8,9 @@ Errors are plotted as fractions (as the paper's axes are) and written as percent
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from typing import Sequence
 
 import matplotlib
@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from resnet_ensemble import paths  # noqa: E402
+from resnet_ensemble import paths, results  # noqa: E402
 
 DPI = 120
 
@@ -69,12 +69,11 @@ def _load(directory: str | None, name: str) -> dict | None:
   """The parsed JSON file, None if absent; a corrupt file is an error, not a silent gap."""
   if directory is None:
     return None
-  path = os.path.join(directory, name)
-  if not os.path.exists(path):
+  path = results.path(directory, name)
+  if not path.exists():
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
 
@@ -182,10 +181,12 @@ class _Writer:
     self.missing: list[tuple[str, list[str]]] = []
 
   def save(self, fig: plt.Figure, name: str) -> str:
-    path = os.path.join(self.workdir, name)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    path = results.path(self.workdir, name)
+    buffer = io.BytesIO()  # via bytes: savefig cannot write to gs:// itself
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    self.files.append(path)
+    path.write_bytes(buffer.getvalue())
+    self.files.append(str(path))
     return name
 
   def section(self, title: str, image: str | None, text: list[str]) -> None:
@@ -570,7 +571,7 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
 
   Returns the paths of the files written (figures first, report.md last).
   """
-  os.makedirs(workdir, exist_ok=True)
+  results.path(workdir).mkdir(parents=True, exist_ok=True)
   lesion = _load(workdir, "lesion.json")
   pj = _load(workdir, "paths.json")
   final = _load(workdir, "final_metrics.json")
@@ -686,7 +687,4 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
     md.append(f"- {what}" + (":" if cmds else ""))
     md += [f"  - `{c}`" for c in cmds]
   md.append("")
-  report = os.path.join(workdir, "report.md")
-  with open(report, "w") as f:
-    f.write("\n".join(md))
-  return w.files + [report]
+  return w.files + [results.write_text(workdir, "report.md", "\n".join(md))]

@@ -1,33 +1,44 @@
-"""Result files in the workdir: JSON written atomically (a crash never leaves half a file)."""
+"""Files in the workdir: JSON written atomically, local paths or ``gs://`` alike (etils.epath).
+
+Only process 0 writes: every process of a multi-process run computed the same payload."""
 
 from __future__ import annotations
 
 import json
-import os
+
+from etils import epath
 
 
 def config_dict(config) -> dict:
   return json.loads(config.to_json())
 
 
-def write_json(workdir: str, name: str, payload: dict) -> str:
-  """Writes ``workdir/name`` (process 0 only: every process computed the same payload)."""
+def path(workdir: str, *names: str) -> epath.Path:
+  return epath.Path(workdir).joinpath(*names)
+
+
+def is_main_process() -> bool:
   import jax
-  path = os.path.join(workdir, name)
-  if jax.process_index() != 0:
-    return path
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, name)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=1)
-  os.replace(tmp, path)
-  return path
+  return jax.process_index() == 0
+
+
+def write_text(workdir: str, name: str, text: str) -> str:
+  """Writes ``workdir/name`` via a temporary file and a rename (a crash leaves the old file)."""
+  target = path(workdir, name)
+  if is_main_process():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / (target.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(target)  # overwrites, unlike epath rename
+  return str(target)
+
+
+def write_json(workdir: str, name: str, payload: dict) -> str:
+  return write_text(workdir, name, json.dumps(payload, indent=1))
 
 
 def read_json(workdir: str, name: str) -> dict | None:
-  path = os.path.join(workdir, name)
-  if not os.path.exists(path):
+  target = path(workdir, name)
+  if not target.exists():
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(target.read_text())

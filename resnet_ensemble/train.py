@@ -7,9 +7,7 @@ compiled call (``train.steps_per_call``, a ``lax.scan``); ImageNet streams from 
 """
 
 import functools
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -23,7 +21,8 @@ import numpy as np
 import optax
 from clu import metrics
 
-from resnet_ensemble import checkpoint, data as data_lib, gates as gates_lib, models, optim, writers
+from resnet_ensemble import (checkpoint, data as data_lib, gates as gates_lib, models, optim,
+                             results, writers)
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress, say
 from resnet_ensemble.trained import padded_test_batches
@@ -376,7 +375,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.flush()
   if not final:  # resumed a finished run
     final = evaluate(state)
-  if is_main:
-    with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
-      json.dump({"step": step, **final}, f, indent=2)
+  results.write_json(workdir, "final_metrics.json", {"step": step, **final})
   return final

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import flax.linen as nn
 import jax
@@ -27,11 +26,12 @@ class Trained:
 
 def load_trained(config, workdir: str) -> Trained:
   """Restores the newest checkpoint of ``workdir`` for ``config`` (model/data must match)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  manager = checkpoint.make_manager(workdir) if os.path.isdir(ckpt_dir) else None
+  from resnet_ensemble import results
+  manager = (checkpoint.make_manager(workdir)
+             if results.path(workdir, "checkpoints").is_dir() else None)
   if manager is None or manager.latest_step() is None:
     raise FileNotFoundError(
-        f"no trained checkpoint in workdir {os.path.abspath(workdir)}: train first with "
+        f"no trained checkpoint in workdir {workdir}: train first with "
         f"--mode=train (or --mode=all) and the same --workdir")
   checkpoint.check_config(workdir, config)
   dataset = data_lib.load(config.data)

@@ -12,6 +12,7 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
 
 def _plain(value: Any) -> Any:
@@ -20,23 +21,37 @@ def _plain(value: Any) -> Any:
 
 
 class JsonlWriter:
-  """Appends ``{"step": s, "name": value, ...}`` lines to ``path``; flushed on every write."""
+  """Appends ``{"step": s, "name": value, ...}`` lines to ``path``, flushed on every write.
+
+  Object stores (``gs://``) cannot append: there the file is rewritten whole on each write
+  (metrics files are small: one line per log step)."""
 
   def __init__(self, path: str):
-    self.path = path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    self._file = open(path, "a", encoding="utf-8")
+    self.path = epath.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._remote = "://" in path
+    if self._remote:
+      self._lines = self.path.read_text().splitlines(True) if self.path.exists() else []
+    else:
+      self._file = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
 
   def flush(self) -> None:
-    self._file.flush()
+    if not self._remote:
+      self._file.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if not self._remote:
+      self._file.close()
 
 
 class MultiWriter:
@@ -86,5 +101,4 @@ def report_progress(num_steps: int, writer: MultiWriter):
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]

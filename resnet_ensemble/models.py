@@ -185,10 +185,11 @@ class ResNet(nn.Module):
   num_classes: int = 10
   dtype: Any = jnp.float32
   unroll: int = 1                      # scan unroll factor; <= 0 means fully unrolled
+  expansion: int | None = None         # bottleneck output / inner width (4; wide ResNets: 2)
 
   @property
   def _expansion(self) -> int:
-    return 4 if self.block == "bottleneck" else 1
+    return (self.expansion or 4) if self.block == "bottleneck" else 1
 
   def _stage_strides(self) -> list[int]:
     return [1] + [2] * (len(self.stage_sizes) - 1)
@@ -234,9 +235,10 @@ class ResNet(nn.Module):
   def stage_blocks(self, norm: ModuleDef):
     """Per stage: (index, downsampling-block factory or None, stacked-block factory)."""
     block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
+    extra = {"expansion": self._expansion} if self.block == "bottleneck" else {}
     for s, (width, stride) in enumerate(zip(self.widths, self._stage_strides())):
       block = functools.partial(block_cls, features=width, preact=self.preact,
-                                shortcut=self.shortcut, norm=norm, dtype=self.dtype)
+                                shortcut=self.shortcut, norm=norm, dtype=self.dtype, **extra)
       down = functools.partial(block, stride=stride, down=True)
       yield s, down if self.layout.first_is_down[s] else None, block
 

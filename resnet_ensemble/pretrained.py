@@ -20,9 +20,8 @@ this module maps between the two namings:
 
 ``num_batches_tracked`` is ignored on import and not written on export. Everything is float32.
 
-The wide ResNets (``wide_resnet50_2``, ``wide_resnet101_2``) are not supported: their bottleneck
-output is 2x the inner width (inner 128..1024, output 256..2048), and ``models.ResNet`` fixes a
-bottleneck's output at 4x its inner width.
+The wide ResNets (``wide_resnet50_2``, ``wide_resnet101_2``) double the bottleneck's inner
+width (128..1024) and keep its output (256..2048): ``models.ResNet(expansion=2)``.
 """
 
 from __future__ import annotations
@@ -40,17 +39,16 @@ import numpy as np
 from resnet_ensemble import models
 from resnet_ensemble.layout import down_name, stacked_name
 
-# torchvision arch -> (block, stage_sizes, stem/first-stage width).
-ARCHS: dict[str, tuple[str, tuple[int, ...], int]] = {
-    f"resnet{depth}": (block, stages, 64) for depth, (block, stages) in models.IMAGENET_STAGES.items()
-    if depth in (18, 34, 50, 101, 152)
+# torchvision arch -> (block, stage_sizes, stem width, inner-width multiplier).
+ARCHS: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+    **{f"resnet{depth}": (block, stages, 64, 1)
+       for depth, (block, stages) in models.IMAGENET_STAGES.items()
+       if depth in (18, 34, 50, 101, 152)},
+    "wide_resnet50_2": ("bottleneck", models.IMAGENET_STAGES[50][1], 64, 2),
+    "wide_resnet101_2": ("bottleneck", models.IMAGENET_STAGES[101][1], 64, 2),
 }
 
-UNSUPPORTED = {
-    name: ("its bottleneck blocks widen 2x (inner widths 128/256/512/1024, outputs "
-           "256/512/1024/2048), but models.ResNet fixes a bottleneck's output at 4x its inner width")
-    for name in ("wide_resnet50_2", "wide_resnet101_2")
-}
+UNSUPPORTED: dict[str, str] = {}
 
 IMAGENET_CLASSES = 1000
 
@@ -60,7 +58,7 @@ _DENSE_LEAVES = {"kernel": "weight", "bias": "bias"}
 _BN_LEAVES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
-def _arch(arch: str) -> tuple[str, tuple[int, ...], int]:
+def _arch(arch: str) -> tuple[str, tuple[int, ...], int, int]:
   if arch in UNSUPPORTED:
     raise ValueError(f"{arch} is not supported: {UNSUPPORTED[arch]}")
   if arch not in ARCHS:
@@ -72,11 +70,12 @@ def model_for(arch: str, num_classes: int = IMAGENET_CLASSES, dtype: Any = jnp.f
               width: int | None = None, unroll: int = 1) -> models.ResNet:
   """The gated Flax ResNet with torchvision ``arch``'s layout (post-activation, ImageNet stem,
   projection shortcuts). ``width`` (default 64) scales all stages (tests use narrow copies)."""
-  block, stages, default_width = _arch(arch)
+  block, stages, default_width, wide = _arch(arch)
   w = width or default_width
-  return models.ResNet(stage_sizes=stages, widths=(w, 2 * w, 4 * w, 8 * w), block=block,
-                       stem="imagenet", preact=False, shortcut="projection",
-                       num_classes=num_classes, dtype=dtype, unroll=unroll)
+  return models.ResNet(stage_sizes=stages, widths=tuple(wide * w * m for m in (1, 2, 4, 8)),
+                       block=block, stem="imagenet", stem_width=w, preact=False,
+                       shortcut="projection", num_classes=num_classes, dtype=dtype,
+                       unroll=unroll, expansion=4 // wide if block == "bottleneck" else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def torch_forward(arch, sd, x, drop=()):
     return F.batch_norm(h, t[f"{prefix}.running_mean"], t[f"{prefix}.running_var"],
                         t[f"{prefix}.weight"], t[f"{prefix}.bias"], training=False, eps=1e-5)
 
-  block, stages, _ = pretrained.ARCHS[arch]
+  block, stages, _, _ = pretrained.ARCHS[arch]
   h = torch.from_numpy(x)
   h = F.relu(bn("bn1", F.conv2d(h, t["conv1.weight"], stride=2, padding=3)))
   h = F.max_pool2d(h, 3, stride=2, padding=1)
@@ -117,6 +117,8 @@ def assert_close(ours, ref):
     ("resnet50", 320, 25_557_032),
     ("resnet101", 626, 44_549_160),
     ("resnet152", 932, 60_192_808),
+    ("wide_resnet50_2", 320, 68_883_240),
+    ("wide_resnet101_2", 626, 126_886_696),
 ])
 def test_full_size_layout_matches_torchvision(arch, keys, params):
   shapes = pretrained.expected_shapes(arch)
@@ -142,10 +144,10 @@ def test_model_layout_indexes_blocks_like_cifar():
   assert not model.preact and model.stem == "imagenet" and model.shortcut == "projection"
 
 
-@pytest.mark.parametrize("arch", ["wide_resnet50_2", "wide_resnet101_2"])
-def test_wide_resnets_refused_with_reason(arch):
-  with pytest.raises(ValueError, match="4x its inner width"):
-    pretrained.model_for(arch)
+def test_wide_resnets_widen_the_bottleneck_only():
+  shapes = pretrained.expected_shapes("wide_resnet50_2")
+  assert shapes["layer1.0.conv1.weight"] == (128, 64, 1, 1)   # inner width doubled
+  assert shapes["layer1.0.conv3.weight"] == (256, 128, 1, 1)  # output as resnet50
   with pytest.raises(ValueError, match="unknown arch 'resnet7'"):
     pretrained.model_for("resnet7")
 
@@ -167,7 +169,7 @@ def test_config_has_weights_and_arch():
 # --- equivalence with a plain-torch reference -------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "wide_resnet50_2"])
 def test_logits_match_torch_reference(arch):
   pytest.importorskip("torch", reason=TORCH_REASON)
   model, _, apply, sd, x = imported(arch)

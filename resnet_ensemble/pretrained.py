@@ -48,8 +48,6 @@ ARCHS: dict[str, tuple[str, tuple[int, ...], int, int]] = {
     "wide_resnet101_2": ("bottleneck", models.IMAGENET_STAGES[101][1], 64, 2),
 }
 
-UNSUPPORTED: dict[str, str] = {}
-
 IMAGENET_CLASSES = 1000
 
 # Our leaf name -> torchvision parameter/buffer suffix, per kind of layer.
@@ -59,8 +57,6 @@ _BN_LEAVES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": 
 
 
 def _arch(arch: str) -> tuple[str, tuple[int, ...], int, int]:
-  if arch in UNSUPPORTED:
-    raise ValueError(f"{arch} is not supported: {UNSUPPORTED[arch]}")
   if arch not in ARCHS:
     raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(ARCHS)}")
   return ARCHS[arch]

@@ -330,6 +330,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if test_gates is not None:
       out.update({f"{k}_unscaled": v for k, v in feed.evaluate(state, None).items()})
     return out
+
   param_norm = jax.jit(optax.tree.norm, out_shardings=replicated(mesh))
   step = int(state.step)
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
@@ -369,7 +370,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         checkpoint.save(manager, step, state)
       manager.wait_until_finished()
       say(f"{stop.received}: saved a checkpoint at step {step} in {workdir}; rerun the same "
-            "command to resume")
+          "command to resume")
       return {"stopped_at": step}
   manager.wait_until_finished()
   writer.flush()

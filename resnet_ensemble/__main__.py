@@ -20,10 +20,12 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "lesion", "paths", "report", "all"],
+    "mode", "train", ["train", "lesion", "paths", "report", "all", "export"],
     "train: train (resuming); lesion: E1-E4 on the newest checkpoint; paths: E6/E7 routed "
     "gradients; report: report.md + figures from the results; all: train if no checkpoint, "
-    "then lesion, paths and report.")
+    "then lesion, paths and report; export: write variables.msgpack (params and BatchNorm "
+    "statistics of the newest checkpoint), which lesion/paths/report read when a workdir has "
+    "no checkpoints.")
 flags.DEFINE_bool("distributed", os.environ.get("RESNET_ENSEMBLE_DISTRIBUTED") == "1",
                   "Join the multi-process runtime with jax.distributed.initialize() (automatic on "
                   "Cloud TPU VMs; env RESNET_ENSEMBLE_DISTRIBUTED=1).")
@@ -55,16 +57,20 @@ def main(argv):
 
 
 def run_mode(mode: str, config, workdir: str) -> None:
-  from resnet_ensemble import lesion, report, routing, train
+  from resnet_ensemble import lesion, report, results, routing, train, trained
   from resnet_ensemble.progress import format_duration, is_main_process, say
   steps = {"train": [train.train_and_evaluate], "lesion": [lesion.run_study],
-           "paths": [routing.run_study], "report": [], "all": []}[mode]
+           "paths": [routing.run_study], "report": [], "all": [],
+           "export": [trained.export_variables]}[mode]
+  checkpoints = results.path(workdir, "checkpoints")
+  has_checkpoint = checkpoints.is_dir() and any(d.name.isdigit() for d in checkpoints.iterdir())
+  exported = results.path(workdir, trained.VARIABLES_FILE).exists()
+  if mode == "train" and exported and not has_checkpoint:
+    raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "
+                     f"({trained.VARIABLES_FILE}) and no checkpoints; train in a new workdir")
   if mode == "all":
-    from resnet_ensemble import results
-    checkpoints = results.path(workdir, "checkpoints")
-    has_checkpoint = checkpoints.is_dir() and any(d.name.isdigit() for d in checkpoints.iterdir())
-    steps = ([] if has_checkpoint else [train.train_and_evaluate]) + [lesion.run_study,
-                                                                       routing.run_study]
+    steps = ([] if has_checkpoint or exported else [train.train_and_evaluate]) + [
+        lesion.run_study, routing.run_study]
   for i, step in enumerate(steps):
     t0 = time.perf_counter()
     say(f"== {mode}: {step.__module__.split('.')[-1]} ({i + 1}/{len(steps)})")
@@ -74,7 +80,8 @@ def run_mode(mode: str, config, workdir: str) -> None:
     r = config.report
     written = report.write_report(workdir, vgg_workdir=r.vgg_workdir or None,
                                   sd_workdir=r.sd_workdir or None,
-                                  effective_workdir=r.effective_workdir or None)
+                                  effective_workdir=r.effective_workdir or None,
+                                  out_dir=r.out_dir or None)
     say(f"report: {written[-1]} and {len(written) - 1} figures")
 
 

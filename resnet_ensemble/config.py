@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.report.vgg_workdir = ""          # a trained plain network's workdir (Fig. 3, VGG panel)
   c.report.sd_workdir = ""           # stochastic-depth model's workdir (Fig. 8)
   c.report.effective_workdir = ""    # effective-paths model's workdir (E8 row)
+  c.report.out_dir = ""              # where report.md and the figures go ("" = the workdir)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 4_000

@@ -316,7 +316,7 @@ def _fig_delete_k(w: _Writer, lesion: dict | None) -> dict | None:
   variants = [(lesion.get("random"), "all blocks eligible", "C0", 0.0),
               (lesion.get("random_no_downsampling"), "downsampling blocks never deleted", "C1",
                0.2)]
-  variants = [v for v in variants if v[0]]
+  variants = [v for v in variants if v[0] and len(v[0].get("k", ())) > 1]  # k = 0 alone: not run
   if not variants:
     return None
   fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -566,19 +566,22 @@ def _run_lines(workdir: str, lesion, pj, final, vgg, sd, eff_final) -> list[str]
 
 
 def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: str | None = None,
-                 effective_workdir: str | None = None) -> list[str]:
-  """Reads the results in workdir (and the comparison workdirs), writes PNGs and report.md.
+                 effective_workdir: str | None = None, out_dir: str | None = None) -> list[str]:
+  """Reads the results in workdir (and the comparison workdirs), writes PNGs and report.md
+  into ``out_dir`` (default: workdir).
 
   Returns the paths of the files written (figures first, report.md last).
   """
-  results.path(workdir).mkdir(parents=True, exist_ok=True)
+  out_dir = out_dir or workdir
+  results.path(out_dir).mkdir(parents=True, exist_ok=True)
   lesion = _load(workdir, "lesion.json")
   pj = _load(workdir, "paths.json")
   final = _load(workdir, "final_metrics.json")
   vgg = _load(vgg_workdir, "lesion.json")
   sd = _load(sd_workdir, "lesion.json")
   eff_final = _load(effective_workdir, "final_metrics.json")
-  w = _Writer(workdir)
+  jpeg = _load(workdir, "jpeg_gap.json")
+  w = _Writer(out_dir)
 
   n, n_from = _n_blocks(pj, lesion, workdir)
   _fig_single(w, lesion, vgg)
@@ -627,6 +630,10 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   else:
     rows.append(("effective path lengths", "missing", PAPER_EFFECTIVE_LENGTHS))
     rows.append(("share of paths that are effective", "missing", PAPER_EFFECTIVE_SHARE))
+  if jpeg is not None:
+    rows.append((f"test-time JPEG gap ({jpeg['images']} test images, original vs JPEG pixels)",
+                 f"{_pct(jpeg['error_exact'])} vs {_pct(jpeg['error_jpeg'])} "
+                 f"({jpeg['gap_points']:+.2f} points)", "— (original pixels only)"))
   if vgg is not None and (vgg.get("single") or {}).get("error"):
     v = np.asarray(vgg["single"]["error"], dtype=np.float64)
     rows.append(("VGG, any single layer deleted",
@@ -644,8 +651,10 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
     for key, what in (("single", "E1"), ("random", "E3"),
                       ("random_no_downsampling", "E3 variant without downsampling blocks"),
                       ("reorder", "E4")):
-      if not lesion.get(key):
-        w.miss(f"{what} (lesion.json has no '{key}')", _cmd(main_cfg, workdir, "lesion"))
+      entry = lesion.get(key)
+      if not entry or (key.startswith("random") and len(entry.get("k", ())) < 2):
+        w.miss(f"{what} (lesion.json has no '{key}'" + (" with k > 0)" if entry else ")"),
+               _cmd(main_cfg, workdir, "lesion"))
   if pj is None or not pj.get("gradient"):
     w.miss("E6, E7 (paths.json: gradient per path length, effective paths)",
            _cmd(main_cfg, workdir, "paths"))
@@ -687,4 +696,4 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
     md.append(f"- {what}" + (":" if cmds else ""))
     md += [f"  - `{c}`" for c in cmds]
   md.append("")
-  return w.files + [results.write_text(workdir, "report.md", "\n".join(md))]
+  return w.files + [results.write_text(out_dir, "report.md", "\n".join(md))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+from flax import serialization
 import jax
 import numpy as np
 
@@ -24,21 +25,31 @@ class Trained:
     return self.model.layout
 
 
+VARIABLES_FILE = "variables.msgpack"
+
+
 def load_trained(config, workdir: str) -> Trained:
-  """Restores the newest checkpoint of ``workdir`` for ``config`` (model/data must match)."""
+  """The newest checkpoint of ``workdir`` for ``config`` (model/data must match), or, in a
+  workdir without checkpoints, its exported ``variables.msgpack`` (a published result)."""
   from resnet_ensemble import results
+  from resnet_ensemble.sharding import make_mesh, replicated
   manager = (checkpoint.make_manager(workdir)
              if results.path(workdir, "checkpoints").is_dir() else None)
-  if manager is None or manager.latest_step() is None:
+  exported = results.path(workdir, VARIABLES_FILE)
+  has_checkpoint = manager is not None and manager.latest_step() is not None
+  if not has_checkpoint and not exported.exists():
     raise FileNotFoundError(
-        f"no trained checkpoint in workdir {workdir}: train first with "
-        f"--mode=train (or --mode=all) and the same --workdir")
+        f"no trained checkpoint in workdir {workdir} (nor an exported {VARIABLES_FILE}): "
+        f"train first with --mode=train (or --mode=all) and the same --workdir")
   checkpoint.check_config(workdir, config)
   dataset = data_lib.load(config.data)
   model = models.build(config.model, dataset.num_classes)
+  if not has_checkpoint:
+    variables, step = read_variables(str(exported), model, dataset.train_images.shape[1:])
+    variables = jax.device_put(variables, replicated(make_mesh()))
+    return Trained(model=model, variables=variables, step=step, dataset=dataset)
   from resnet_ensemble import train  # late: train imports this module's users
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-  from resnet_ensemble.sharding import make_mesh, replicated
   rep = replicated(make_mesh())
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
@@ -47,6 +58,44 @@ def load_trained(config, workdir: str) -> Trained:
   state = checkpoint.restore_latest(manager, abstract)
   return Trained(model=model, variables={"params": state.params, "batch_stats": state.batch_stats},
                  step=int(state.step), dataset=dataset)
+
+
+def export_variables(config, workdir: str) -> str:
+  """Writes the newest checkpoint's params and BatchNorm statistics (no optimizer state: half
+  the size) as ``workdir/variables.msgpack``, the file a published result carries."""
+  from resnet_ensemble import results
+  t = load_trained(config, workdir)
+  payload = {"step": t.step, "variables": jax.tree.map(np.asarray, t.variables)}
+  target = results.path(workdir, VARIABLES_FILE)
+  if results.is_main_process():
+    tmp = target.parent / (target.name + ".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(payload))
+    tmp.replace(target)
+  return str(target)
+
+
+def read_variables(path: str, model: nn.Module, input_shape) -> tuple[dict, int]:
+  """Reads an exported ``variables.msgpack`` and checks it against ``model``'s variables: a
+  file from another architecture is an error naming the first mismatching entries."""
+  from resnet_ensemble import results
+  try:
+    payload = serialization.msgpack_restore(results.path(path).read_bytes())
+    variables, step = payload["variables"], int(payload["step"])
+  except Exception as e:  # msgpack raises several types for a damaged file
+    raise ValueError(f"{path} is not a readable exported variables file "
+                     f"({type(e).__name__}: {str(e)[:200]})") from e
+  expected = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jax.numpy.zeros((1,) + tuple(input_shape), jax.numpy.float32)))
+  want = {jax.tree_util.keystr(k): v.shape for k, v in
+          jax.tree_util.tree_flatten_with_path(dict(expected))[0]}
+  have = {jax.tree_util.keystr(k): np.shape(v) for k, v in
+          jax.tree_util.tree_flatten_with_path(variables)[0]}
+  bad = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have)
+                                               if want[k] != have[k])
+  if bad:
+    raise ValueError(f"{path} does not match the configured model: {len(bad)} entries differ "
+                     f"(missing, unexpected or reshaped), e.g. {bad[:5]}")
+  return variables, step
 
 
 def padded_test_batches(dataset: data_lib.ImageDataset, batch_size: int):

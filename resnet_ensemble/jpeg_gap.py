@@ -1,0 +1,82 @@
+"""The test-time cost of the JPEG copy of CIFAR-10: one trained network evaluated on the exact
+original pixels of a test subset and on the JPEG-recoded versions of the same images.
+
+    python -m resnet_ensemble.jpeg_gap --config=configs/cifar10_resnet110.py --workdir=W \
+        --exact=../shared/data/cifar10/cifar10-test-exact.npz.xz
+
+``--exact`` is an ``.npz`` (optionally ``.xz``-compressed) with ``test_images`` (N, 32, 32, 3)
+uint8, ``test_indices`` (positions in the test split) and ``test_labels``. Writes
+``jpeg_gap.json`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The trained run's config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "The trained run's workdir.")
+flags.DEFINE_string("exact", None, "npz(.xz) with test_images, test_indices, test_labels.")
+flags.mark_flags_as_required(["config", "workdir", "exact"])
+
+
+def load_exact(path: str) -> dict[str, np.ndarray]:
+  """Reads the exact-pixel subset; a missing file is an error naming the path."""
+  from resnet_ensemble import results
+  p = results.path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"exact test subset not found: {path}")
+  raw = p.read_bytes()
+  if path.endswith(".xz"):
+    raw = lzma.decompress(raw)
+  with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+    missing = {"test_images", "test_indices", "test_labels"} - set(z.files)
+    if missing:
+      raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {sorted(z.files)})")
+    return {k: z[k] for k in ("test_images", "test_indices", "test_labels")}
+
+
+def measure(config, workdir: str, exact_path: str) -> dict:
+  """Error of the newest checkpoint on the exact pixels and on their JPEG versions."""
+  import jax
+  from resnet_ensemble import results, train, trained
+  t = trained.load_trained(config, workdir)
+  exact = load_exact(exact_path)
+  idx = exact["test_indices"].astype(np.int64)
+  ds = t.dataset
+  if idx.max() >= len(ds.test_labels) or not np.array_equal(ds.test_labels[idx],
+                                                              exact["test_labels"]):
+    raise ValueError(f"{exact_path} does not match the test split of {config.data.name} "
+                     f"(labels differ at the given indices)")
+  eval_fn = jax.jit(train.make_eval_fn(t.model, ds.mean, ds.std))
+  n = len(idx)
+  ones = np.ones((1, n), np.float32)
+  labels = exact["test_labels"].astype(np.int32)[None]
+
+  def error(images: np.ndarray) -> float:
+    return float(eval_fn(t.variables, images[None], labels, ones)["error"])
+
+  exact_err, jpeg_err = error(exact["test_images"]), error(ds.test_images[idx])
+  out = {"checkpoint_step": t.step, "images": n, "error_exact": exact_err,
+         "error_jpeg": jpeg_err, "gap_points": 100.0 * (jpeg_err - exact_err),
+         "mean_abs_pixel_diff": float(np.abs(exact["test_images"].astype(np.float32)
+                                             - ds.test_images[idx]).mean())}
+  results.write_json(workdir, "jpeg_gap.json", out)
+  return out
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+  out = measure(FLAGS.config, FLAGS.workdir, FLAGS.exact)
+  print(f"jpeg_gap: {out['images']} test images, error exact {100 * out['error_exact']:.2f}% "
+        f"vs JPEG {100 * out['error_jpeg']:.2f}% (gap {out['gap_points']:+.2f} points)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -20,11 +20,17 @@ import numpy as np
 from resnet_ensemble.models import Unrolled
 
 
-def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array):
-  """Shared forward: returns (dLoss/dy_n, per-block vjps, merge vjps, embed vjp)."""
+def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=None):
+  """Shared forward: returns (dLoss/dy_n, per-block vjps, merge vjps, embed vjp).
+
+  ``scales`` (n,): the test-time gates of a gated-trained network (stochastic depth or
+  effective paths scale block i's residual by its expected gate), so the routed gradients are
+  those of the network that is evaluated; None = all ones."""
   y0, embed_vjp = jax.vjp(unrolled.embed, images)
   y, block_vjps, merge_vjps = y0, [], []
-  for branches, merge in zip(unrolled.branches, unrolled.merges):
+  for i, (branches, merge) in enumerate(zip(unrolled.branches, unrolled.merges)):
+    if scales is not None:
+      branches = _scaled(branches, scales[i])
     (s, f), vjp = jax.vjp(branches, y)
     y, merge_vjp = jax.vjp(merge, s + f)
     block_vjps.append(vjp)
@@ -38,6 +44,13 @@ def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array):
   return g_n, block_vjps, merge_vjps, embed_vjp
 
 
+def _scaled(branches: Callable, scale) -> Callable:
+  def scaled(y):
+    s, f = branches(y)
+    return s, f * jnp.asarray(scale, f.dtype)
+  return scaled
+
+
 def routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array):
   """dLoss/dy_0 and dLoss/d(image) along the path ``selection`` (n,) of 0/1."""
   g = g_n
@@ -49,12 +62,13 @@ def routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array
   return g, g_image
 
 
-def make_path_gradient_fn(unrolled_fn: Callable[[dict], Unrolled]) -> Callable:
+def make_path_gradient_fn(unrolled_fn: Callable[[dict], Unrolled], scales=None) -> Callable:
   """``fn(variables, images, labels, selections (P, n)) -> (norm_y0 (P,), norm_image (P,))``:
-  one forward, P routed backward passes (vmapped)."""
+  one forward, P routed backward passes (vmapped). ``scales``: as in ``linearize``."""
 
   def fn(variables, images, labels, selections):
-    g_n, block_vjps, merge_vjps, embed_vjp = linearize(unrolled_fn(variables), images, labels)
+    g_n, block_vjps, merge_vjps, embed_vjp = linearize(unrolled_fn(variables), images, labels,
+                                                       scales)
 
     def one(selection):
       g0, g_image = routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection)
@@ -78,7 +92,7 @@ def sample_selections(rng: np.random.Generator, n: int, k: int, count: int) -> n
 
 def run_study(config, workdir: str) -> dict:
   """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``paths.json``."""
-  from resnet_ensemble import augment, models, paths, results, trained
+  from resnet_ensemble import augment, gates as gates_lib, models, paths, results, trained
   from resnet_ensemble.progress import Progress
   from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
   t = trained.load_trained(config, workdir)
@@ -89,7 +103,8 @@ def run_study(config, workdir: str) -> dict:
   selections = np.concatenate([sample_selections(rng, n, k, pc.samples_per_k)
                                for k in range(n + 1)])
   mean, std = t.dataset.mean, t.dataset.std
-  fn = make_path_gradient_fn(lambda v: models.unroll(t.model, v))
+  fn = make_path_gradient_fn(lambda v: models.unroll(t.model, v),
+                             scales=gates_lib.eval_gates(config.gates, t.layout))
   rep, split = replicated(mesh), sharded(mesh)
   jitted = jax.jit(lambda v, x, y, s: fn(v, augment.normalize(x, mean, std), y, s),
                    in_shardings=(rep, rep, rep, split), out_shardings=(rep, rep))

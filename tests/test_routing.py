@@ -69,6 +69,30 @@ def test_routed_gradients_of_all_paths_sum_to_the_gradient(kind):
   assert norms.std() > 0
 
 
+def test_routed_gradients_of_a_scaled_network_sum_to_its_gradient():
+  # A stochastic-depth / effective-path model is evaluated with residual i scaled by its
+  # expected gate: the routed gradients must be those of that network.
+  model = NETS["preact"]
+  v, x, labels = _setup(model)
+  scales = np.asarray([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], np.float32)
+  every_path = np.asarray(list(itertools.product([0.0, 1.0], repeat=6)), np.float32)
+
+  def routed(selections):
+    g_n, bv, mv, ev = routing.linearize(models.unroll(model, v), x, labels, scales)
+    return jax.vmap(lambda s: routing.routed_backward(g_n, bv, mv, ev, s))(selections)
+
+  _, g_image = jax.jit(routed)(every_path)
+  expected = jax.grad(lambda im: _loss_gated(model, v, im, labels, scales))(x)
+  np.testing.assert_allclose(g_image.sum(0), expected, rtol=1e-4, atol=1e-6)
+  unscaled = jax.grad(lambda im: _loss(model, v, im, labels))(x)
+  assert not np.allclose(expected, unscaled, rtol=1e-2)  # the scaling matters
+
+
+def _loss_gated(model, v, x, labels, gates):
+  logits = model.apply(v, x, gates=jnp.asarray(gates))
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
 def test_the_empty_path_is_the_gradient_through_the_shortcuts_alone():
   # One stage, no downsampling: every shortcut is the identity (pre-activation), so the path
   # that enters no residual module carries dLoss/dy_n unchanged to y_0.

@@ -1,0 +1,98 @@
+"""What the bench scripts share: one JSON line per measurement, synthetic data, timing loops.
+
+Every row goes to stdout (after a human-readable line) and, with ``--out``, is appended to a
+file as soon as it is measured, so a step killed by its timeout keeps the rows it finished.
+Rows name their ``workload`` and ``impl`` (jax | torch), the device and the time, so
+``bench/table.py`` can read one ``bench.jsonl`` written by several scripts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from typing import Any, Callable
+
+import numpy as np
+from absl import flags
+
+flags.DEFINE_string("out", "", "Also append every JSON line to this file (e.g. $OUT/bench.jsonl).")
+flags.DEFINE_float("time_cap_s", 0.0, "Stop timing once this many seconds have passed "
+                   "(0 = no cap); capped rows say so and project the full workload.")
+
+# Image shape of each dataset the configs name: synthetic data of the same shape is timed.
+SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}
+
+
+def jax_info() -> dict:
+  """Device and software fields every JAX row carries."""
+  import jax
+  d = jax.devices()[0]
+  return {"impl": "jax", "device": d.device_kind, "platform": d.platform,
+          "devices": jax.device_count(), "jax": jax.__version__}
+
+
+def emit(row: dict, human: str | None = None) -> dict:
+  """Prints ``human`` and the row as JSON; appends the JSON to ``--out``."""
+  row = {**row, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  line = json.dumps(row)
+  if human:
+    print(human, flush=True)
+  print(line, flush=True)
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, "a") as f:
+      f.write(line + "\n")
+  return row
+
+
+def synthetic(config, num_train: int, num_test: int):
+  """Random uint8 images of the configured dataset's shape: only model work is timed."""
+  from resnet_ensemble import data as data_lib
+  shape = SHAPES.get(config.data.name, (32, 32, 3))
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (num_train,) + shape, dtype=np.uint8)
+  y = rng.integers(0, 10, num_train).astype(np.int32)
+  xt = rng.integers(0, 256, (num_test,) + shape, dtype=np.uint8)
+  yt = rng.integers(0, 10, num_test).astype(np.int32)
+  return data_lib.ImageDataset("synthetic", x, y, xt, yt, 10, (128.0,) * shape[-1],
+                               (64.0,) * shape[-1], "synthetic")
+
+
+def model_variables(model, config, input_shape, path: str = "") -> tuple[dict, str]:
+  """Random-init variables (timing does not need a trained net), or an exported
+  ``variables.msgpack`` when ``path`` is given; also says which."""
+  import jax
+  import jax.numpy as jnp
+  if path:
+    from resnet_ensemble import trained
+    variables, step = trained.read_variables(path, model, input_shape)
+    return variables, f"{path}@{step}"
+  variables = jax.jit(lambda: model.init(
+      jax.random.key(config.seed), jnp.zeros((1,) + tuple(input_shape), jnp.float32)))()
+  return dict(variables), "random_init"
+
+
+def timed(call: Callable[[], Any], max_calls: int, time_cap_s: float) -> tuple[int, float]:
+  """Runs ``call()`` (which returns arrays) up to ``max_calls`` times, waiting for each, or
+  until ``time_cap_s`` has passed (0 = no cap); returns (calls made, seconds).
+
+  Waiting per call costs a launch gap (microseconds) next to calls of milliseconds or more,
+  and lets the cap stop a run whose calls would otherwise all be queued at once."""
+  import jax
+  done, t0 = 0, time.perf_counter()
+  while done < max_calls:
+    jax.block_until_ready(call())
+    done += 1
+    if time_cap_s and time.perf_counter() - t0 >= time_cap_s:
+      break
+  return done, time.perf_counter() - t0
+
+
+def config_name() -> str:
+  """The --config file's base name (the configs/*.py a row was measured with)."""
+  import os
+  from ml_collections import config_flags
+  try:
+    return os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+  except Exception:  # no --config flag in this script
+    return ""

@@ -1,0 +1,64 @@
+"""Eval forward throughput: the test set resident on the device, evaluated by one compiled
+program per eval batch size (``train.make_eval_fn``: a scan over padded batches).
+
+One JSON line per batch size (see common.py):
+
+    # CPU smoke check (tiny):
+    python bench/eval_forward.py --config=configs/quickstart.py --batch_sizes=50 --num_images=200
+    # GPU: ResNet-110, bf16, 10k CIFAR-shaped images, batches of 1,000 and 10,000
+    python bench/eval_forward.py --config=configs/cifar10_resnet110.py \
+        --config.model.dtype=bfloat16 --config.model.unroll=0 --batch_sizes=1000,10000
+"""
+
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+import common
+from resnet_ensemble import models, train, trained
+from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
+
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+flags.DEFINE_list("batch_sizes", ["1000", "10000"], "Eval batch sizes (one program each).")
+flags.DEFINE_integer("num_images", 10_000, "Synthetic test images (padded to whole batches).")
+flags.DEFINE_integer("calls", 20, "Timed passes over the test set per batch size.")
+flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+  c = FLAGS.config
+  mesh = make_mesh()
+  dataset = common.synthetic(c, 1, FLAGS.num_images)
+  model = models.build(c.model, dataset.num_classes)
+  variables, source = common.model_variables(model, c, dataset.test_images.shape[1:],
+                                             FLAGS.variables)
+  variables = put_tree(variables, replicated(mesh))
+  eval_fn = jax.jit(train.make_eval_fn(model, dataset.mean, dataset.std),
+                    out_shardings=replicated(mesh))
+  for batch in map(int, FLAGS.batch_sizes):
+    images, labels, mask = trained.padded_test_batches(dataset, batch)
+    args = [put(a, sharded(mesh, axis=1)) for a in (images, labels, mask)]
+    t0 = time.perf_counter()
+    compiled = eval_fn.lower(variables, *args).compile()
+    compile_s = time.perf_counter() - t0
+    call = lambda: compiled(variables, *args)["error"]
+    common.timed(call, 1, 0.0)  # warm-up
+    calls, seconds = common.timed(call, FLAGS.calls, FLAGS.time_cap_s)
+    n = FLAGS.num_images
+    common.emit({
+        "workload": "eval", **common.jax_info(), "config": common.config_name(),
+        "model": f"{c.model.name}-{c.model.depth}", "width": c.model.width,
+        "dtype": c.model.dtype, "unroll": c.model.unroll, "batch": batch, "images": n,
+        "padded_images": int(mask.size), "calls": calls, "seconds": round(seconds, 4),
+        "img_per_s": round(n * calls / seconds), "compile_s": round(compile_s, 2),
+        "variables": source},
+        human=f"eval {c.model.name}-{c.model.depth} {c.model.dtype} batch {batch}: "
+              f"{n * calls / seconds:,.0f} img/s (compile {compile_s:.1f} s)")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

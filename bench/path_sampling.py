@@ -1,0 +1,94 @@
+"""E6 routed path gradients timed as ``routing.run_study`` runs them: one shared forward per
+chunk of paths (a new batch of training images each), the routed backward passes vmapped.
+
+Timing does not need a trained net: random-init variables (or ``--variables``) and synthetic
+images. One JSON line (see common.py); with ``--time_cap_s`` the rest is projected (every
+chunk costs the same: path length only changes which branch a cotangent takes):
+
+    # CPU smoke check (tiny):
+    python bench/path_sampling.py --config=configs/quickstart.py --config.paths.samples_per_k=4 \
+        --config.paths.chunk=12 --config.paths.batch_size=16
+    # GPU: ResNet-110, bf16, 55 lengths x 1,000 paths at batch 128 (capped at 20 s, projected)
+    python bench/path_sampling.py --config=configs/cifar10_resnet110.py \
+        --config.model.dtype=bfloat16 --config.model.unroll=0 --time_cap_s=20
+"""
+
+import math
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+import common
+from resnet_ensemble import augment, gates as gates_lib, models, routing
+from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
+
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+flags.DEFINE_integer("num_examples", 50_000, "Synthetic training set size (batches drawn from it).")
+flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+  c = FLAGS.config
+  pc = c.paths
+  mesh = make_mesh()
+  dataset = common.synthetic(c, FLAGS.num_examples, 1)
+  model = models.build(c.model, dataset.num_classes)
+  layout, n = model.layout, model.layout.n_blocks
+  variables, source = common.model_variables(model, c, dataset.train_images.shape[1:],
+                                             FLAGS.variables)
+  chunk = mesh.size * math.ceil(pc.chunk / mesh.size)
+  rng = np.random.default_rng(c.seed)
+  selections = np.concatenate([routing.sample_selections(rng, n, k, pc.samples_per_k)
+                               for k in range(n + 1)])
+  total = len(selections)
+  mean, std = dataset.mean, dataset.std
+  fn = routing.make_path_gradient_fn(lambda v: models.unroll(model, v),
+                                     scales=gates_lib.eval_gates(c.gates, layout))
+  rep, split = replicated(mesh), sharded(mesh)
+  jitted = jax.jit(lambda v, x, y, s: fn(v, augment.normalize(x, mean, std), y, s),
+                   in_shardings=(rep, rep, rep, split), out_shardings=(rep, rep))
+  variables = put_tree(variables, rep)
+  n_train = len(dataset.train_labels)
+
+  def args(c_: int, start: int):
+    """Chunk c_'s batch and paths, from the host as run_study puts them."""
+    idx = np.random.default_rng([c.seed, c_]).choice(n_train, pc.batch_size, replace=False)
+    sel = selections[start:start + chunk]
+    sel = np.concatenate([sel, np.zeros((chunk - len(sel), n), np.float32)])
+    return (variables, put(dataset.train_images[idx], rep), put(dataset.train_labels[idx], rep),
+            put(sel, split))
+
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args(0, 0)).compile()
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(*args(0, 0)))  # warm-up
+  starts = list(range(0, total, chunk))
+  done, t0 = 0, time.perf_counter()
+  for c_, start in enumerate(starts):
+    y0, image = compiled(*args(c_, start))
+    np.asarray(y0), np.asarray(image)  # run_study reads every chunk back
+    done = min(start + chunk, total)
+    if FLAGS.time_cap_s and time.perf_counter() - t0 >= FLAGS.time_cap_s:
+      break
+  seconds = time.perf_counter() - t0
+  rate = done / seconds
+  full_s = seconds if done == total else total / rate
+  common.emit({
+      "workload": "paths_E6", **common.jax_info(), "config": common.config_name(),
+      "model": f"{c.model.name}-{c.model.depth}", "width": c.model.width, "n_blocks": n,
+      "dtype": c.model.dtype, "unroll": c.model.unroll, "batch": pc.batch_size, "chunk": chunk,
+      "lengths": n + 1, "samples_per_k": pc.samples_per_k, "paths": total, "paths_done": done,
+      "complete": done == total, "seconds": round(seconds, 3), "projected_s": round(full_s, 2),
+      "paths_per_s": round(rate, 1), "compile_s": round(compile_s, 2), "variables": source},
+      human=f"E6 {n + 1} lengths x {pc.samples_per_k} paths, batch {pc.batch_size}, chunk "
+            f"{chunk}: {'' if done == total else '~'}{full_s:.1f} s ({rate:,.0f} paths/s"
+            f"{'' if done == total else f', projected from {done}'}; compile {compile_s:.1f} s)")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

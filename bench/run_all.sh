@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Every benchmark of issue 6 in one call: the PyTorch reference and ours on the same machine,
+# each step under its own timeout inside a total budget, every JSON line appended to
+# $OUT/bench.jsonl as it is measured (a step cut by its timeout keeps the rows it finished),
+# then the issue's table (bench/table.py) printed and written to $OUT/table.md.
+#
+#   GPU (device tool, carry [".gpu"], ~7 min):   bash launch/device.sh bash bench/run_all.sh
+#   CPU smoke check (tiny sizes, ~1-2 min):     bash bench/run_all.sh --smoke   (or SMOKE=1)
+#
+# Environment: OUT (default /tmp/bench_out), BUDGET_S (seconds for all steps together; default
+# 400 on the GPU), STEPS (a space-separated subset of the step names below, run in this order),
+# PYTHON (default python3), TORCH_REF (default .gpu/torch_ref.py), KEEP=1 to append to an
+# existing bench.jsonl. Step names: torch_eager train128 train1024 eval lesion paths
+# train_effective train_sd torch_compile.
+set -uo pipefail  # not -e: a failing step must not stop the others
+cd "$(dirname "$0")/.."
+SMOKE=${SMOKE:-0}
+for arg in "$@"; do
+  case $arg in
+    --smoke) SMOKE=1 ;;
+    *) echo "unknown argument: $arg (the only one is --smoke)" >&2; exit 2 ;;
+  esac
+done
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-/tmp/bench_out}
+mkdir -p "$OUT"
+JSONL=$OUT/bench.jsonl
+LOG=$OUT/bench.log
+PY=${PYTHON:-python3}
+TORCH_REF=${TORCH_REF:-.gpu/torch_ref.py}
+[ "${KEEP:-0}" = 1 ] || : > "$JSONL"
+
+if [ "$SMOKE" = 1 ]; then
+  # ResNet-20 width 8 on digit-shaped images; XLA at -O0 (these runs are compile-bound).
+  export XLA_FLAGS=${XLA_FLAGS:---xla_backend_optimization_level=0}
+  BUDGET_S=${BUDGET_S:-600}; MIN_S=5
+  NET="--config=configs/quickstart.py"
+  EFFECTIVE="$NET --config.gates.sampler=effective --config.gates.k=5"
+  SD="$NET --config.gates.sampler=stochastic_depth"
+  TRAIN="--config.train.steps_per_call=2 --calls=2 --num_examples=500"
+  B_SMALL=16; B_LARGE=64
+  EVAL="--batch_sizes=50,100 --num_images=200 --calls=2"
+  LESION="--num_images=100 --config.eval.batch_size=50 --chunk=4 --config.lesion.draws=2
+    --config.lesion.max_k=2 --config.lesion.reorder_max_swaps=2 --config.lesion.reorder_draws=2
+    --time_cap_s=5"
+  PATHS="--config.paths.samples_per_k=4 --config.paths.chunk=12 --config.paths.batch_size=16
+    --num_examples=200 --time_cap_s=5"
+  TORCH="--smoke"
+else
+  # ResNet-110, bf16 (f32 BN statistics), fully unrolled: the settings the GPU runs use.
+  BUDGET_S=${BUDGET_S:-400}; MIN_S=20
+  FAST="--config.model.dtype=bfloat16 --config.model.unroll=0"
+  NET="--config=configs/cifar10_resnet110.py $FAST"
+  EFFECTIVE="--config=configs/cifar10_resnet110_effective.py $FAST"
+  SD="--config=configs/cifar10_resnet110_sd.py $FAST"
+  TRAIN="--config.train.steps_per_call=50 --calls=6 --time_cap_s=8"
+  B_SMALL=128; B_LARGE=1024
+  EVAL="--batch_sizes=1000,10000 --num_images=10000 --calls=20 --time_cap_s=5"
+  LESION="--num_images=10000 --chunk=64 --time_cap_s=12"
+  PATHS="--time_cap_s=15"
+  TORCH=""
+fi
+
+start=$(date +%s)
+status_row() {  # NAME STATUS RC WALL_S TIMEOUT_S
+  printf '{"workload": "step", "step": "%s", "status": "%s", "rc": %d, "wall_s": %d, "timeout_s": %d}\n' \
+    "$@" >> "$JSONL"
+}
+
+step() {  # step NAME CAP_S COMMAND...: runs COMMAND --out=$JSONL under min(CAP_S, budget left)
+  local name=$1 cap=$2
+  shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
+  local left=$((BUDGET_S - ($(date +%s) - start)))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < MIN_S)); then
+    echo "== $name: skipped (${left} s of the ${BUDGET_S} s budget left)" | tee -a "$LOG"
+    status_row "$name" skipped 0 0 0
+    return 0
+  fi
+  echo "== $name (timeout ${limit} s): $*" | tee -a "$LOG"
+  local err t0 rc
+  err=$(mktemp)
+  t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" --out="$JSONL" 2>"$err" | tee -a "$LOG" | grep -v '^{'
+  rc=${PIPESTATUS[0]}
+  grep -v '^I0000\|^WARNING: All log' "$err" >> "$LOG"
+  local wall=$(($(date +%s) - t0)) status=ok
+  if ((rc == 124 || rc == 137)); then
+    status=timeout
+    echo "   $name: timed out after ${wall} s (rows measured so far are kept)"
+  elif ((rc != 0)); then
+    status=failed
+    echo "   $name: failed (exit $rc); its last stderr lines:"
+    grep -v '^I0000\|^WARNING: All log' "$err" | tail -n 15
+  fi
+  rm -f "$err"
+  status_row "$name" "$status" "$rc" "$wall" "$limit"
+}
+
+{
+  echo "== bench/run_all.sh $(date -u +%FT%TZ) smoke=$SMOKE budget=${BUDGET_S}s"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+} | tee -a "$LOG"
+
+step torch_eager 60 "$PY" bench/torch_side.py --ref="$TORCH_REF" $TORCH --time_cap_s=40 \
+  --rows=train128_fp32,train128_bf16,train1024_bf16,eval,lesion_E1,paths_E6
+step train128 55 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL
+step train1024 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_LARGE
+step eval 50 "$PY" bench/eval_forward.py $NET $EVAL
+step lesion 70 "$PY" bench/lesion_suite.py $NET $LESION
+step paths 60 "$PY" bench/path_sampling.py $NET $PATHS
+step train_effective 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL
+step train_sd 50 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL
+if [ "$SMOKE" != 1 ]; then  # torch.compile: minutes of compiling, so last, with what is left
+  step torch_compile 240 "$PY" bench/torch_side.py --ref="$TORCH_REF" --rows=compile1024
+fi
+
+echo "== table ($(($(date +%s) - start)) s of steps)"
+"$PY" bench/table.py "$JSONL" | tee "$OUT/table.md"

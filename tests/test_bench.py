@@ -1,20 +1,213 @@
-"""The benchmarks keep running (no timing is asserted: speed goals live in bench/)."""
+"""The benchmarks keep running and their JSON lines keep their fields (no timing is asserted:
+speed goals live in bench/ and BUILD_NOTES.md). Tiny sizes: each test takes seconds."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+TINY = ["--config=configs/quickstart.py"]  # ResNet-20 width 8 on digit-shaped images
 
 
-def test_train_step_bench_prints_a_measurement():
-  proc = subprocess.run(
-      [sys.executable, "bench/train_step.py", "--config=configs/quickstart.py", "--calls=1",
-       "--num_examples=500", "--config.train.steps_per_call=2", "--config.gates.sampler=effective",
-       "--config.gates.k=5"], cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  row = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
-  assert row["what"] == "train_step" and row["gates"] == "effective"
-  assert row["ms_per_step"] > 0 and row["compile_s"] > 0
+def run(args, out=None, timeout=300, env=None):
+  """Runs a bench script; returns its JSON rows (from --out when given, else stdout)."""
+  cmd = [sys.executable] + args + ([f"--out={out}"] if out else [])
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env=env or ENV)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = open(out).read().splitlines() if out else proc.stdout.splitlines()
+  return [json.loads(l) for l in lines if l.startswith("{")]
+
+
+def check_common(row, workload):
+  assert row["workload"] == workload and row["impl"] == "jax"
+  assert row["device"] and row["devices"] >= 1 and row["time"]
+  assert row["compile_s"] > 0
+
+
+def test_train_step_bench_prints_a_measurement(tmp_path):
+  rows = run(["bench/train_step.py"] + TINY + [
+      "--calls=1", "--num_examples=500", "--config.train.steps_per_call=2",
+      "--config.gates.sampler=effective", "--config.gates.k=5"], out=tmp_path / "b.jsonl")
+  assert len(rows) == 1
+  row = rows[0]
+  check_common(row, "train_effective")
+  assert row["what"] == "train_step" and row["gates"] == "effective" and row["gates_k"] == 5
+  assert row["batch"] == 64 and row["dtype"] == "float32" and row["steps"] == 2
+  assert row["ms_per_step"] > 0 and row["img_per_s"] > 0
+  assert row["config"] == "quickstart.py"
+
+
+def test_eval_forward_bench_one_row_per_batch_size(tmp_path):
+  rows = run(["bench/eval_forward.py"] + TINY + [
+      "--batch_sizes=50,128", "--num_images=200", "--calls=2"], out=tmp_path / "b.jsonl")
+  assert [r["batch"] for r in rows] == [50, 128]
+  for row in rows:
+    check_common(row, "eval")
+    assert row["images"] == 200 and row["calls"] == 2 and row["img_per_s"] > 0
+    assert row["variables"] == "random_init"
+  assert rows[1]["padded_images"] == 256  # two batches of 128 hold the 200 images
+
+
+LESION = TINY + ["--num_images=100", "--config.eval.batch_size=50", "--chunk=4",
+                 "--config.lesion.max_k=2", "--config.lesion.reorder_max_swaps=2",
+                 "--config.lesion.reorder_draws=2"]
+
+
+def test_lesion_suite_bench_times_each_experiment_and_projects_capped_ones(tmp_path):
+  # E3: 3 k x 8 draws = 24 variants; a 1 us cap stops it after one slice of 2 chunks (8).
+  rows = run(["bench/lesion_suite.py"] + LESION + ["--config.lesion.draws=8",
+                                                   "--time_cap_s=0.000001"],
+             out=tmp_path / "b.jsonl")
+  by = {r["workload"]: r for r in rows}
+  assert list(by) == ["lesion_E1", "lesion_E3", "lesion_E4", "lesion_suite"]
+  for name in ("lesion_E1", "lesion_E3", "lesion_E4"):
+    check_common(by[name], name)
+    assert by[name]["variants_per_s"] > 0 and by[name]["img_per_s"] > 0
+    assert by[name]["chunk"] == 4 and by[name]["images"] == 100 and by[name]["n_blocks"] == 9
+  e1, e3, e4, suite = (by[k] for k in by)
+  assert e1["variants"] == e1["variants_done"] == 9 and e1["complete"]  # never capped
+  assert e3["variants"] == 24 and e3["variants_done"] == 8 and not e3["complete"]
+  assert e3["projected_s"] > e3["seconds"] > 0
+  assert e4["variants"] == e4["variants_done"] == 4 and e4["complete"]
+  assert suite["variants"] == 37 and not suite["complete"]
+  assert suite["projected_s"] == pytest.approx(
+      e1["projected_s"] + e3["projected_s"] + e4["projected_s"], abs=0.02)
+
+
+def test_lesion_suite_bench_picks_experiments():
+  rows = run(["bench/lesion_suite.py"] + LESION + ["--config.lesion.draws=2",
+                                                   "--experiments=E1"])
+  assert [r["workload"] for r in rows] == ["lesion_E1", "lesion_suite"]
+  assert rows[1]["complete"] and rows[1]["variants"] == 9
+
+
+def test_path_sampling_bench_projects_a_capped_run(tmp_path):
+  rows = run(["bench/path_sampling.py"] + TINY + [
+      "--config.paths.samples_per_k=4", "--config.paths.chunk=12",
+      "--config.paths.batch_size=16", "--num_examples=200", "--time_cap_s=0.000001"],
+      out=tmp_path / "b.jsonl")
+  (row,) = rows
+  check_common(row, "paths_E6")
+  assert row["lengths"] == 10 and row["paths"] == 40 and row["batch"] == 16
+  assert row["paths_done"] == 12 and not row["complete"]  # one chunk, then the cap
+  assert row["paths_per_s"] > 0 and row["projected_s"] > row["seconds"]
+
+
+def reference_script():
+  for path in (os.path.join(REPO, ".gpu", "torch_ref.py"),
+               os.path.join(REPO, "..", "shared", "bench", "torch_ref.py")):
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def test_torch_side_smoke_measures_every_row(tmp_path):
+  pytest.importorskip("torch")
+  ref = reference_script()
+  if ref is None:
+    pytest.skip("no copy of the PyTorch reference (.gpu/torch_ref.py or ../shared/bench)")
+  env = dict(ENV, CUDA_VISIBLE_DEVICES="")
+  rows = run(["bench/torch_side.py", "--smoke", f"--ref={ref}"], out=tmp_path / "t.jsonl",
+             env=env)
+  assert rows[0]["workload"] == "torch_env" and "skipped" not in rows[0]
+  by = {r["row"]: r for r in rows[1:]}
+  assert list(by) == ["train128_fp32", "train128_bf16", "train1024_bf16", "eval", "lesion_E1",
+                      "paths_E6"]
+  for row in by.values():
+    assert row["impl"] == "torch" and row["smoke"] and row["model"] == "torch_ref-ResNet-8"
+  assert by["train128_fp32"]["dtype"] == "float32" and by["train128_fp32"]["img_per_s"] > 0
+  assert by["train1024_bf16"]["channels_last"] and by["train1024_bf16"]["ms_per_step"] > 0
+  assert by["eval"]["img_per_s"] > 0
+  assert by["lesion_E1"]["variants"] == 3 and by["lesion_E1"]["seconds"] > 0
+  assert by["paths_E6"]["paths"] == 4000 and by["paths_E6"]["projected_s"] > 0
+
+
+def test_torch_side_skips_without_a_reference(tmp_path):
+  rows = run(["bench/torch_side.py", "--smoke", f"--ref={tmp_path}/missing.py"])
+  assert len(rows) == 1 and rows[0]["workload"] == "torch_env" and rows[0]["skipped"]
+
+
+def load_table():
+  spec = importlib.util.spec_from_file_location("bench_table", os.path.join(REPO, "bench",
+                                                                            "table.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_table_compares_ours_with_the_same_call_reference(tmp_path):
+  j = {"impl": "jax", "device": "NVIDIA H100", "devices": 1, "jax": "0.11.2",
+       "model": "cifar_resnet-110", "time": "2026-11-27T00:00:00+00:00"}
+  t = {"impl": "torch", "device": "NVIDIA H100", "model": "torch_ref-ResNet-110"}
+  rows = [
+      {"workload": "torch_env", "impl": "torch", "torch": "2.11"},
+      {"workload": "train", **t, "batch": 128, "dtype": "float32", "compiled": False,
+       "img_per_s": 4800, "ms_per_step": 26.7},
+      {"workload": "train", **t, "batch": 1024, "dtype": "bfloat16", "compiled": False,
+       "img_per_s": 20_000, "ms_per_step": 51.2},
+      {"workload": "eval", **t, "batch": 2000, "img_per_s": 80_000},
+      {"workload": "lesion_E1", **t, "seconds": 7.0},
+      {"workload": "paths_E6", **t, "s_per_path": 0.025, "projected_s": 1375.0},
+      {"workload": "train", **j, "batch": 128, "ms_per_step": 5.0, "img_per_s": 25_600,
+       "compile_s": 28.0},
+      {"workload": "train", **j, "batch": 1024, "ms_per_step": 20.48, "img_per_s": 50_000,
+       "compile_s": 31.0},
+      {"workload": "eval", **j, "batch": 1000, "img_per_s": 200_000, "compile_s": 10.0},
+      {"workload": "eval", **j, "batch": 10_000, "img_per_s": 300_000, "compile_s": 12.0},
+      {"workload": "lesion_E1", **j, "seconds": 0.5, "variants_per_s": 108.0, "compile_s": 14},
+      {"workload": "lesion_suite", **j, "projected_s": 90.0, "variants": 3654,
+       "complete": False, "compile_s": 14},
+      {"workload": "paths_E6", **j, "paths": 55_000, "projected_s": 27.5, "paths_per_s": 2000,
+       "complete": False, "compile_s": 25.0},
+      {"workload": "train_effective", **j, "batch": 128, "ms_per_step": 3.0, "compile_s": 27},
+      {"workload": "step", "step": "torch_compile", "status": "timeout", "rc": 124,
+       "wall_s": 60, "timeout_s": 60},
+  ]
+  path = tmp_path / "bench.jsonl"
+  path.write_text("not json\n" + "".join(json.dumps(r) + "\n" for r in rows))
+  table = load_table()
+  text = table.table(table.read(str(path)))
+  lines = {l.split(" | ")[0].lstrip("| "): l for l in text.splitlines()}
+  b1024 = lines["train ResNet-110, batch 1024"]
+  assert "50.0k img/s" in b1024 and "29.5k img/s (earlier)" in b1024  # no torch.compile row
+  assert "1.69x torch.compile" in b1024 and "2.50x eager" in b1024 and "✅" in b1024
+  b128 = lines["train, batch 128 (paper recipe)"]
+  assert "5.00 ms/step" in b128 and "26.7 ms/step" in b128 and "5.34x" in b128 and "✅" in b128
+  ev = lines["eval forward"]
+  assert "300.0k img/s (batch 10,000)" in ev and "3.75x" in ev and "✅" in ev
+  assert "14.00x" in lines["E1: 54 single-block lesions on 10k test images"]
+  assert "~90.0 s (projected)" in lines[
+      "full lesion suite (E1 + E3 100 draws x 21 k + E4 50 x 30)"] and "❌" in text
+  assert "50.00x" in lines["E6: 55 lengths x 1,000 paths, batch 128"]  # 1,375 s / 27.5 s
+  assert "max 31.0 s" in lines["compile time per program"]
+  assert "0.60x the full step" in lines["effective paths (k=23) train step, batch 128"]
+  assert "torch_compile: timeout" in table.notes(table.read(str(path)))
+  assert "NVIDIA H100" in table.header(table.read(str(path)))
+
+
+def test_run_all_smoke_runs_a_step_and_prints_the_table(tmp_path):
+  env = dict(ENV, OUT=str(tmp_path), STEPS="eval", PYTHON=sys.executable)
+  proc = subprocess.run(["bash", "bench/run_all.sh", "--smoke"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in (tmp_path / "bench.jsonl").read_text().splitlines()]
+  assert [r["workload"] for r in rows] == ["eval", "eval", "step"]
+  assert rows[-1]["step"] == "eval" and rows[-1]["status"] == "ok"
+  assert "| eval forward |" in (tmp_path / "table.md").read_text()
+  assert "img/s" in proc.stdout and '{"workload"' not in proc.stdout  # human lines only
+
+
+def test_run_all_skips_steps_past_the_budget(tmp_path):
+  env = dict(ENV, OUT=str(tmp_path), STEPS="eval lesion", BUDGET_S="1", PYTHON=sys.executable)
+  proc = subprocess.run(["bash", "bench/run_all.sh", "--smoke"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in (tmp_path / "bench.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["status"]) for r in rows] == [("eval", "skipped"), ("lesion", "skipped")]
+  assert "step eval: skipped" in proc.stdout

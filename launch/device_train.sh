@@ -20,4 +20,4 @@ timeout -s INT "$budget" python3 -m resnet_ensemble --config="$config" --workdir
 latest=$(ls "$workdir/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
 files=$(cd "$workdir" && ls -d config.json metrics.jsonl final_metrics.json train.log 2>/dev/null)
 tar -C "$workdir" -cf - ${latest:+"checkpoints/$latest"} $files | split -b 15M - "$OUT/$name.tar.part-"
-echo "packed ${latest:+checkpoint step $latest, }$files into $OUT/$name.tar.part-*"
+echo "packed ${latest:+checkpoint step $latest, }"$files" into $OUT/$name.tar.part-*"

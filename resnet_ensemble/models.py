@@ -7,6 +7,12 @@ with a zero gate it becomes the identity, the plain-network analogue of deleting
 
 The same-shape blocks of a stage are stacked on a leading parameter axis and run with
 ``nn.scan`` (see layout.py); ``unroll`` trades compile time for speed on accelerators.
+
+``skip_compute=True`` (training with sampled gates) puts each block behind a ``lax.cond``: a
+block whose gate is zero for the whole batch computes only its shortcut, so a dropped block
+costs no FLOPs and its residual branch's BN statistics do not move (Huang et al.'s stochastic
+depth). Output and gradients are those of the multiply form. Under ``vmap`` over gates the
+cond becomes a select that computes both branches: correct, but nothing is saved.
 """
 
 from __future__ import annotations
@@ -42,6 +48,28 @@ def _broadcast_gate(gate: Array, like: Array) -> Array:
   return gate.reshape(gate.shape + (1,) * (like.ndim - gate.ndim))
 
 
+def _computed(block: nn.Module, x: Array, gate: Array) -> Array:
+  """The multiply form every block computes: ``merge(s(x) + gate * f(x))``."""
+  s, f = block.branches(x)
+  return block.merge(s + _broadcast_gate(gate, f) * f)
+
+
+def _skipped(block: nn.Module, x: Array, gate: Array) -> Array:
+  """A block gated off for the whole batch: ``merge(s(x))``, f neither computed nor its BN
+  statistics updated (equal to the multiply form's output with a zero gate)."""
+  del gate
+  return block.merge(block.branches(x, residual=False)[0])
+
+
+def _gated_block(block: nn.Module, x: Array, gate: Array, skip_compute: bool) -> Array:
+  """``merge(s(x) + gate * f(x))``; with ``skip_compute`` a ``lax.cond`` runs only the shortcut
+  when the gate is zero for every example, so under jit the residual branch's work is skipped.
+  Not at init: the skipped branch does not create f's variables."""
+  if skip_compute and not block.is_initializing():
+    return nn.cond(jnp.all(gate == 0), _skipped, _computed, block, x, gate)
+  return _computed(block, x, gate)
+
+
 def _zero_pad_shortcut(x: Array, features: int, stride: int) -> Array:
   """Option A: subsample spatially, zero-pad the new channels evenly on both sides."""
   x = x[:, ::stride, ::stride, :]
@@ -52,7 +80,8 @@ def _zero_pad_shortcut(x: Array, features: int, stride: int) -> Array:
 class _ResidualBlock(nn.Module):
   """What every residual block shares: ``y = merge(s(x) + gate * f(x))`` and its shortcut.
 
-  Subclasses define the fields below and ``branches(x) -> (s(x), f(x))``."""
+  Subclasses define the fields below and ``branches(x, residual=True) -> (s(x), f(x))``; with
+  ``residual=False`` only s(x) is computed (f is None): the block skipped."""
 
   features: int
   stride: int = 1
@@ -62,9 +91,8 @@ class _ResidualBlock(nn.Module):
   norm: ModuleDef = nn.BatchNorm
   dtype: Any = jnp.float32
 
-  def __call__(self, x: Array, gate: Array) -> Array:
-    s, f = self.branches(x)
-    return self.merge(s + _broadcast_gate(gate, f) * f)
+  def __call__(self, x: Array, gate: Array, skip_compute: bool = False) -> Array:
+    return _gated_block(self, x, gate, skip_compute)
 
   @nn.nowrap
   def merge(self, z: Array) -> Array:
@@ -81,14 +109,23 @@ class _ResidualBlock(nn.Module):
     s = _conv(out, 1, self.stride, "proj_conv", self.dtype)(h)
     return s if self.preact else self.norm(name="proj_bn")(s)
 
+  def _shortcut_alone(self, x: Array, out: int) -> Array:
+    """s(x) of a skipped block. Only a pre-activation projection needs the BN-ReLU it shares
+    with f (so that BN's statistics still update, as the shortcut is computed)."""
+    projects = self.preact and self.down and self.shortcut != "zero_pad"
+    h = nn.relu(self.norm(name="bn1")(x)) if projects else x
+    return self._shortcut(x, h, out)
+
 
 class BasicBlock(_ResidualBlock):
   """Two 3x3 convolutions; pre-activation (He et al. 2016b) or the original post-activation."""
 
   @nn.compact
-  def branches(self, x: Array) -> tuple[Array, Array]:
+  def branches(self, x: Array, residual: bool = True) -> tuple[Array, Array | None]:
     """(shortcut s(x), residual f(x)): the two ways a path can go through this block."""
     conv = functools.partial(_conv, dtype=self.dtype)
+    if not residual:
+      return self._shortcut_alone(x, self.features), None
     if self.preact:
       h = nn.relu(self.norm(name="bn1")(x))
       f = conv(self.features, 3, self.stride, "conv1")(h)
@@ -107,9 +144,11 @@ class BottleneckBlock(_ResidualBlock):
   expansion: int = 4
 
   @nn.compact
-  def branches(self, x: Array) -> tuple[Array, Array]:
+  def branches(self, x: Array, residual: bool = True) -> tuple[Array, Array | None]:
     conv = functools.partial(_conv, dtype=self.dtype)
     out = self.features * self.expansion
+    if not residual:
+      return self._shortcut_alone(x, out), None
     if self.preact:
       h = nn.relu(self.norm(name="bn1")(x))
       f = conv(self.features, 1, 1, "conv1")(h)
@@ -129,26 +168,29 @@ class PlainLayer(nn.Module):
   norm: ModuleDef = nn.BatchNorm
   dtype: Any = jnp.float32
 
-  def __call__(self, x: Array, gate: Array) -> Array:
-    s, f = self.branches(x)
-    return s + _broadcast_gate(gate, f) * f
+  def __call__(self, x: Array, gate: Array, skip_compute: bool = False) -> Array:
+    return _gated_block(self, x, gate, skip_compute)
 
   @nn.nowrap
   def merge(self, z: Array) -> Array:
     return z
 
   @nn.compact
-  def branches(self, x: Array) -> tuple[Array, Array]:
+  def branches(self, x: Array, residual: bool = True) -> tuple[Array, Array | None]:
     """Skip = identity, enter = the change the layer makes, f(x) - x."""
+    if not residual:
+      return x, None
     f = nn.relu(self.norm(name="bn")(_conv(self.features, 3, 1, "conv", self.dtype)(x)))
     return x, f - x
 
 
-def _scan_blocks(block: nn.Module, x: Array, gates: Array, unroll: int) -> Array:
-  """Runs ``len(gates)`` copies of ``block`` (stacked params and batch stats) in sequence."""
+def _scan_blocks(block: nn.Module, x: Array, gates: Array, unroll: int,
+                 skip_compute: bool = False) -> Array:
+  """Runs ``len(gates)`` copies of ``block`` (stacked params and batch stats) in sequence; with
+  ``skip_compute`` each step's cond decides on its own block's gate."""
 
   def body(mdl, carry, gate):
-    return mdl(carry, gate), None
+    return mdl(carry, gate, skip_compute), None
 
   scan = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
                  split_rngs={"params": True}, in_axes=0, length=gates.shape[0],
@@ -172,7 +214,8 @@ def _check_gates(gates: Array | None, n_blocks: int, batch: int, dtype) -> Array
 class ResNet(nn.Module):
   """A gated residual network: CIFAR (3x3 stem) or ImageNet (7x7/2 stem + max-pool) style.
 
-  ``__call__(x, gates=None, train=False)``; ``x`` is NHWC, already normalised.
+  ``__call__(x, gates=None, train=False, skip_compute=False)``; ``x`` is NHWC, already
+  normalised. ``skip_compute``: blocks gated off for the whole batch are not computed.
   """
 
   stage_sizes: Sequence[int]
@@ -205,7 +248,8 @@ class ResNet(nn.Module):
     return BlockLayout(tuple(self.stage_sizes), tuple(first_is_down))
 
   @nn.compact
-  def __call__(self, x: Array, gates: Array | None = None, train: bool = False) -> Array:
+  def __call__(self, x: Array, gates: Array | None = None, train: bool = False,
+               skip_compute: bool = False) -> Array:
     layout = self.layout
     gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
     norm = _norm(train, self.dtype)
@@ -213,10 +257,11 @@ class ResNet(nn.Module):
     for s, down, stacked in self.stage_blocks(norm):
       stage = layout.stage_range(s)
       if down is not None:
-        x = down(name=down_name(s))(x, gates[stage.start])
+        x = down(name=down_name(s))(x, gates[stage.start], skip_compute)
       r = layout.stacked_range(s)
       if len(r):
-        x = _scan_blocks(stacked(name=stacked_name(s)), x, gates[r.start:r.stop], self.unroll)
+        x = _scan_blocks(stacked(name=stacked_name(s)), x, gates[r.start:r.stop], self.unroll,
+                         skip_compute)
     return self.head(x, norm)
 
   @nn.nowrap
@@ -272,7 +317,8 @@ class PlainNet(nn.Module):
     return BlockLayout(tuple(self.stage_sizes), (False,) * len(self.stage_sizes))
 
   @nn.compact
-  def __call__(self, x: Array, gates: Array | None = None, train: bool = False) -> Array:
+  def __call__(self, x: Array, gates: Array | None = None, train: bool = False,
+               skip_compute: bool = False) -> Array:
     layout = self.layout
     gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
     norm = _norm(train, self.dtype)
@@ -280,7 +326,8 @@ class PlainNet(nn.Module):
     for s, _, layer in self.stage_blocks(norm):
       x = self.enter_stage(s, x)
       r = layout.stacked_range(s)
-      x = _scan_blocks(layer(name=stacked_name(s)), x, gates[r.start:r.stop], self.unroll)
+      x = _scan_blocks(layer(name=stacked_name(s)), x, gates[r.start:r.stop], self.unroll,
+                       skip_compute)
     return self.head(x, norm)
 
   @nn.nowrap

@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1_000
+  c.eval.max_images = 0              # analyses: only the first N test images (0 = all)
 
   c.gates = ml_collections.ConfigDict()
   c.gates.sampler = "none"           # none | effective (E8) | stochastic_depth (E10)
@@ -62,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.gates.p_last = 0.5               # stochastic depth: survival probability of the last block
   c.gates.per_example = False        # stochastic depth: independent gates per example
   c.gates.test_scaling = "expected"  # expected: residuals scaled by E[gate] at test; none
+  c.gates.skip_compute = True        # training: a block gated off for the batch is not computed
 
   c.lesion = ml_collections.ConfigDict()
   c.lesion.max_k = 20                # E3: delete k = 0..max_k random blocks

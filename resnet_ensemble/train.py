@@ -102,12 +102,15 @@ def make_eval_fn(model: nn.Module, mean, std) -> Callable:
 def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean, std,
                         label_smoothing: float, mesh,
                         sample_gates: Callable[[jax.Array], jax.Array] | None = None,
-                        gate_key: jax.Array | None = None) -> Callable:
+                        gate_key: jax.Array | None = None, skip_compute: bool = False) -> Callable:
   """One SGD step on a given uint8 batch (already augmented).
 
   With ``sample_gates`` (gates.make_sampler), step t trains the network gated by
   ``sample_gates(fold_in(gate_key, t))``: the gate sequence is a function of (seed, step), so a
-  resumed run samples the same gates."""
+  resumed run samples the same gates. ``skip_compute`` (``gates.skip_compute``): a block gated
+  off for the whole batch is not computed (same loss and gradients; its residual branch's BN
+  statistics stay as they were)."""
+  skip_compute = skip_compute and sample_gates is not None
 
   def train_on_batch(state: TrainState, images, labels):
     x = jax.lax.with_sharding_constraint(normalize(images, mean, std), sharded(mesh))
@@ -117,7 +120,8 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
 
     def loss_fn(params):
       logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                    gates=gates, train=True, mutable=["batch_stats"])
+                                    gates=gates, train=True, skip_compute=skip_compute,
+                                    mutable=["batch_stats"])
       return cross_entropy(logits, labels, label_smoothing).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -319,7 +323,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_on_batch = make_train_on_batch(
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
       sample_gates=gates_lib.make_sampler(config.gates, model.layout, tc.batch_size),
-      gate_key=jax.random.fold_in(jax.random.key(config.seed), 3))
+      gate_key=jax.random.fold_in(jax.random.key(config.seed), 3),
+      skip_compute=config.gates.skip_compute)
   feed.start(model, train_on_batch, log_compile)
   test_gates = gates_lib.eval_gates(config.gates, model.layout)
 

@@ -34,6 +34,10 @@ class ImageDataset:
   std: tuple[float, ...]
   source: str               # where it came from, for reports
 
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.train_images.shape[1:])
+
 
 def _dataset(name, train_x, train_y, test_x, test_y, num_classes, source) -> ImageDataset:
   flat = train_x.reshape(-1, train_x.shape[-1]).astype(np.float64)

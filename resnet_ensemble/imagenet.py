@@ -8,6 +8,7 @@ TensorFlow is imported lazily, so the package works without it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import jax
@@ -119,3 +120,46 @@ def _largest_share(tfds, builder, split: str, count: int) -> int:
   """Examples in the largest of the ``count`` process shares of ``split`` (from TFDS's info)."""
   return max(builder.info.splits[s].num_examples
              for s in tfds.even_splits(split, n=count, drop_remainder=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedValidation:
+  """ImageNet validation for the analyses (lesions, routed gradients): it stays on the host and
+  streams, so it stands in for ``data.ImageDataset`` with ``batches`` instead of arrays."""
+
+  image_size: int = 224
+  data_dir: str | None = None
+  name: str = "imagenet2012"
+  num_classes: int = NUM_CLASSES
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, 3)
+
+  @property
+  def source(self) -> str:
+    resize = int(round(self.image_size * 256 / 224))
+    return (f"TFDS imagenet2012 validation (data_dir={self.data_dir or 'default'}), resize "
+            f"{resize} / center crop {self.image_size}")
+
+  def batches(self, batch_size: int, max_images: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
+    """One pass of this process's ``(images, labels, mask)`` shares, as ``make_split``;
+    ``max_images`` > 0 keeps the first that many images in global batch order (the rest of
+    their batch masked, later batches not read)."""
+    stream = make_split("validation", batch_size=batch_size, train=False,
+                        image_size=self.image_size, data_dir=self.data_dir)
+    return capped(stream, batch_size, max_images) if max_images > 0 else stream
+
+
+def capped(stream, batch_size: int, max_images: int) -> Iterator[tuple[np.ndarray, ...]]:
+  """``stream``'s eval batches cut to the first ``max_images`` images of the global order
+  (process p's share of batch b holds global positions b * batch + p * share + i)."""
+  offset = jax.process_index() * (batch_size // jax.process_count())
+  for b, (images, labels, mask) in enumerate(stream):
+    start = b * batch_size
+    if start >= max_images:
+      return
+    position = start + offset + np.arange(len(mask))
+    yield images, labels, np.where(position < max_images, mask, 0.0).astype(mask.dtype)

@@ -8,6 +8,8 @@ devices (XLA inserts the cross-device reductions): 1 and 8 devices compute the s
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -41,6 +43,20 @@ def put(value, sharding: NamedSharding) -> jax.Array:
   process fills only its own devices' shards."""
   value = np.asarray(value)
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def replicate_local(local, mesh: Mesh, axis: int = 0) -> jax.Array:
+  """A streamed batch whole on every device: its ``axis`` is every process's ``local`` share in
+  process order (with one process, ``local`` is the batch)."""
+  if jax.process_count() == 1:
+    return put(local, replicated(mesh))
+  spread = jax.make_array_from_process_local_data(sharded(mesh, axis), np.asarray(local))
+  return _gather(mesh)(spread)
+
+
+@functools.cache
+def _gather(mesh: Mesh):
+  return jax.jit(lambda a: a, out_shardings=replicated(mesh))
 
 
 def put_tree(tree, sharding: NamedSharding):

@@ -17,8 +17,8 @@ from resnet_ensemble.layout import BlockLayout
 class Trained:
   model: nn.Module
   variables: dict            # params + batch_stats, on the host/default device
-  step: int                  # checkpoint step the variables come from
-  dataset: data_lib.ImageDataset
+  step: int                  # checkpoint step the variables come from (0: imported weights)
+  dataset: data_lib.ImageDataset  # or, for ImageNet, an imagenet.StreamedValidation
 
   @property
   def layout(self) -> BlockLayout:
@@ -30,8 +30,11 @@ VARIABLES_FILE = "variables.msgpack"
 
 def load_trained(config, workdir: str) -> Trained:
   """The newest checkpoint of ``workdir`` for ``config`` (model/data must match), or, in a
-  workdir without checkpoints, its exported ``variables.msgpack`` (a published result)."""
+  workdir without checkpoints, its exported ``variables.msgpack`` (a published result). With
+  ``config.weights`` set, the imported pretrained weights instead (``load_pretrained``)."""
   from resnet_ensemble import results
+  if config.get("weights"):
+    return load_pretrained(config)
   from resnet_ensemble.sharding import make_mesh, replicated
   manager = (checkpoint.make_manager(workdir)
              if results.path(workdir, "checkpoints").is_dir() else None)
@@ -42,10 +45,10 @@ def load_trained(config, workdir: str) -> Trained:
         f"no trained checkpoint in workdir {workdir} (nor an exported {VARIABLES_FILE}): "
         f"train first with --mode=train (or --mode=all) and the same --workdir")
   checkpoint.check_config(workdir, config)
-  dataset = data_lib.load(config.data)
+  dataset = eval_dataset(config.data)
   model = models.build(config.model, dataset.num_classes)
   if not has_checkpoint:
-    variables, step = read_variables(str(exported), model, dataset.train_images.shape[1:])
+    variables, step = read_variables(str(exported), model, dataset.input_shape)
     variables = jax.device_put(variables, replicated(make_mesh()))
     return Trained(model=model, variables=variables, step=step, dataset=dataset)
   from resnet_ensemble import train  # late: train imports this module's users
@@ -54,10 +57,37 @@ def load_trained(config, workdir: str) -> Trained:
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
       jax.eval_shape(lambda: train.create_train_state_unsharded(
-          model, tx, config.seed, dataset.train_images.shape[1:])))
+          model, tx, config.seed, dataset.input_shape)))
   state = checkpoint.restore_latest(manager, abstract)
   return Trained(model=model, variables={"params": state.params, "batch_stats": state.batch_stats},
                  step=int(state.step), dataset=dataset)
+
+
+def eval_dataset(data_config):
+  """The data the analyses evaluate on: resident (digits, CIFAR-10) or, for ImageNet, the
+  validation split streamed from TFDS (nothing is read until its batches are)."""
+  if data_config.name == "imagenet2012":
+    from resnet_ensemble import imagenet
+    return imagenet.StreamedValidation(image_size=data_config.image_size,
+                                       data_dir=data_config.dir or None)
+  return data_lib.load(data_config)
+
+
+def load_pretrained(config) -> Trained:
+  """``config.weights``, a torchvision state dict of ``config.arch``, as the gated Flax model
+  and its variables (step 0: nothing was trained here). ``model.width`` 0 = the arch's own."""
+  import jax.numpy as jnp
+  from resnet_ensemble import pretrained
+  from resnet_ensemble.sharding import make_mesh, put_tree, replicated
+  model, variables = pretrained.load_pretrained(
+      config.arch, config.weights, width=config.model.width or None,
+      dtype=jnp.dtype(config.model.dtype), unroll=config.model.unroll)
+  dataset = eval_dataset(config.data)
+  if model.num_classes != dataset.num_classes:
+    raise ValueError(f"{config.weights} has {model.num_classes} classes but data "
+                     f"{config.data.name} has {dataset.num_classes}")
+  return Trained(model=model, variables=put_tree(variables, replicated(make_mesh())), step=0,
+                 dataset=dataset)
 
 
 def export_variables(config, workdir: str) -> str:

@@ -4,21 +4,24 @@ A *variant* of the trained network is a block order (a permutation of the stacke
 blocks, E4) plus a gate vector over positions (zeros delete blocks, E1–E3). The evaluator
 ``vmap``s the test-set evaluation over a chunk of variants, with the chunk axis sharded over
 the mesh and the test set resident on every device; every chunk has the same shape, so a
-whole study compiles once.
+whole study compiles once. ImageNet's validation set does not fit on the device: there each
+chunk of variants makes one pass over a stream of batches instead (``StreamedLesionEngine``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import dataclasses
+from typing import Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from resnet_ensemble.layout import BlockLayout
 from resnet_ensemble.surgery import reorder_stacked
 from resnet_ensemble.progress import Progress
-from resnet_ensemble.sharding import put, put_tree, replicated, sharded
+from resnet_ensemble.sharding import put, put_tree, replicate_local, replicated, sharded
 
 
 # ---------------------------------------------------------------- variants (host side, numpy)
@@ -83,13 +86,14 @@ def kendall_tau(order: Sequence[int]) -> float:
 # ------------------------------------------------------------------- the compiled evaluator
 
 def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh) -> Callable:
-  """``fn(variables, images, labels, mask, gates (G, n), orders (G, n)) -> {error, loss}`` (G,).
+  """``fn(variables, images, labels, mask, gates (G, n), orders (G, n)) -> {error, loss,
+  count}`` (G,), count being the number of unmasked images.
 
   ``eval_fn`` is ``train.make_eval_fn(...)``; G must be a multiple of the device count."""
 
   def one(variables, images, labels, mask, gates, order):
     out = eval_fn(reorder_stacked(variables, layout, order), images, labels, mask, gates)
-    return {"error": out["error"], "loss": out["loss"]}
+    return {"error": out["error"], "loss": out["loss"], "count": out["count"]}
 
   batched = jax.vmap(one, in_axes=(None, None, None, None, 0, 0))
   rep, split = replicated(mesh), sharded(mesh)
@@ -104,6 +108,12 @@ class LesionEngine:
                test_labels, test_mask, mesh, chunk: int, base_gates: np.ndarray | None = None):
     """``base_gates``: the trained network's test-time gates (stochastic depth or effective
     paths scale residuals by their expected gate); every variant's gates multiply them."""
+    self._setup(eval_fn, layout, mesh, chunk, base_gates)
+    self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
+    self.images = int(np.sum(test_mask))  # test images each variant is evaluated on
+
+  def _setup(self, eval_fn: Callable, layout: BlockLayout, mesh, chunk: int,
+             base_gates: np.ndarray | None) -> None:
     if chunk % mesh.size:
       chunk = mesh.size * math.ceil(chunk / mesh.size)
     self.layout, self.chunk, self.mesh = layout, chunk, mesh
@@ -111,7 +121,10 @@ class LesionEngine:
                        else np.asarray(base_gates, np.float32))
     self.fn = make_variant_evaluator(eval_fn, layout, mesh)
     self.split = sharded(mesh)
-    self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
+
+  def _chunk_errors(self, gates: jax.Array, orders: jax.Array) -> np.ndarray:
+    """Test error of one chunk of variants (device arrays, split over the mesh)."""
+    return np.asarray(self.fn(*self.args, gates, orders)["error"])
 
   def evaluate(self, gates: np.ndarray | None = None, orders: np.ndarray | None = None,
                desc: str = "lesions") -> np.ndarray:
@@ -130,10 +143,65 @@ class LesionEngine:
       pad = self.chunk - (stop - start)
       g = np.concatenate([gates[start:stop], np.ones((pad, n), np.float32)])
       o = np.concatenate([orders[start:stop], np.tile(np.arange(n), (pad, 1))]).astype(np.int32)
-      out = self.fn(*self.args, put(g * self.base_gates, self.split), put(o, self.split))
-      errors[start:stop] = np.asarray(out["error"])[:stop - start]
+      out = self._chunk_errors(put(g * self.base_gates, self.split), put(o, self.split))
+      errors[start:stop] = out[:stop - start]
       progress.update(stop)
     return errors
+
+
+class StreamedLesionEngine(LesionEngine):
+  """A LesionEngine over a stream of test batches (ImageNet validation, not resident): each
+  chunk of variants makes one pass over ``batches()``, counting every variant's errors; all
+  batches have one shape, so a whole study still compiles once."""
+
+  def __init__(self, eval_fn: Callable, layout: BlockLayout, variables,
+               batches: Callable[[], Iterable[tuple[np.ndarray, ...]]], mesh, chunk: int,
+               base_gates: np.ndarray | None = None):
+    """``batches()``: a new pass of this process's ``(images, labels, mask)`` shares."""
+    self._setup(eval_fn, layout, mesh, chunk, base_gates)
+    self.variables = put_tree(variables, replicated(mesh))
+    self.batches = batches
+    self.images = None  # known after the first pass
+
+  def _chunk_errors(self, gates: jax.Array, orders: jax.Array) -> np.ndarray:
+    wrong = count = 0.0
+    for batch in self.batches():
+      # A stack of one batch (eval_fn scans over stacked batches), whole on every device.
+      images, labels, mask = (replicate_local(a[None], self.mesh, axis=1) for a in batch)
+      out = self.fn(self.variables, images, labels, mask, gates, orders)
+      # Counted on the device, read once per pass: the host keeps feeding batches meanwhile.
+      wrong = wrong + jnp.where(out["count"] > 0, jnp.round(out["error"] * out["count"]), 0.0)
+      count = count + out["count"]
+    count = np.asarray(count)
+    if not np.all(count > 0):
+      raise ValueError("the test stream held no images (check eval.max_images and the data)")
+    self.images = int(count[0])
+    return np.asarray(wrong) / count
+
+
+def first_test_images(dataset, max_images: int):
+  """A resident dataset cut to its first ``max_images`` test images (0: all of them)."""
+  if not max_images:
+    return dataset
+  return dataclasses.replace(dataset, test_images=dataset.test_images[:max_images],
+                             test_labels=dataset.test_labels[:max_images])
+
+
+def make_engine(config, t, mesh) -> LesionEngine:
+  """The lesion engine for ``t``'s data: resident (CIFAR, digits) or streamed (ImageNet); both
+  evaluate on the first ``eval.max_images`` test images (0: all)."""
+  from resnet_ensemble import gates as gates_lib, imagenet, train, trained
+  eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
+  common = dict(mesh=mesh, chunk=config.lesion.chunk,
+                base_gates=gates_lib.eval_gates(config.gates, t.layout))
+  batch_size, cap = config.eval.batch_size, config.eval.max_images
+  if isinstance(t.dataset, imagenet.StreamedValidation):
+    from resnet_ensemble.sharding import check_divisible
+    check_divisible(batch_size, mesh, "eval.batch_size")
+    return StreamedLesionEngine(eval_fn, t.layout, t.variables,
+                                lambda: t.dataset.batches(batch_size, cap), **common)
+  batches = trained.padded_test_batches(first_test_images(t.dataset, cap), batch_size)
+  return LesionEngine(eval_fn, t.layout, t.variables, *batches, **common)
 
 
 # ------------------------------------------------------------------------------ the study
@@ -146,26 +214,21 @@ def _stats(errors: np.ndarray) -> dict:
 
 def run_study(config, workdir: str) -> dict:
   """E1–E4 on the newest checkpoint of ``workdir``; writes and returns ``lesion.json``."""
-  from resnet_ensemble import results, train, trained
+  from resnet_ensemble import results, trained
   from resnet_ensemble.sharding import make_mesh
   t = trained.load_trained(config, workdir)
   layout, lc = t.layout, config.lesion
   n = layout.n_blocks
   if lc.max_k > n:
     raise ValueError(f"lesion.max_k={lc.max_k} is larger than the number of blocks ({n})")
-  mesh = make_mesh()
-  eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
-  from resnet_ensemble import gates as gates_lib
-  engine = LesionEngine(eval_fn, layout, t.variables,
-                        *trained.padded_test_batches(t.dataset, config.eval.batch_size),
-                        mesh=mesh, chunk=lc.chunk,
-                        base_gates=gates_lib.eval_gates(config.gates, layout))
+  engine = make_engine(config, t, make_mesh())
   rng = np.random.default_rng(config.seed)
   baseline = float(engine.evaluate(np.ones((1, n), np.float32), desc="baseline")[0])
   single = engine.evaluate(single_deletion_gates(layout), desc="E1 delete one block")
   out = {
       "config": results.config_dict(config), "checkpoint_step": t.step,
-      "data_source": t.dataset.source, "seed": config.seed, "layout": layout.describe(),
+      "data_source": t.dataset.source, "test_images": engine.images, "seed": config.seed,
+      "layout": layout.describe(),
       "model_kind": "plain" if config.model.name == "plain" else "resnet",
       "baseline": {"error": baseline, "accuracy": 1.0 - baseline},
       "single": {"error": single.tolist()},

@@ -10,8 +10,9 @@ gradients of all 2^n paths sum exactly to the ordinary gradient.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -90,11 +91,56 @@ def sample_selections(rng: np.random.Generator, n: int, k: int, count: int) -> n
   return out
 
 
+def path_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
+  """E6's batches of ``paths.batch_size`` (images, labels), one per chunk of paths, replicated.
+
+  Resident data: a new random training batch per chunk (un-augmented), fixed by (seed, chunk).
+  Streamed ImageNet (no resident train split): the full validation batches among the first
+  ``eval.max_images`` images, in order, cycled when the chunks outnumber them."""
+  from resnet_ensemble import imagenet
+  if isinstance(dataset, imagenet.StreamedValidation):
+    return _streamed_batches(config, dataset, mesh)
+  return _resident_batches(config, dataset, mesh)
+
+
+def _resident_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
+  from resnet_ensemble.sharding import put, replicated
+  n_train, rep = len(dataset.train_labels), replicated(mesh)
+  for c in itertools.count():
+    idx = np.random.default_rng([config.seed, c]).choice(n_train, config.paths.batch_size,
+                                                         replace=False)
+    yield put(dataset.train_images[idx], rep), put(dataset.train_labels[idx], rep)
+
+
+def _streamed_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
+  from resnet_ensemble.sharding import replicate_local
+  batch_size = config.paths.batch_size
+  while True:
+    full = 0
+    for images, labels, mask in dataset.batches(batch_size, config.eval.max_images):
+      if _on_every_process(bool(mask.all())):  # padded batches would bias the mean loss
+        full += 1
+        yield replicate_local(images, mesh), replicate_local(labels, mesh)
+    if not full:
+      raise ValueError(f"E6 needs a whole batch of paths.batch_size={batch_size} images, but "
+                       f"the validation stream (eval.max_images={config.eval.max_images}) "
+                       f"holds fewer")
+
+
+def _on_every_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def run_study(config, workdir: str) -> dict:
   """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``paths.json``."""
-  from resnet_ensemble import augment, gates as gates_lib, models, paths, results, trained
+  from resnet_ensemble import augment, gates as gates_lib, imagenet, models, paths, results
+  from resnet_ensemble import trained
   from resnet_ensemble.progress import Progress
-  from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
+  from resnet_ensemble.sharding import (check_divisible, make_mesh, put, put_tree, replicated,
+                                       sharded)
   t = trained.load_trained(config, workdir)
   pc, n = config.paths, t.layout.n_blocks
   mesh = make_mesh()
@@ -110,16 +156,18 @@ def run_study(config, workdir: str) -> dict:
                    in_shardings=(rep, rep, rep, split), out_shardings=(rep, rep))
   variables = put_tree(t.variables, rep)
   norms = np.zeros((len(selections), 2))
-  n_train = len(t.dataset.train_labels)
+  streamed = isinstance(t.dataset, imagenet.StreamedValidation)
+  if streamed:
+    check_divisible(pc.batch_size, mesh, "paths.batch_size")
+  batches = path_batches(config, t.dataset, mesh)
   progress = Progress(len(selections), "E6 routed path gradients", unit="paths", every_s=10.0)
-  for c, start in enumerate(range(0, len(selections), chunk)):
-    # A new training batch for each chunk of paths (un-augmented; BN in inference mode).
-    idx = np.random.default_rng([config.seed, c]).choice(n_train, pc.batch_size, replace=False)
+  for start in range(0, len(selections), chunk):
+    # A new batch for each chunk of paths (un-augmented; BN in inference mode).
+    images, labels = next(batches)
     sel = selections[start:start + chunk]
     pad = chunk - len(sel)
     sel = np.concatenate([sel, np.zeros((pad, n), np.float32)])
-    y0, image = jitted(variables, put(t.dataset.train_images[idx], rep),
-                       put(t.dataset.train_labels[idx], rep), put(sel, split))
+    y0, image = jitted(variables, images, labels, put(sel, split))
     norms[start:start + chunk - pad] = np.stack([np.asarray(y0), np.asarray(image)], 1)[:chunk - pad]
     progress.update(min(start + chunk, len(selections)))
   by_k = norms.reshape(n + 1, pc.samples_per_k, 2)
@@ -129,6 +177,7 @@ def run_study(config, workdir: str) -> dict:
   out = {
       "n": n, "checkpoint_step": t.step, "config": results.config_dict(config),
       "data_source": t.dataset.source,
+      "batches_from": "validation" if streamed else "train (un-augmented)",
       "gradient": {"k": list(range(n + 1)), "samples_per_k": pc.samples_per_k,
                    "batch_size": pc.batch_size, "mean_norm": mean_norm.tolist(),
                    "std_norm": by_k[..., 0].std(1).tolist(),

@@ -65,11 +65,18 @@ def run_mode(mode: str, config, workdir: str) -> None:
   checkpoints = results.path(workdir, "checkpoints")
   has_checkpoint = checkpoints.is_dir() and any(d.name.isdigit() for d in checkpoints.iterdir())
   exported = results.path(workdir, trained.VARIABLES_FILE).exists()
+  imported = bool(config.get("weights"))  # pretrained weights: nothing to train
+  if "weights" in config and not imported and mode != "report":
+    raise ValueError("this config analyses pretrained weights: set --config.weights=PATH "
+                     "(.safetensors, .pth or .pt) and --config.arch")
+  if mode == "train" and imported:
+    raise ValueError("--config.weights imports pretrained weights, which are not trained "
+                     "here: use --mode=all (or lesion, paths, report)")
   if mode == "train" and exported and not has_checkpoint:
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "
                      f"({trained.VARIABLES_FILE}) and no checkpoints; train in a new workdir")
   if mode == "all":
-    steps = ([] if has_checkpoint or exported else [train.train_and_evaluate]) + [
+    steps = ([] if has_checkpoint or exported or imported else [train.train_and_evaluate]) + [
         lesion.run_study, routing.run_study]
   for i, step in enumerate(steps):
     t0 = time.perf_counter()

@@ -113,6 +113,8 @@ def _model_label(lesion: dict | None, fallback: str = "ResNet") -> str:
   n, _ = _layout(lesion)
   if _is_plain(lesion):
     return f"VGG-{n + 2}"  # stem + n deletable layers + dense
+  if _config(lesion).get("weights"):
+    return f"{_config(lesion).get('arch', 'ResNet')} (pretrained)"
   depth = _config(lesion).get("model", {}).get("depth")
   return f"ResNet-{depth}" if depth else f"ResNet ({n} blocks)"
 
@@ -595,6 +597,7 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   _fig_stochastic_depth(w, lesion, sd)
 
   # Ours vs paper.
+  imagenet = _data_name(lesion or pj) == "imagenet2012"
   rows = []
   model = f"{_model_label(lesion)}, " if lesion else ""
   if final and final.get("eval_error") is not None:
@@ -603,7 +606,10 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
     ours = f"{_pct(lesion['baseline']['error'])} ({model}lesion baseline)"
   else:
     ours = "missing"
-  rows.append(("ResNet-110 test error", ours, PAPER_RESNET_ERROR))
+  if imagenet:
+    rows.append(("ImageNet top-1 validation error", ours, "— (Fig. 4: ResNet-200)"))
+  else:
+    rows.append(("ResNet-110 test error", ours, PAPER_RESNET_ERROR))
   if effective_workdir is not None:
     e = (eff_final or {}).get("eval_error")
     extra = [f"{key} {_pct(v)}" for key, v in sorted((eff_final or {}).items())
@@ -641,8 +647,12 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
                  f"{_pct(_chance_error(vgg))})", PAPER_VGG))
 
   # Missing experiments and the commands that produce them.
-  main_cfg = CONFIGS["imagenet" if _data_name(lesion) == "imagenet2012" else "resnet"]
-  if final is None:
+  main_cfg = CONFIGS["imagenet" if imagenet else "resnet"]
+  cfg = _config(lesion) or _config(pj)
+  if cfg.get("weights"):  # imported pretrained weights: the same flags again, no training
+    main_cfg = (f"configs/imagenet_pretrained.py --config.weights={cfg['weights']} "
+                f"--config.arch={cfg.get('arch')}")
+  if final is None and not cfg.get("weights"):
     w.miss(f"training results (final_metrics.json in {workdir})", _cmd(main_cfg, workdir))
   if lesion is None:
     w.miss("E1, E3, E4 (lesion.json: single-block deletion, k random deletions, reordering)",
@@ -665,7 +675,7 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
       ("sd", sd_workdir, sd, "E10 / Fig. 8 (stochastic depth)", "lesion.json"),
       ("effective", effective_workdir, eff_final, "E8 (effective-path training)",
        "final_metrics.json")):
-    if res is not None:
+    if res is not None or imagenet:  # Fig. 3's VGG panel, E8 and E10 are CIFAR experiments
       continue
     d = wd or DEFAULT_WORKDIRS[key]
     cmds = [_cmd(CONFIGS[key], d)] + ([_cmd(CONFIGS[key], d, "lesion")] if key != "effective"

@@ -1,0 +1,195 @@
+"""Pretrained weights through the CLI flow on TFDS mock imagenet2012 (issue 8): --mode=all runs
+E1, E3, E4, E6/E7 and the report with no training, the lesions evaluated over a stream of
+validation batches; the streamed errors equal a direct evaluation of the same images."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip(
+    "tensorflow_datasets", reason="ImageNet input needs TFDS: pip install 'resnet-ensemble[tfds]'")
+safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors is not installed")
+
+from resnet_ensemble import imagenet, lesion, pretrained, train, trained  # noqa: E402
+from resnet_ensemble.sharding import make_mesh  # noqa: E402
+from resnet_ensemble.surgery import permute_blocks  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH, WIDTH, SIZE, BATCH = "resnet18", 4, 32, 4  # 8 blocks, downsampling 2, 4, 6
+IMAGES, CAP, RIGHT = 10, 9, 6  # mock validation images; the analyses see 9; 6 of them classified right
+
+
+# The tiny run's overrides: few draws, 9 of 10 images (3 batches, the last one part-masked).
+OVERRIDES = {"arch": ARCH, "model.width": WIDTH, "data.image_size": SIZE,
+             "eval.batch_size": BATCH, "eval.max_images": CAP, "lesion.max_k": 2,
+             "lesion.draws": 2, "lesion.reorder_max_swaps": 1, "lesion.reorder_draws": 2,
+             "lesion.chunk": 8, "paths.samples_per_k": 2, "paths.batch_size": BATCH,
+             "paths.chunk": 6}
+
+# The command line, with TFDS's mock imagenet2012 patched in (it cannot be from outside).
+MOCKED_CLI = """
+import sys
+import tensorflow_datasets as tfds
+from resnet_ensemble import __main__ as cli, imagenet
+real, examples = imagenet.make_split, int(sys.argv.pop(1))
+
+def mocked(*args, **kwargs):
+  with tfds.testing.mock_data(num_examples=examples):
+    return real(*args, **kwargs)
+
+imagenet.make_split = mocked
+cli.run()
+"""
+
+
+def run_cli(*args, examples=IMAGES):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", MOCKED_CLI, str(examples),
+                         "--config=configs/imagenet_pretrained.py", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def pretrained_config(**overrides):
+  spec = importlib.util.spec_from_file_location(
+      "imagenet_pretrained", os.path.join(REPO, "configs", "imagenet_pretrained.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in {**OVERRIDES, **overrides}.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _mock(make_split):
+  def mocked(*args, **kwargs):  # mock only the dataset construction (see test_imagenet.py)
+    with tfds.testing.mock_data(num_examples=IMAGES):
+      return make_split(*args, **kwargs)
+  return mocked
+
+
+def _first_images():
+  """The first CAP validation images and labels, read apart from the analyses' stream."""
+  batches = list(imagenet.make_split("validation", batch_size=BATCH, train=False,
+                                     image_size=SIZE))
+  images, labels = (np.concatenate([b[i] for b in batches])[:CAP] for i in (0, 1))
+  return images, labels
+
+
+def _variables(model, images, labels):
+  """Random weights with a head solved so that exactly the first RIGHT images are classified
+  right by the intact network: errors are neither all 0 nor all 1, and lesions change them."""
+  v = jax.tree.map(np.asarray, model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3))))
+  dim = v["params"]["head"]["kernel"].shape[0]
+  v["params"]["head"]["kernel"] = np.eye(dim, model.num_classes, dtype=np.float32)
+  x = (images - np.asarray(imagenet.IMAGENET_MEAN)) / np.asarray(imagenet.IMAGENET_STD)
+  features = np.asarray(model.apply(v, jnp.asarray(x, jnp.float32)))[:, :dim]  # pooled
+  assert len(set(labels[:RIGHT].tolist())) == RIGHT, "mock labels repeat: pick other images"
+  solve = np.linalg.pinv(features.astype(np.float64))  # features @ solve = identity (rank CAP)
+  kernel = np.zeros((dim, model.num_classes), np.float32)
+  for i in range(RIGHT):
+    kernel[:, labels[i]] = 10.0 * solve[:, i]
+  v["params"]["head"]["kernel"] = kernel
+  return v
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+  """Weights written as safetensors, then the --mode=all command line on them."""
+  root = tmp_path_factory.mktemp("pretrained")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(imagenet, "make_split", _mock(imagenet.make_split))
+    images, labels = _first_images()
+  model = pretrained.model_for(ARCH, width=WIDTH)
+  variables = _variables(model, images, labels)
+  weights = str(root / f"{ARCH}.safetensors")
+  safetensors_numpy.save_file(pretrained.to_state_dict(ARCH, variables, width=WIDTH), weights)
+  workdir = str(root / "w")
+  proc = run_cli(f"--config.weights={weights}", f"--workdir={workdir}", "--mode=all",
+                 *(f"--config.{k}={v}" for k, v in OVERRIDES.items()))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "== all: lesion (1/2)" in proc.stdout  # lesion and routing only: no training step
+  config = pretrained_config(weights=weights)
+  read = lambda name: json.load(open(os.path.join(workdir, name)))  # noqa: E731
+  return dict(model=model, variables=variables, images=images, labels=labels, workdir=workdir,
+              config=config, lesion=read("lesion.json"), paths=read("paths.json"))
+
+
+def _direct(flow):
+  """Error of a (gated, reordered) network on the first CAP images, as one resident batch."""
+  eval_fn = jax.jit(train.make_eval_fn(flow["model"], imagenet.IMAGENET_MEAN,
+                                       imagenet.IMAGENET_STD))
+  one_batch = (flow["images"][None], flow["labels"][None], np.ones((1, CAP), np.float32))
+  return lambda variables, gates: float(eval_fn(variables, *one_batch, gates)["error"])
+
+
+def test_mode_all_runs_every_analysis_and_the_report_without_training(flow):
+  out, workdir = flow["lesion"], flow["workdir"]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  assert out["checkpoint_step"] == 0 and out["test_images"] == CAP
+  assert out["layout"]["n_blocks"] == 8 and out["layout"]["downsampling"] == [2, 4, 6]
+  assert len(out["single"]["error"]) == 8  # E1: every block
+  assert out["random"]["k"] == [0, 1, 2] and np.shape(out["random"]["error"]) == (3, 2)
+  assert out["random_no_downsampling"]["exclude_downsampling"] is True
+  assert np.shape(out["reorder"]["error"]) == (1, 2)  # E4
+  assert "imagenet2012 validation" in out["data_source"]
+  pj = flow["paths"]
+  assert pj["n"] == 8 and pj["batches_from"] == "validation"
+  assert len(pj["gradient"]["mean_norm"]) == 9 and np.all(np.isfinite(pj["gradient"]["mean_norm"]))
+  md = open(os.path.join(workdir, "report.md")).read()
+  assert os.path.getsize(os.path.join(workdir, "fig4_imagenet_single_block_deletion.png")) > 1000
+  assert "resnet18 (pretrained)" in md and "downsampling blocks 3, 5, 7" in md
+  assert "| ImageNet top-1 validation error | 33.33 %" in md
+  missing = md.split("## Missing experiments")[1]
+  assert "VGG" not in missing and "training results" not in missing
+
+
+def test_streamed_lesions_equal_a_direct_evaluation_of_the_same_images(flow):
+  out, model = flow["lesion"], flow["model"]
+  direct = lambda gates: _direct(flow)(flow["variables"], gates)  # noqa: E731
+  n = out["layout"]["n_blocks"]
+  assert out["baseline"]["error"] == pytest.approx(1 - RIGHT / CAP, abs=1e-6)
+  assert out["baseline"]["error"] == pytest.approx(direct(np.ones(n, np.float32)), abs=1e-6)
+  for gates, error in zip(lesion.single_deletion_gates(model.layout), out["single"]["error"]):
+    assert error == pytest.approx(direct(gates), abs=1e-6)
+  assert len({round(e, 6) for e in out["single"]["error"] + [out["baseline"]["error"]]}) > 1
+
+
+def test_streamed_engine_reorders_and_compiles_once(flow, monkeypatch):
+  monkeypatch.setattr(imagenet, "make_split", _mock(imagenet.make_split))
+  t = trained.load_trained(flow["config"], flow["workdir"])
+  engine = lesion.make_engine(flow["config"], t, make_mesh())
+  assert isinstance(engine, lesion.StreamedLesionEngine) and engine.chunk == 8
+  rng = np.random.default_rng(0)
+  orders = lesion.random_swap_orders(rng, t.layout, 2, 10)  # two chunks, the last one padded
+  gates = lesion.random_deletion_gates(rng, t.layout, 1, 10)
+  errors = engine.evaluate(gates, orders)
+  direct = _direct(flow)
+  for g, order, error in zip(gates, orders, errors):
+    assert error == pytest.approx(direct(permute_blocks(flow["variables"], t.layout, order), g),
+                                  abs=1e-6)
+  assert engine.images == CAP and engine.fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.weights={missing}", "--mode=all"], "weights file not found: {missing}"),
+    (["--config.weights={missing}", "--mode=train"], "not trained here: use --mode=all"),
+    (["--mode=all"], "set --config.weights=PATH"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, flags, message):
+  missing = str(tmp_path / "nowhere" / "resnet50.safetensors")
+  proc = run_cli(*(f.format(missing=missing) for f in flags), f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert message.format(missing=missing) in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()  # nothing was trained

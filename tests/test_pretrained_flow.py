@@ -181,6 +181,18 @@ def test_streamed_engine_reorders_and_compiles_once(flow, monkeypatch):
   assert engine.images == CAP and engine.fn._cache_size() == 1
 
 
+def test_cap_keeps_the_first_images_in_global_batch_order(monkeypatch):
+  """Process 1 of 2 holds positions 2-3 of every global batch of 4: a cap of 7 keeps its 2, 3
+  and 6, masks 7 (and padding), and stops reading before the batch starting at 8."""
+  monkeypatch.setattr(imagenet.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(imagenet.jax, "process_index", lambda: 1)
+  stream = [(np.full((2, 1), b), np.arange(2), np.array([1.0, 1.0 if b < 2 else 0.0]))
+            for b in range(3)]  # this process's shares; its last image is padding
+  kept = list(imagenet.capped(iter(stream), batch_size=4, max_images=7))
+  assert [m.tolist() for _, _, m in kept] == [[1, 1], [1, 0]]
+  assert list(imagenet.capped(iter(stream), 4, 12))[2][2].tolist() == [1, 0]  # padding stays 0
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--config.weights={missing}", "--mode=all"], "weights file not found: {missing}"),
     (["--config.weights={missing}", "--mode=train"], "not trained here: use --mode=all"),

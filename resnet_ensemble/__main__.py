@@ -23,9 +23,9 @@ flags.DEFINE_enum(
     "mode", "train", ["train", "lesion", "paths", "report", "all", "export"],
     "train: train (resuming); lesion: E1-E4 on the newest checkpoint; paths: E6/E7 routed "
     "gradients; report: report.md + figures from the results; all: train if no checkpoint "
-    "(never with --config.weights, pretrained weights), then lesion, paths and report; export: write variables.msgpack (params and BatchNorm "
-    "statistics of the newest checkpoint), which lesion/paths/report read when a workdir has "
-    "no checkpoints.")
+    "(never with --config.weights, pretrained weights), then lesion, paths and report; "
+    "export: write variables.msgpack (params and BatchNorm statistics of the newest "
+    "checkpoint), which lesion/paths/report read when a workdir has no checkpoints.")
 flags.DEFINE_bool("distributed", os.environ.get("RESNET_ENSEMBLE_DISTRIBUTED") == "1",
                   "Join the multi-process runtime with jax.distributed.initialize() (automatic on "
                   "Cloud TPU VMs; env RESNET_ENSEMBLE_DISTRIBUTED=1).")

@@ -23,7 +23,7 @@ from resnet_ensemble.surgery import permute_blocks  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH, WIDTH, SIZE, BATCH = "resnet18", 4, 32, 4  # 8 blocks, downsampling 2, 4, 6
-IMAGES, CAP, RIGHT = 10, 9, 6  # mock validation images; the analyses see 9; 6 of them classified right
+IMAGES, CAP, RIGHT = 10, 9, 6  # mock validation images; the analyses see 9, 6 classified right
 
 
 # The tiny run's overrides: few draws, 9 of 10 images (3 batches, the last one part-masked).
@@ -104,8 +104,9 @@ def _variables(model, images, labels):
 
 
 @pytest.fixture(scope="module")
-def flow(tmp_path_factory):
-  """Weights written as safetensors, then the --mode=all command line on them."""
+def net(tmp_path_factory):
+  """The tiny network, its weights as a safetensors file, the images it is evaluated on, and
+  ``direct(variables, gates)``: their error as one resident batch (no stream)."""
   root = tmp_path_factory.mktemp("pretrained")
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(imagenet, "make_split", _mock(imagenet.make_split))
@@ -114,28 +115,23 @@ def flow(tmp_path_factory):
   variables = _variables(model, images, labels)
   weights = str(root / f"{ARCH}.safetensors")
   safetensors_numpy.save_file(pretrained.to_state_dict(ARCH, variables, width=WIDTH), weights)
-  workdir = str(root / "w")
-  proc = run_cli(f"--config.weights={weights}", f"--workdir={workdir}", "--mode=all",
+  eval_fn = jax.jit(train.make_eval_fn(model, imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD))
+  one_batch = (images[None], labels[None], np.ones((1, CAP), np.float32))
+  direct = lambda v, gates: float(eval_fn(v, *one_batch, gates)["error"])  # noqa: E731
+  return dict(model=model, variables=variables, weights=weights, root=root, direct=direct,
+              config=pretrained_config(weights=weights))
+
+
+def test_mode_all_runs_every_analysis_on_the_streamed_images_without_training(net):
+  """One test (one CLI run, on one xdist worker): the files, then the streamed errors against
+  a direct evaluation of the same network on the same 9 images."""
+  workdir = str(net["root"] / "w")
+  proc = run_cli(f"--config.weights={net['weights']}", f"--workdir={workdir}", "--mode=all",
                  *(f"--config.{k}={v}" for k, v in OVERRIDES.items()))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "== all: lesion (1/2)" in proc.stdout  # lesion and routing only: no training step
-  config = pretrained_config(weights=weights)
-  read = lambda name: json.load(open(os.path.join(workdir, name)))  # noqa: E731
-  return dict(model=model, variables=variables, images=images, labels=labels, workdir=workdir,
-              config=config, lesion=read("lesion.json"), paths=read("paths.json"))
-
-
-def _direct(flow):
-  """Error of a (gated, reordered) network on the first CAP images, as one resident batch."""
-  eval_fn = jax.jit(train.make_eval_fn(flow["model"], imagenet.IMAGENET_MEAN,
-                                       imagenet.IMAGENET_STD))
-  one_batch = (flow["images"][None], flow["labels"][None], np.ones((1, CAP), np.float32))
-  return lambda variables, gates: float(eval_fn(variables, *one_batch, gates)["error"])
-
-
-def test_mode_all_runs_every_analysis_and_the_report_without_training(flow):
-  out, workdir = flow["lesion"], flow["workdir"]
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  out = json.load(open(os.path.join(workdir, "lesion.json")))
   assert out["checkpoint_step"] == 0 and out["test_images"] == CAP
   assert out["layout"]["n_blocks"] == 8 and out["layout"]["downsampling"] == [2, 4, 6]
   assert len(out["single"]["error"]) == 8  # E1: every block
@@ -143,7 +139,7 @@ def test_mode_all_runs_every_analysis_and_the_report_without_training(flow):
   assert out["random_no_downsampling"]["exclude_downsampling"] is True
   assert np.shape(out["reorder"]["error"]) == (1, 2)  # E4
   assert "imagenet2012 validation" in out["data_source"]
-  pj = flow["paths"]
+  pj = json.load(open(os.path.join(workdir, "paths.json")))
   assert pj["n"] == 8 and pj["batches_from"] == "validation"
   assert len(pj["gradient"]["mean_norm"]) == 9 and np.all(np.isfinite(pj["gradient"]["mean_norm"]))
   md = open(os.path.join(workdir, "report.md")).read()
@@ -153,31 +149,27 @@ def test_mode_all_runs_every_analysis_and_the_report_without_training(flow):
   missing = md.split("## Missing experiments")[1]
   assert "VGG" not in missing and "training results" not in missing
 
-
-def test_streamed_lesions_equal_a_direct_evaluation_of_the_same_images(flow):
-  out, model = flow["lesion"], flow["model"]
-  direct = lambda gates: _direct(flow)(flow["variables"], gates)  # noqa: E731
-  n = out["layout"]["n_blocks"]
+  direct = lambda gates: net["direct"](net["variables"], gates)  # noqa: E731
   assert out["baseline"]["error"] == pytest.approx(1 - RIGHT / CAP, abs=1e-6)
-  assert out["baseline"]["error"] == pytest.approx(direct(np.ones(n, np.float32)), abs=1e-6)
-  for gates, error in zip(lesion.single_deletion_gates(model.layout), out["single"]["error"]):
+  assert out["baseline"]["error"] == pytest.approx(direct(np.ones(8, np.float32)), abs=1e-6)
+  for gates, error in zip(lesion.single_deletion_gates(net["model"].layout),
+                          out["single"]["error"]):
     assert error == pytest.approx(direct(gates), abs=1e-6)
   assert len({round(e, 6) for e in out["single"]["error"] + [out["baseline"]["error"]]}) > 1
 
 
-def test_streamed_engine_reorders_and_compiles_once(flow, monkeypatch):
+def test_streamed_engine_reorders_and_compiles_once(net, monkeypatch, tmp_path):
   monkeypatch.setattr(imagenet, "make_split", _mock(imagenet.make_split))
-  t = trained.load_trained(flow["config"], flow["workdir"])
-  engine = lesion.make_engine(flow["config"], t, make_mesh())
+  t = trained.load_trained(net["config"], str(tmp_path))
+  engine = lesion.make_engine(net["config"], t, make_mesh())
   assert isinstance(engine, lesion.StreamedLesionEngine) and engine.chunk == 8
   rng = np.random.default_rng(0)
   orders = lesion.random_swap_orders(rng, t.layout, 2, 10)  # two chunks, the last one padded
   gates = lesion.random_deletion_gates(rng, t.layout, 1, 10)
   errors = engine.evaluate(gates, orders)
-  direct = _direct(flow)
   for g, order, error in zip(gates, orders, errors):
-    assert error == pytest.approx(direct(permute_blocks(flow["variables"], t.layout, order), g),
-                                  abs=1e-6)
+    permuted = permute_blocks(net["variables"], t.layout, order)
+    assert error == pytest.approx(net["direct"](permuted, g), abs=1e-6)
   assert engine.images == CAP and engine.fn._cache_size() == 1
 
 

@@ -46,6 +46,9 @@ def measure(config, workdir: str, exact_path: str) -> dict:
   import jax
   from resnet_ensemble import results, train, trained
   t = trained.load_trained(config, workdir)
+  if not hasattr(t.dataset, "test_images"):
+    raise ValueError(f"jpeg_gap needs a resident test split (CIFAR-10); {config.data.name} "
+                     "is streamed")
   exact = load_exact(exact_path)
   idx = exact["test_indices"].astype(np.int64)
   ds = t.dataset

@@ -8,6 +8,10 @@
 
 At test time every block is active with its residual scaled by its expected gate
 (``test_scaling='expected'``), or unscaled (``'none'``).
+
+``gates.skip_compute`` (default on): the train step does not compute a block whose sampled gate
+is zero for the whole mini-batch (a ``lax.cond`` in models.py), so an effective-path step costs
+about k/n of the blocks' FLOPs; the gates, the loss and the gradients are the same either way.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 # 400 on the GPU), STEPS (a space-separated subset of the step names below, run in this order),
 # PYTHON (default python3), TORCH_REF (default .gpu/torch_ref.py), TORCH_COMPILE_MIN_S (60),
 # KEEP=1 to append to an existing bench.jsonl. Step names: torch_eager train128 train1024 eval
-# lesion paths train_effective train_sd torch_compile.
+# lesion paths train_effective train_sd train_effective_multiply train_sd_multiply torch_compile.
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
@@ -114,6 +114,10 @@ step lesion 70 "$PY" bench/lesion_suite.py $NET $LESION
 step paths 60 "$PY" bench/path_sampling.py $NET $PATHS
 step train_effective 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL
 step train_sd 50 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL
+step train_effective_multiply 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN \
+  --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
+step train_sd_multiply 50 "$PY" bench/train_step.py $SD $TRAIN \
+  --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
 if [ "$SMOKE" != 1 ]; then
   # torch.compile: minutes of compiling (ResNet-110 forward + backward), so last, with what is
   # left of the budget; not started with under 60 s left (it would only time out).

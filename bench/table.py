@@ -166,8 +166,11 @@ def table(rows: list[dict]) -> str:
                + ")") if compiles else "—", "—",
               f"≤ 30 s{met(None if worst is None else worst <= 30)}", "—"))
   # --- gated train steps vs the full step
-  for workload, label in (("train_effective", "effective paths (k=23) train step, batch 128"),
-                          ("train_stochastic_depth", "stochastic depth train step, batch 128")):
+  for workload, label in (
+      ("train_effective", "effective paths (k=23) train step, batch 128"),
+      ("train_effective_multiply", "the same, gated-off blocks computed (multiply form)"),
+      ("train_stochastic_depth", "stochastic depth train step, batch 128"),
+      ("train_stochastic_depth_multiply", "the same, gated-off blocks computed (multiply form)")):
     ours = by_batch(rows, False, impl="jax", workload=workload)
     full = ours and jax_(workload="train", batch=ours["batch"])
     out.append((label, f"{ours['ms_per_step']:.2f} ms/step" if ours else "—",

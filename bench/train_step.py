@@ -40,7 +40,7 @@ def main(_):
   step = train.make_train_on_batch(
       model, tx, dataset.mean, dataset.std, 0.0, mesh,
       sample_gates=gates_lib.make_sampler(c.gates, model.layout, c.train.batch_size),
-      gate_key=jax.random.key(0))
+      gate_key=jax.random.key(0), skip_compute=c.gates.skip_compute)
   k = c.train.steps_per_call
   fn = train.make_resident_train_fn(step, seed=c.seed, batch_size=c.train.batch_size,
                                     crop_padding=c.data.crop_padding, flip=c.data.flip,
@@ -58,13 +58,16 @@ def main(_):
   calls, seconds = common.timed(call, FLAGS.calls, FLAGS.time_cap_s)
   per_step = seconds / (calls * k)
   gates = c.gates.sampler
-  workload = "train" if gates == "none" else f"train_{gates}"
+  # Gated steps skip the blocks gated off (gates.skip_compute) unless told otherwise.
+  workload = ("train" if gates == "none" else f"train_{gates}"
+              + ("" if c.gates.skip_compute else "_multiply"))
   common.emit({
       "workload": workload, "what": "train_step", **common.jax_info(),
       "config": common.config_name(), "model": f"{c.model.name}-{c.model.depth}",
       "width": c.model.width, "n_blocks": model.layout.n_blocks, "dtype": c.model.dtype,
       "unroll": c.model.unroll, "batch": c.train.batch_size, "steps_per_call": k,
       "gates": gates, "gates_k": c.gates.k if gates == "effective" else None,
+      "skip_compute": bool(c.gates.skip_compute) if gates != "none" else None,
       "steps": calls * k, "seconds": round(seconds, 3),
       "ms_per_step": round(1000 * per_step, 3), "steps_per_s": round(1 / per_step, 2),
       "img_per_s": round(c.train.batch_size / per_step), "compile_s": round(compile_s, 2)},

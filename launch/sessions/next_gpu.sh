@@ -4,9 +4,10 @@
 # files come back: session.log, resnet110_seed0.lesion.json, bench.jsonl, bench.log, table.md,
 # r110_eff_s0.tar.part-aa):
 #   1. the full lesion study (E1, E3 both variants, E4) on the published ResNet-110 (~4 min);
-#   2. issue 6's benchmarks without the steps measured by real runs (lesion, paths);
-#   3. ResNet-110 with effective paths only (E8) for the rest; later calls resume it with
-#      .gpu/resume/r110_eff_s0.tar.part-aa (launch/device_train.sh).
+#   2. issue 6's benchmarks without the steps measured by real runs (lesion, paths), the
+#      gated steps with and without compute skipping (issue 4) first;
+#   3. ResNet-110 with effective paths only (E8) if time is left (the next call or session
+#      resumes it from .gpu/resume/r110_eff_s0.tar.part-aa, launch/device_train.sh).
 #   run (device tool, carry [".gpu"], timeout_s 590): bash launch/sessions/next_gpu.sh 570
 # CPU smoke: SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py \
 #   CONFIG_E=configs/quickstart.py O="" E_O="--config.gates.sampler=effective \
@@ -35,10 +36,12 @@ timeout 270 python3 -m resnet_ensemble --mode=lesion --config="$CONFIG_R" --work
 cp "$R/lesion.json" "$OUT/$(basename "$R").lesion.json"
 
 left=$((TOTAL - SECONDS))
-stamp "2. benchmarks, budget $((left * 45 / 100))s"
-[ -n "$SMOKE" ] && smoke=--smoke
-OUT="$OUT" BUDGET_S=$((left * 45 / 100)) TORCH_COMPILE_MIN_S=9999 \
-  STEPS="torch_eager train128 train1024 eval train_effective train_sd" \
+bench=$((left - 20))
+stamp "2. benchmarks, budget ${bench}s"
+[ -n "$SMOKE" ] && smoke=--smoke && bench=$((left / 2))
+OUT="$OUT" BUDGET_S=$bench TORCH_COMPILE_MIN_S=9999 \
+  STEPS="torch_eager train128 train_effective train_effective_multiply train_sd \
+train_sd_multiply train1024 eval" \
   bash bench/run_all.sh $smoke 2>&1 | tail -20 | tee -a "$OUT/session.log"
 
 left=$((TOTAL - SECONDS - 15))

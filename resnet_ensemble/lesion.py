@@ -212,9 +212,17 @@ def _stats(errors: np.ndarray) -> dict:
           "error": errors.tolist()}
 
 
+PARTIAL = "lesion.partial.json"
+
+
 def run_study(config, workdir: str) -> dict:
-  """E1–E4 on the newest checkpoint of ``workdir``; writes and returns ``lesion.json``."""
+  """E1–E4 on the newest checkpoint of ``workdir``; writes and returns ``lesion.json``.
+
+  After each experiment the results so far go to ``lesion.partial.json``, so a study cut
+  short (a preempted VM, a time limit) keeps what it finished without replacing an earlier
+  complete ``lesion.json``; the finished study replaces both."""
   from resnet_ensemble import results, trained
+  from resnet_ensemble.progress import say
   from resnet_ensemble.sharding import make_mesh
   t = trained.load_trained(config, workdir)
   layout, lc = t.layout, config.lesion
@@ -233,6 +241,7 @@ def run_study(config, workdir: str) -> dict:
       "baseline": {"error": baseline, "accuracy": 1.0 - baseline},
       "single": {"error": single.tolist()},
   }
+  results.write_json(workdir, PARTIAL, out)
   variants = [("random", False)]
   if lc.exclude_downsampling_variant and layout.downsampling:
     variants.append(("random_no_downsampling", True))
@@ -241,7 +250,11 @@ def run_study(config, workdir: str) -> dict:
     gates = np.concatenate([random_deletion_gates(rng, layout, k, lc.draws, exclude) for k in ks])
     errors = engine.evaluate(gates, desc=f"E3 delete k blocks ({name})").reshape(len(ks), lc.draws)
     out[name] = {"k": ks, "draws": lc.draws, "exclude_downsampling": exclude, **_stats(errors)}
-  if lc.reorder_max_swaps:
+    results.write_json(workdir, PARTIAL, out)
+  swappable = any(len(layout.stacked_range(s)) >= 2 for s in range(layout.num_stages))
+  if lc.reorder_max_swaps and not swappable:
+    say("E4 skipped: no stage has two same-shape blocks to swap")
+  if lc.reorder_max_swaps and swappable:
     ks = list(range(1, lc.reorder_max_swaps + 1))
     orders = np.concatenate([random_swap_orders(rng, layout, k, lc.reorder_draws) for k in ks])
     errors = engine.evaluate(orders=orders, desc="E4 reorder blocks").reshape(len(ks), -1)
@@ -249,4 +262,6 @@ def run_study(config, workdir: str) -> dict:
     out["reorder"] = {"k": ks, "draws": lc.reorder_draws, "tau": taus.tolist(),
                       "error": errors.tolist()}
   results.write_json(workdir, "lesion.json", out)
+  if results.is_main_process():
+    results.path(workdir, PARTIAL).unlink(missing_ok=True)
   return out

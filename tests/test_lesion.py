@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -102,6 +103,29 @@ def test_lesion_study_writes_every_experiment(trained_tiny):
   assert out["random_no_downsampling"]["exclude_downsampling"] is True
   assert np.asarray(out["reorder"]["tau"]).shape == (2, 3)
   assert out["checkpoint_step"] == 20
+
+
+def test_a_study_cut_short_keeps_what_it_finished(trained_tiny, monkeypatch):
+  config, workdir = trained_tiny
+  (Path(workdir) / "lesion.json").write_text('{"earlier": "complete study"}')
+  evaluate = lesion.LesionEngine.evaluate
+
+  def preempted_in_e4(self, gates=None, orders=None, desc=""):
+    if orders is not None:
+      raise KeyboardInterrupt("preempted")
+    return evaluate(self, gates, orders, desc)
+
+  monkeypatch.setattr(lesion.LesionEngine, "evaluate", preempted_in_e4)
+  with pytest.raises(KeyboardInterrupt):
+    lesion.run_study(config, workdir)
+  partial = json.loads((Path(workdir) / lesion.PARTIAL).read_text())
+  assert len(partial["single"]["error"]) == 9 and partial["random_no_downsampling"]["k"]
+  assert "reorder" not in partial
+  assert json.loads((Path(workdir) / "lesion.json").read_text()) == {"earlier": "complete study"}
+  monkeypatch.setattr(lesion.LesionEngine, "evaluate", evaluate)
+  out = lesion.run_study(config, workdir)  # the finished study replaces both
+  assert json.loads((Path(workdir) / "lesion.json").read_text())["reorder"] == out["reorder"]
+  assert not (Path(workdir) / lesion.PARTIAL).exists()
 
 
 def test_lesion_errors_name_the_problem(trained_tiny, tmp_path):

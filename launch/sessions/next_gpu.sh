@@ -34,6 +34,7 @@ stamp "1. E1-E4 on $R"
 timeout 270 python3 -m resnet_ensemble --mode=lesion --config="$CONFIG_R" --workdir="$R" $O \
   --config.lesion.chunk=64 2>&1 | quiet | tee -a "$OUT/session.log"
 cp "$R/lesion.json" "$OUT/$(basename "$R").lesion.json"
+cp "$R/lesion.partial.json" "$OUT/$(basename "$R").lesion.partial.json" 2>/dev/null  # if cut
 
 left=$((TOTAL - SECONDS))
 bench=$((left - 20))

@@ -18,15 +18,9 @@ from resnet_ensemble import gates as gates_lib, models, train
 from resnet_ensemble.config import base_config
 from resnet_ensemble.layout import down_name, stacked_name
 from resnet_ensemble.sharding import make_mesh, replicated
+from tests.test_models import RESNETS
 
-MODELS = {
-    "preact": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16)),
-    "postact": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16), preact=False),
-    "zero_pad": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16), shortcut="zero_pad"),
-    "bottleneck": models.ResNet(stage_sizes=(2, 2), widths=(4, 8), block="bottleneck",
-                                stem="imagenet", stem_width=8),
-    "plain": models.PlainNet(stage_sizes=(3, 2), width=8),
-}
+MODELS = {**RESNETS, "plain": models.PlainNet(stage_sizes=(3, 2), width=8)}
 # Block 2 (a downsampling block) off, block 4 (downsampling) on; then all off, all on.
 FIXED_GATES = ([1, 0, 0, 1, 1, 0], [0] * 6, [1] * 6)
 

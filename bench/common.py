@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 import time
 from typing import Any, Callable
 
@@ -30,6 +31,15 @@ def jax_info() -> dict:
   d = jax.devices()[0]
   return {"impl": "jax", "device": d.device_kind, "platform": d.platform,
           "devices": jax.device_count(), "jax": jax.__version__}
+
+
+_START = time.perf_counter()
+
+
+def progress(what: str) -> None:
+  """One stderr line per phase with the seconds since start: a step cut by its timeout still
+  says where its time went (setup, compile, warm-up or the timed calls)."""
+  print(f"[{time.perf_counter() - _START:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def emit(row: dict, human: str | None = None) -> dict:
@@ -67,8 +77,9 @@ def model_variables(model, config, input_shape, path: str = "") -> tuple[dict, s
     from resnet_ensemble import trained
     variables, step = trained.read_variables(path, model, input_shape)
     return variables, f"{path}@{step}"
-  variables = jax.jit(lambda: model.init(
-      jax.random.key(config.seed), jnp.zeros((1,) + tuple(input_shape), jnp.float32)))()
+  from resnet_ensemble.sharding import on_host
+  variables = on_host(lambda: model.init(
+      jax.random.key(config.seed), jnp.zeros((1,) + tuple(input_shape), jnp.float32)))
   return dict(variables), "random_init"
 
 

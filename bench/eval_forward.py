@@ -30,6 +30,7 @@ FLAGS = flags.FLAGS
 
 def main(_):
   c = FLAGS.config
+  common.progress(f"start on {jax.devices()[0].device_kind}")
   mesh = make_mesh()
   dataset = common.synthetic(c, 1, FLAGS.num_images)
   model = models.build(c.model, dataset.num_classes)
@@ -41,9 +42,11 @@ def main(_):
   for batch in map(int, FLAGS.batch_sizes):
     images, labels, mask = trained.padded_test_batches(dataset, batch)
     args = [put(a, sharded(mesh, axis=1)) for a in (images, labels, mask)]
+    common.progress(f"batch {batch}: compiling")
     t0 = time.perf_counter()
     compiled = eval_fn.lower(variables, *args).compile()
     compile_s = time.perf_counter() - t0
+    common.progress(f"batch {batch}: compiled in {compile_s:.1f} s; warm-up, timed calls")
     call = lambda: compiled(variables, *args)["error"]
     common.timed(call, 1, 0.0)  # warm-up
     calls, seconds = common.timed(call, FLAGS.calls, FLAGS.time_cap_s)

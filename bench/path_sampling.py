@@ -62,9 +62,11 @@ def main(_):
     return (variables, put(dataset.train_images[idx], rep), put(dataset.train_labels[idx], rep),
             put(sel, split))
 
+  common.progress("compiling")
   t0 = time.perf_counter()
   compiled = jitted.lower(*args(0, 0)).compile()
   compile_s = time.perf_counter() - t0
+  common.progress(f"compiled in {compile_s:.1f} s")
   jax.block_until_ready(compiled(*args(0, 0)))  # warm-up
   starts = list(range(0, total, chunk))
   done, t0 = 0, time.perf_counter()

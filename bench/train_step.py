@@ -31,6 +31,7 @@ FLAGS = flags.FLAGS
 
 def main(_):
   c = FLAGS.config
+  common.progress(f"start on {jax.devices()[0].device_kind}")
   mesh = make_mesh()
   dataset = common.synthetic(c, FLAGS.num_examples, 1000)
   model = models.build(c.model, dataset.num_classes)
@@ -45,9 +46,11 @@ def main(_):
   fn = train.make_resident_train_fn(step, seed=c.seed, batch_size=c.train.batch_size,
                                     crop_padding=c.data.crop_padding, flip=c.data.flip,
                                     num_steps=k)
+  common.progress("state and data resident; compiling")
   t0 = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=0).lower(state, resident).compile()
   compile_s = time.perf_counter() - t0
+  common.progress(f"compiled in {compile_s:.1f} s; warm-up call")
   box = [state]
 
   def call():
@@ -55,6 +58,7 @@ def main(_):
     return m
 
   common.timed(call, 1, 0.0)  # warm-up
+  common.progress("timed calls")
   calls, seconds = common.timed(call, FLAGS.calls, FLAGS.time_cap_s)
   per_step = seconds / (calls * k)
   gates = c.gates.sampler

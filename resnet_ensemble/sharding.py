@@ -9,6 +9,7 @@ devices (XLA inserts the cross-device reductions): 1 and 8 devices compute the s
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -62,6 +63,16 @@ def _gather(mesh: Mesh):
 def put_tree(tree, sharding: NamedSharding):
   return jax.tree.map(lambda v: v if isinstance(v, jax.Array) and v.sharding == sharding
                       else put(v, sharding), tree)
+
+
+def on_host(fn: Callable[[], Any]) -> Any:
+  """``jax.jit(fn)()`` computed on this process's CPU; place the result with ``put_tree``.
+
+  For parameter initialisation: one random draw per parameter makes a long program that XLA
+  compiles in seconds for the CPU but in about 50 s for an H100 (bench/, 2026-11-27); every
+  process computes the same values, so the placed arrays agree across hosts."""
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    return jax.jit(fn)()
 
 
 def initialize_distributed(coordinator_address: str | None = None,

@@ -26,7 +26,8 @@ from resnet_ensemble import (checkpoint, data as data_lib, gates as gates_lib, m
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress, say
 from resnet_ensemble.trained import padded_test_batches
-from resnet_ensemble.sharding import check_divisible, make_mesh, put, replicated, sharded
+from resnet_ensemble.sharding import (check_divisible, make_mesh, on_host, put, put_tree,
+                                     replicated, sharded)
 
 
 @flax.struct.dataclass
@@ -165,8 +166,9 @@ def create_train_state_unsharded(model: nn.Module, tx, seed: int, input_shape) -
 
 
 def create_train_state(model: nn.Module, tx, seed: int, input_shape, mesh) -> TrainState:
+  """The initial state replicated over ``mesh``, initialised on the host (``on_host``)."""
   init = functools.partial(create_train_state_unsharded, model, tx, seed, input_shape)
-  return jax.jit(init, out_shardings=replicated(mesh))()
+  return put_tree(on_host(init), replicated(mesh))
 
 
 class StopRequest:

@@ -10,8 +10,9 @@ chunk of variants makes one pass over a stream of batches instead (``StreamedLes
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import json
+import math
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 
 from resnet_ensemble.layout import BlockLayout
 from resnet_ensemble.surgery import reorder_stacked
-from resnet_ensemble.progress import Progress
+from resnet_ensemble.progress import Progress, say
 from resnet_ensemble.sharding import put, put_tree, replicate_local, replicated, sharded
 
 
@@ -121,6 +122,7 @@ class LesionEngine:
                        else np.asarray(base_gates, np.float32))
     self.fn = make_variant_evaluator(eval_fn, layout, mesh)
     self.split = sharded(mesh)
+    self.known: dict[bytes, float] = {}  # test error of each variant evaluated so far
 
   def _chunk_errors(self, gates: jax.Array, orders: jax.Array) -> np.ndarray:
     """Test error of one chunk of variants (device arrays, split over the mesh)."""
@@ -128,25 +130,36 @@ class LesionEngine:
 
   def evaluate(self, gates: np.ndarray | None = None, orders: np.ndarray | None = None,
                desc: str = "lesions") -> np.ndarray:
-    """Test error of every variant (rows of ``gates`` / ``orders``; missing = intact)."""
+    """Test error of every variant (rows of ``gates`` / ``orders``; missing = intact).
+
+    Each distinct variant is evaluated once per engine: repeats (E3's k = 0 draws, a k = 1
+    draw that E1 already measured, swaps that undo each other) reuse the error in ``known``."""
     n = self.layout.n_blocks
     count = len(gates) if gates is not None else len(orders)
     gates = np.ones((count, n), np.float32) if gates is None else np.asarray(gates, np.float32)
-    orders = np.tile(np.arange(n), (count, 1)) if orders is None else np.asarray(orders)
+    orders = (np.tile(np.arange(n), (count, 1)) if orders is None else np.asarray(orders))
     if gates.shape != (count, n) or orders.shape != (count, n):
       raise ValueError(f"gates and orders must both have shape ({count}, {n}); got "
                        f"{gates.shape} and {orders.shape}")
-    errors = np.empty((count,), np.float64)
-    progress = Progress(count, desc, unit="variants", every_s=10.0)
-    for start in range(0, count, self.chunk):
-      stop = min(start + self.chunk, count)
-      pad = self.chunk - (stop - start)
-      g = np.concatenate([gates[start:stop], np.ones((pad, n), np.float32)])
-      o = np.concatenate([orders[start:stop], np.tile(np.arange(n), (pad, 1))]).astype(np.int32)
+    orders = orders.astype(np.int32)
+    keys = [g.tobytes() + o.tobytes() for g, o in zip(gates, orders)]
+    first = {}
+    for row, key in enumerate(keys):
+      if key not in self.known:
+        first.setdefault(key, row)
+    rows = np.fromiter(first.values(), int, len(first))
+    if len(rows) < count:
+      say(f"{desc}: {count - len(rows)} of {count} variants repeat ones already evaluated")
+    progress = Progress(len(rows), desc, unit="variants", every_s=10.0)
+    for start in range(0, len(rows), self.chunk):
+      sel = rows[start:start + self.chunk]
+      pad = self.chunk - len(sel)
+      g = np.concatenate([gates[sel], np.ones((pad, n), np.float32)])
+      o = np.concatenate([orders[sel], np.tile(np.arange(n, dtype=np.int32), (pad, 1))])
       out = self._chunk_errors(put(g * self.base_gates, self.split), put(o, self.split))
-      errors[start:stop] = out[:stop - start]
-      progress.update(stop)
-    return errors
+      self.known.update(zip((keys[r] for r in sel), out[:len(sel)].tolist()))
+      progress.update(start + len(sel))
+    return np.asarray([self.known[key] for key in keys], np.float64)
 
 
 class StreamedLesionEngine(LesionEngine):
@@ -213,6 +226,21 @@ def _stats(errors: np.ndarray) -> dict:
 
 
 PARTIAL = "lesion.partial.json"
+RESUMABLE = ("random", "random_no_downsampling", "reorder")
+
+
+def _finished_experiments(workdir: str, out: dict) -> dict:
+  """E3/E4 results of an earlier run of this same study (``lesion.json`` or a cut
+  ``lesion.partial.json``): same config, checkpoint step and test images."""
+  from resnet_ensemble import results
+  same = ("config", "checkpoint_step", "data_source", "test_images", "seed")
+  now = json.loads(json.dumps({k: out[k] for k in same}))  # as it reads back from JSON
+  done = {}
+  for name in ("lesion.json", PARTIAL):
+    earlier = results.read_json(workdir, name) or {}
+    if all(earlier.get(k) == v for k, v in now.items()):
+      done.update({k: earlier[k] for k in RESUMABLE if k in earlier and k not in done})
+  return done
 
 
 def run_study(config, workdir: str) -> dict:
@@ -220,9 +248,10 @@ def run_study(config, workdir: str) -> dict:
 
   After each experiment the results so far go to ``lesion.partial.json``, so a study cut
   short (a preempted VM, a time limit) keeps what it finished without replacing an earlier
-  complete ``lesion.json``; the finished study replaces both."""
+  complete ``lesion.json``; the finished study replaces both. A rerun resumes: E3 and E4
+  results already in either file for the same config, checkpoint and test images are kept
+  (their draws are still made, so later experiments see the same random stream)."""
   from resnet_ensemble import results, trained
-  from resnet_ensemble.progress import say
   from resnet_ensemble.sharding import make_mesh
   t = trained.load_trained(config, workdir)
   layout, lc = t.layout, config.lesion
@@ -241,13 +270,18 @@ def run_study(config, workdir: str) -> dict:
       "baseline": {"error": baseline, "accuracy": 1.0 - baseline},
       "single": {"error": single.tolist()},
   }
-  results.write_json(workdir, PARTIAL, out)
+  done = _finished_experiments(workdir, out)
+  results.write_json(workdir, PARTIAL, {**out, **done})
   variants = [("random", False)]
   if lc.exclude_downsampling_variant and layout.downsampling:
     variants.append(("random_no_downsampling", True))
   for name, exclude in variants:
     ks = list(range(min(lc.max_k, len(eligible_blocks(layout, exclude))) + 1))
     gates = np.concatenate([random_deletion_gates(rng, layout, k, lc.draws, exclude) for k in ks])
+    if name in done and done[name]["k"] == ks and done[name]["draws"] == lc.draws:
+      out[name] = done[name]
+      say(f"E3 ({name}): kept from an earlier run")
+      continue
     errors = engine.evaluate(gates, desc=f"E3 delete k blocks ({name})").reshape(len(ks), lc.draws)
     out[name] = {"k": ks, "draws": lc.draws, "exclude_downsampling": exclude, **_stats(errors)}
     results.write_json(workdir, PARTIAL, out)
@@ -257,10 +291,15 @@ def run_study(config, workdir: str) -> dict:
   if lc.reorder_max_swaps and swappable:
     ks = list(range(1, lc.reorder_max_swaps + 1))
     orders = np.concatenate([random_swap_orders(rng, layout, k, lc.reorder_draws) for k in ks])
-    errors = engine.evaluate(orders=orders, desc="E4 reorder blocks").reshape(len(ks), -1)
-    taus = np.asarray([kendall_tau(o) for o in orders]).reshape(len(ks), -1)
-    out["reorder"] = {"k": ks, "draws": lc.reorder_draws, "tau": taus.tolist(),
-                      "error": errors.tolist()}
+    prior = done.get("reorder")
+    if prior and prior["k"] == ks and prior["draws"] == lc.reorder_draws:
+      out["reorder"] = prior
+      say("E4: kept from an earlier run")
+    else:
+      errors = engine.evaluate(orders=orders, desc="E4 reorder blocks").reshape(len(ks), -1)
+      taus = np.asarray([kendall_tau(o) for o in orders]).reshape(len(ks), -1)
+      out["reorder"] = {"k": ks, "draws": lc.reorder_draws, "tau": taus.tolist(),
+                        "error": errors.tolist()}
   results.write_json(workdir, "lesion.json", out)
   if results.is_main_process():
     results.path(workdir, PARTIAL).unlink(missing_ok=True)

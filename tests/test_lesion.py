@@ -94,6 +94,26 @@ def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny):
   assert engine.fn._cache_size() == 1  # 4 chunked calls of two kinds, one compilation
 
 
+def test_repeated_variants_are_evaluated_once(trained_tiny):
+  config, workdir = trained_tiny
+  t = trained.load_trained(config, workdir)
+  eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
+  batches = trained.padded_test_batches(t.dataset, config.eval.batch_size)
+  make = lambda: lesion.LesionEngine(eval_fn, t.layout, t.variables, *batches,
+                                     mesh=make_mesh(), chunk=4)
+  engine, chunks = make(), []
+  run_chunk = engine._chunk_errors
+  engine._chunk_errors = lambda g, o: chunks.append(1) or run_chunk(g, o)
+  e1 = lesion.single_deletion_gates(t.layout)
+  gates = np.concatenate([np.ones((3, 9), np.float32), e1, e1[:2]])  # 14 variants, 10 distinct
+  errors = engine.evaluate(gates)
+  assert len(chunks) == 3  # 10 distinct variants in chunks of 4
+  alone = make().evaluate(np.concatenate([np.ones((1, 9), np.float32), e1]))
+  np.testing.assert_array_equal(errors, np.concatenate([alone[[0, 0, 0]], alone[1:], alone[1:3]]))
+  np.testing.assert_array_equal(engine.evaluate(e1[::-1]), alone[1:][::-1])
+  assert len(chunks) == 3  # nothing new to evaluate
+
+
 def test_lesion_study_writes_every_experiment(trained_tiny):
   config, workdir = trained_tiny
   out = lesion.run_study(config, workdir)
@@ -105,10 +125,13 @@ def test_lesion_study_writes_every_experiment(trained_tiny):
   assert out["checkpoint_step"] == 20
 
 
-def test_a_study_cut_short_keeps_what_it_finished(trained_tiny, monkeypatch):
+def test_a_study_cut_short_keeps_what_it_finished_and_resumes(trained_tiny, monkeypatch):
   config, workdir = trained_tiny
   (Path(workdir) / "lesion.json").write_text('{"earlier": "complete study"}')
+  uninterrupted = lesion.run_study(config, workdir)
+  (Path(workdir) / "lesion.json").write_text('{"earlier": "complete study"}')
   evaluate = lesion.LesionEngine.evaluate
+  evaluated = []
 
   def preempted_in_e4(self, gates=None, orders=None, desc=""):
     if orders is not None:
@@ -122,10 +145,23 @@ def test_a_study_cut_short_keeps_what_it_finished(trained_tiny, monkeypatch):
   assert len(partial["single"]["error"]) == 9 and partial["random_no_downsampling"]["k"]
   assert "reorder" not in partial
   assert json.loads((Path(workdir) / "lesion.json").read_text()) == {"earlier": "complete study"}
-  monkeypatch.setattr(lesion.LesionEngine, "evaluate", evaluate)
-  out = lesion.run_study(config, workdir)  # the finished study replaces both
+
+  def recorded(self, gates=None, orders=None, desc=""):
+    evaluated.append(desc)
+    return evaluate(self, gates, orders, desc)
+
+  monkeypatch.setattr(lesion.LesionEngine, "evaluate", recorded)
+  out = lesion.run_study(config, workdir)  # resumes: E3 kept, E4 run; replaces both files
+  assert not any(d.startswith("E3") for d in evaluated) and "E4 reorder blocks" in evaluated
+  assert out == json.loads(json.dumps(uninterrupted))
   assert json.loads((Path(workdir) / "lesion.json").read_text())["reorder"] == out["reorder"]
   assert not (Path(workdir) / lesion.PARTIAL).exists()
+  evaluated.clear()
+  lesion.run_study(config, workdir)  # nothing left to do but the baseline and E1
+  assert evaluated == ["baseline", "E1 delete one block"]
+  other = config.copy_and_resolve_references()
+  other.lesion.draws = 2  # another study: nothing kept
+  assert len(lesion.run_study(other, workdir)["random"]["error"][1]) == 2
 
 
 def test_lesion_errors_name_the_problem(trained_tiny, tmp_path):

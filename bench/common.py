@@ -18,6 +18,8 @@ import numpy as np
 from absl import flags
 
 flags.DEFINE_string("out", "", "Also append every JSON line to this file (e.g. $OUT/bench.jsonl).")
+flags.DEFINE_string("profile_dir", "", "Also trace one more call with jax.profiler into this "
+                    "folder and emit a 'profile' row: device kernels by time, busy vs idle.")
 flags.DEFINE_float("time_cap_s", 0.0, "Stop timing once this many seconds have passed "
                    "(0 = no cap); capped rows say so and project the full workload.")
 
@@ -107,3 +109,26 @@ def config_name() -> str:
     return os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
   except Exception:  # no --config flag in this script
     return ""
+
+
+def profile(call: Callable[[], Any], of: dict, steps: int = 1) -> dict | None:
+  """With ``--profile_dir``: one more ``call()`` under ``jax.profiler.trace``, summarised by
+  ``trace_summary`` into a ``profile`` row naming the measurement ``of`` (its workload,
+  batch...). Each measurement gets its own subfolder; the trace stays there for Perfetto."""
+  if not flags.FLAGS.profile_dir:
+    return None
+  import os
+  import jax
+  import trace_summary
+  name = "_".join(str(of[k]) for k in ("workload", "batch") if k in of)
+  folder = os.path.join(flags.FLAGS.profile_dir, name)
+  try:  # the measurement is already out: a profiler that fails must not lose it
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      jax.block_until_ready(call())
+    summary = trace_summary.summarize(
+        trace_summary.load_events(trace_summary.find_trace(folder)), steps)
+  except Exception as e:  # noqa: BLE001 (no CUPTI, a profiler already running, ...)
+    summary = {"kernels": 0, "note": f"profiling failed: {type(e).__name__}: {e}"}
+  return emit({"workload": "profile", "of": of, **jax_info(), "trace_dir": folder, **summary},
+              human=f"profile of {name}:\n" + trace_summary.describe(summary))
+

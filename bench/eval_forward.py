@@ -60,6 +60,8 @@ def main(_):
         "variables": source},
         human=f"eval {c.model.name}-{c.model.depth} {c.model.dtype} batch {batch}: "
               f"{n * calls / seconds:,.0f} img/s (compile {compile_s:.1f} s)")
+    common.profile(call, {"workload": "eval", "batch": batch, "dtype": c.model.dtype,
+                          "images": n})
 
 
 if __name__ == "__main__":

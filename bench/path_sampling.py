@@ -89,6 +89,8 @@ def main(_):
       human=f"E6 {n + 1} lengths x {pc.samples_per_k} paths, batch {pc.batch_size}, chunk "
             f"{chunk}: {'' if done == total else '~'}{full_s:.1f} s ({rate:,.0f} paths/s"
             f"{'' if done == total else f', projected from {done}'}; compile {compile_s:.1f} s)")
+  common.profile(lambda: compiled(*args(0, 0)), {"workload": "paths_E6",
+                                                 "batch": pc.batch_size, "chunk": chunk})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
 # Environment: OUT (default /tmp/bench_out), BUDGET_S (seconds for all steps together; default
 # 400 on the GPU), STEPS (a space-separated subset of the step names below, run in this order),
 # PYTHON (default python3), TORCH_REF (default .gpu/torch_ref.py), TORCH_COMPILE_MIN_S (60),
-# KEEP=1 to append to an existing bench.jsonl. Step names: torch_eager train128 train1024 eval
+# KEEP=1 to append to an existing bench.jsonl, PROFILE_DIR=/tmp/prof to add a 'profile' row
+# (bench/trace_summary.py: device kernels by time, busy vs idle) after each JAX measurement;
+# keep it out of $OUT (the traces are many files; the rows carry the summary). Step names: torch_eager train128 train1024 eval
 # lesion paths train_effective train_sd train_effective_multiply train_sd_multiply torch_compile.
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
@@ -107,11 +109,12 @@ step() {  # step NAME CAP_S COMMAND...: runs COMMAND --out=$JSONL under min(CAP_
 
 step torch_eager 60 "$PY" bench/torch_side.py --ref="$TORCH_REF" $TORCH --time_cap_s=40 \
   --rows=train128_fp32,train128_bf16,train1024_bf16,eval,lesion_E1,paths_E6
-step train128 55 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL
-step train1024 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_LARGE
-step eval 50 "$PY" bench/eval_forward.py $NET $EVAL
-step lesion 70 "$PY" bench/lesion_suite.py $NET $LESION
-step paths 60 "$PY" bench/path_sampling.py $NET $PATHS
+PROF=${PROFILE_DIR:+--profile_dir=$PROFILE_DIR}
+step train128 55 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL $PROF
+step train1024 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_LARGE $PROF
+step eval 50 "$PY" bench/eval_forward.py $NET $EVAL $PROF
+step lesion 70 "$PY" bench/lesion_suite.py $NET $LESION $PROF
+step paths 60 "$PY" bench/path_sampling.py $NET $PATHS $PROF
 step train_effective 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL
 step train_sd 50 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL
 step train_effective_multiply 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN \

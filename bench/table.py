@@ -215,12 +215,36 @@ def notes(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def profiles(rows: list[dict]) -> str:
+  """One line per ``profile`` row (run_all.sh with PROFILE_DIR): where the device time goes."""
+  lines = []
+  for r in rows:
+    if r.get("workload") != "profile" or not r.get("kernels"):
+      continue
+    of = r["of"]
+    kinds = ", ".join(f"{k} {100 * v:.0f} %" for k, v in list(r["share_by_category"].items())[:3])
+    top = r["top_kernels"][0] if r["top_kernels"] else {"name": "—", "share": 0}
+    lines.append(f"| {of['workload']} batch {of.get('batch', '—')} | {r['kernels_per_step']:.0f} "
+                 f"| {r['ms_per_step_window']:.2f} ms | {100 * r['idle_share']:.0f} % "
+                 f"| {r['median_kernel_us']:.1f} us | {kinds} | {top['name'][:60]} "
+                 f"({100 * top['share']:.0f} %) |")
+  if not lines:
+    return ""
+  return "\n".join(["| profiled call | kernels/step | device window/step | idle | median "
+                    "kernel | time by kind | top kernel |",
+                    "| --- | --- | --- | --- | --- | --- | --- |"] + lines)
+
+
 def main(argv: list[str]) -> int:
   if len(argv) != 2:
     print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
     return 2
   rows = read(argv[1])
   print(header(rows) + "\n\n" + table(rows))
+  profiled = profiles(rows)
+  if profiled:
+    print("\nWhere the device time goes (one traced call each, bench/trace_summary.py):\n\n"
+          + profiled)
   extra = notes(rows)
   if extra:
     print("\n" + extra)

@@ -78,6 +78,8 @@ def main(_):
       human=f"{workload} {c.model.name}-{c.model.depth} {c.model.dtype} batch "
             f"{c.train.batch_size}: {1000 * per_step:.2f} ms/step, "
             f"{c.train.batch_size / per_step:,.0f} img/s (compile {compile_s:.1f} s)")
+  common.profile(call, {"workload": workload, "batch": c.train.batch_size,
+                        "dtype": c.model.dtype, "steps_per_call": k}, steps=k)
 
 
 if __name__ == "__main__":

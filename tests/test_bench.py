@@ -133,12 +133,16 @@ def test_torch_side_skips_without_a_reference(tmp_path):
   assert len(rows) == 1 and rows[0]["workload"] == "torch_env" and rows[0]["skipped"]
 
 
-def load_table():
-  spec = importlib.util.spec_from_file_location("bench_table", os.path.join(REPO, "bench",
-                                                                            "table.py"))
+def load_bench_module(name: str):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                os.path.join(REPO, "bench", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def load_table():
+  return load_bench_module("table")
 
 
 def test_table_compares_ours_with_the_same_call_reference(tmp_path):
@@ -211,3 +215,45 @@ def test_run_all_skips_steps_past_the_budget(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / "bench.jsonl").read_text().splitlines()]
   assert [(r["step"], r["status"]) for r in rows] == [("eval", "skipped"), ("lesion", "skipped")]
   assert "step eval: skipped" in proc.stdout
+
+
+def _trace(kernels, steps_tid=7):
+  """A minimal Chrome trace: one device with one stream thread, plus host events."""
+  meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "pid": 1, "tid": steps_tid, "name": "thread_name",
+           "args": {"name": "Stream #13(Compute)"}},
+          {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
+          {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}}]
+  events = [{"ph": "X", "pid": 1, "tid": steps_tid, "ts": ts, "dur": dur, "name": name}
+            for name, ts, dur in kernels]
+  noise = [{"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 1000, "name": "fusion.1"},
+           {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 5000, "name": "PjitFunction"}]
+  return meta + events + noise
+
+
+def test_trace_summary_counts_device_kernels_busy_and_idle():
+  trace_summary = load_bench_module("trace_summary")
+  kernels = [("sm90_xmma_fprop_implicit_gemm", 0, 10), ("loop_multiply_fusion", 5, 10),
+             ("input_reduce_fusion", 40, 20), ("sm90_xmma_fprop_implicit_gemm", 90, 10)]
+  s = trace_summary.summarize(_trace(kernels), steps=2)
+  assert s["kernels"] == 4 and s["kernels_per_step"] == 2
+  assert s["window_ms"] == pytest.approx(0.1)  # 0 .. 100 us
+  assert s["busy_ms"] == pytest.approx(0.045)  # [0, 15) + [40, 60) + [90, 100)
+  assert s["idle_share"] == pytest.approx(0.55)
+  assert s["share_by_category"] == {"conv": 0.4, "reduction": 0.4, "fusion": 0.2}
+  assert s["top_kernels"][0] == {"name": "sm90_xmma_fprop_implicit_gemm", "count": 2,
+                                 "ms": 0.02, "share": 0.4}
+  assert "idle 55.0 %" in trace_summary.describe(s)
+  assert trace_summary.summarize(_trace([]))["kernels"] == 0  # a CPU trace: nothing to rank
+  row = {"workload": "profile", "impl": "jax", "of": {"workload": "train", "batch": 128}, **s}
+  assert "| train batch 128 | 2 | 0.05 ms | 55 % |" in load_table().profiles([row])
+
+
+def test_profile_flag_adds_a_profile_row(tmp_path):
+  rows = run(["bench/eval_forward.py"] + TINY + [
+      "--batch_sizes=50", "--num_images=100", "--calls=1",
+      f"--profile_dir={tmp_path / 'prof'}"], out=tmp_path / "b.jsonl")
+  assert [r["workload"] for r in rows] == ["eval", "profile"]
+  assert rows[1]["of"]["workload"] == "eval" and rows[1]["of"]["batch"] == 50
+  assert rows[1]["kernels"] == 0  # the CPU has no device streams; on a GPU: the kernels
+  assert list((tmp_path / "prof" / "eval_50").rglob("perfetto_trace.json.gz"))

@@ -30,9 +30,11 @@ SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}
 def jax_info() -> dict:
   """Device and software fields every JAX row carries."""
   import jax
+  import os
   d = jax.devices()[0]
   return {"impl": "jax", "device": d.device_kind, "platform": d.platform,
-          "devices": jax.device_count(), "jax": jax.__version__}
+          "devices": jax.device_count(), "jax": jax.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 _START = time.perf_counter()

@@ -12,8 +12,9 @@
 # PYTHON (default python3), TORCH_REF (default .gpu/torch_ref.py), TORCH_COMPILE_MIN_S (60),
 # KEEP=1 to append to an existing bench.jsonl, PROFILE_DIR=/tmp/prof to add a 'profile' row
 # (bench/trace_summary.py: device kernels by time, busy vs idle) after each JAX measurement;
-# keep it out of $OUT (the traces are many files; the rows carry the summary). Step names: torch_eager train128 train1024 eval
-# lesion paths train_effective train_sd train_effective_multiply train_sd_multiply torch_compile.
+# keep it out of $OUT (the traces are many files; the rows carry the summary).
+# Step names: torch_eager train128 train1024 eval lesion paths train_effective train_sd
+# train_effective_multiply train_sd_multiply train128_cmdbuf_off train128_cmdbuf_while torch_compile (the last three: GPU only).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
@@ -62,6 +63,7 @@ else
   LESION="--num_images=10000 --chunk=64 --time_cap_s=12"
   PATHS="--time_cap_s=15"
   TORCH=""
+  CMDBUF_ALL=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE
 fi
 
 start=$(date +%s)
@@ -122,6 +124,12 @@ step train_effective_multiply 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN \
 step train_sd_multiply 50 "$PY" bench/train_step.py $SD $TRAIN \
   --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
 if [ "$SMOKE" != 1 ]; then
+  # Is the batch-128 step bound by kernel launches? Command buffers (CUDA graphs) off, then
+  # extended to the scan's while loop and conditionals (one graph per 50-step call).
+  step train128_cmdbuf_off 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
+    "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_off
+  step train128_cmdbuf_while 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \
+    "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_while
   # torch.compile: minutes of compiling (ResNet-110 forward + backward), so last, with what is
   # left of the budget; not started with under 60 s left (it would only time out).
   STEP_MIN_S=${TORCH_COMPILE_MIN_S:-60} step torch_compile 240 "$PY" bench/torch_side.py --ref="$TORCH_REF" --rows=compile1024

@@ -215,6 +215,24 @@ def notes(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def variants(rows: list[dict]) -> str:
+  """Train steps under trial settings (``train_step.py --variant``) beside the plain step."""
+  lines = []
+  for r in rows:
+    w = r.get("workload", "")
+    if "[" not in w or "skipped" in r or "error" in r or "ms_per_step" not in r:
+      continue
+    base = pick(rows, impl="jax", workload=w.split("[")[0], batch=r["batch"])
+    ref = f"{base['ms_per_step']:.2f} ms" if base else "—"
+    lines.append(f"| {w} batch {r['batch']} | {r['ms_per_step']:.2f} ms ({rate(r['img_per_s'])}) "
+                 f"| {ref} | {ratio(times(base and base['ms_per_step'], r['ms_per_step']))} "
+                 f"| {r.get('compile_s', 0):.1f} s | `{r.get('xla_flags') or '—'}` |")
+  if not lines:
+    return ""
+  return "\n".join(["| variant | step | plain step | speed-up | compile | XLA_FLAGS |",
+                    "| --- | --- | --- | --- | --- | --- |"] + lines)
+
+
 def profiles(rows: list[dict]) -> str:
   """One line per ``profile`` row (run_all.sh with PROFILE_DIR): where the device time goes."""
   lines = []
@@ -241,6 +259,9 @@ def main(argv: list[str]) -> int:
     return 2
   rows = read(argv[1])
   print(header(rows) + "\n\n" + table(rows))
+  tried = variants(rows)
+  if tried:
+    print("\nSettings tried on the train step (same call):\n\n" + tried)
   profiled = profiles(rows)
   if profiled:
     print("\nWhere the device time goes (one traced call each, bench/trace_summary.py):\n\n"

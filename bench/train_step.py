@@ -26,6 +26,8 @@ from resnet_ensemble.sharding import make_mesh
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("calls", 10, "Timed compiled calls (each runs train.steps_per_call steps).")
 flags.DEFINE_integer("num_examples", 50_000, "Synthetic training set size.")
+flags.DEFINE_string("variant", "", "A setting under trial (e.g. XLA flags in the environment): "
+                    "the row's workload becomes 'train[VARIANT]', listed apart in the table.")
 FLAGS = flags.FLAGS
 
 
@@ -65,6 +67,7 @@ def main(_):
   # Gated steps skip the blocks gated off (gates.skip_compute) unless told otherwise.
   workload = ("train" if gates == "none" else f"train_{gates}"
               + ("" if c.gates.skip_compute else "_multiply"))
+  workload += f"[{FLAGS.variant}]" if FLAGS.variant else ""
   common.emit({
       "workload": workload, "what": "train_step", **common.jax_info(),
       "config": common.config_name(), "model": f"{c.model.name}-{c.model.depth}",

@@ -257,3 +257,15 @@ def test_profile_flag_adds_a_profile_row(tmp_path):
   assert rows[1]["of"]["workload"] == "eval" and rows[1]["of"]["batch"] == 50
   assert rows[1]["kernels"] == 0  # the CPU has no device streams; on a GPU: the kernels
   assert list((tmp_path / "prof" / "eval_50").rglob("perfetto_trace.json.gz"))
+
+
+def test_a_variant_row_names_its_setting_and_is_listed_apart(tmp_path):
+  env = dict(ENV, XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+  rows = run(["bench/train_step.py"] + TINY + [
+      "--calls=1", "--num_examples=500", "--config.train.steps_per_call=2", "--variant=probe"],
+      out=tmp_path / "b.jsonl", env=env)
+  assert rows[0]["workload"] == "train[probe]"
+  assert rows[0]["xla_flags"] == "--xla_cpu_enable_fast_math=false"
+  plain = dict(rows[0], workload="train", ms_per_step=2 * rows[0]["ms_per_step"])
+  listed = load_table().variants([plain, rows[0]])
+  assert "| train[probe] batch 64 |" in listed and "| 2.00x |" in listed

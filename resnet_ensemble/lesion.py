@@ -229,16 +229,30 @@ PARTIAL = "lesion.partial.json"
 RESUMABLE = ("random", "random_no_downsampling", "reorder")
 
 
+def _study_identity(out: dict) -> dict:
+  """What decides a study's numbers: the network, its gates, the data, the draws (not
+  execution settings such as ``lesion.chunk`` or where the checkpoints are kept)."""
+  c = out["config"]
+  return json.loads(json.dumps({
+      "model": c["model"], "gates": c.get("gates"), "seed": c["seed"],
+      "data": c["data"].get("name"), "max_images": c.get("eval", {}).get("max_images"),
+      "lesion": {k: v for k, v in c["lesion"].items() if k != "chunk"},
+      **{k: out[k] for k in ("checkpoint_step", "data_source", "test_images")}}))
+
+
 def _finished_experiments(workdir: str, out: dict) -> dict:
   """E3/E4 results of an earlier run of this same study (``lesion.json`` or a cut
-  ``lesion.partial.json``): same config, checkpoint step and test images."""
+  ``lesion.partial.json``): same network, checkpoint step, data and draws."""
   from resnet_ensemble import results
-  same = ("config", "checkpoint_step", "data_source", "test_images", "seed")
-  now = json.loads(json.dumps({k: out[k] for k in same}))  # as it reads back from JSON
+  now = _study_identity(out)
   done = {}
   for name in ("lesion.json", PARTIAL):
     earlier = results.read_json(workdir, name) or {}
-    if all(earlier.get(k) == v for k, v in now.items()):
+    try:
+      same = _study_identity(earlier) == now
+    except (KeyError, AttributeError, TypeError):  # not a study, or an older format
+      same = False
+    if same:
       done.update({k: earlier[k] for k in RESUMABLE if k in earlier and k not in done})
   return done
 

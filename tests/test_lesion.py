@@ -157,7 +157,9 @@ def test_a_study_cut_short_keeps_what_it_finished_and_resumes(trained_tiny, monk
   assert json.loads((Path(workdir) / "lesion.json").read_text())["reorder"] == out["reorder"]
   assert not (Path(workdir) / lesion.PARTIAL).exists()
   evaluated.clear()
-  lesion.run_study(config, workdir)  # nothing left to do but the baseline and E1
+  rechunked = config.copy_and_resolve_references()
+  rechunked.lesion.chunk = 2  # an execution setting: the same study
+  lesion.run_study(rechunked, workdir)  # nothing left to do but the baseline and E1
   assert evaluated == ["baseline", "E1 delete one block"]
   other = config.copy_and_resolve_references()
   other.lesion.draws = 2  # another study: nothing kept

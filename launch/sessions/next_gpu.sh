@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# The next lent-GPU session's first call (issues 7, 6, 4), in priority order, each step under
-# its own time cap inside TOTAL seconds, every result in $OUT as soon as it exists (at most 8
-# files come back: session.log, resnet110_seed0.lesion.json, bench.jsonl, bench.log, table.md,
-# r110_eff_s0.tar.part-aa):
-#   1. the full lesion study (E1, E3 both variants, E4) on the published ResNet-110 (~4 min);
-#   2. issue 6's benchmarks without the steps measured by real runs (lesion, paths), the
-#      gated steps with and without compute skipping (issue 4) first;
-#   3. ResNet-110 with effective paths only (E8) if time is left (the next call or session
-#      resumes it from .gpu/resume/r110_eff_s0.tar.part-aa, launch/device_train.sh).
-#   run (device tool, carry [".gpu"], timeout_s 590): bash launch/sessions/next_gpu.sh 570
-# CPU smoke: SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py \
-#   CONFIG_E=configs/quickstart.py O="" E_O="--config.gates.sampler=effective \
-#   --config.gates.k=5 --config.train.num_steps=40" bash launch/sessions/next_gpu.sh 200
+# The next lent-GPU session: two calls (device tool, carry [".gpu"]), every result in $OUT as
+# soon as it exists (the tool returns at most 8 files per call).
+#
+#   call 1, issue 6 (timeout_s 560):  bash launch/sessions/next_gpu.sh bench 520
+#     every bench/ step in one call, each JAX measurement followed by a traced call (profile
+#     rows: kernels per step, busy vs idle); torch.compile left out (minutes of compiling; the
+#     table shows the earlier 29.5k img/s) -> bench.jsonl, bench.log, table.md, session.log
+#   call 2, issues 7 (timeout_s = what is left - 20):  bash launch/sessions/next_gpu.sh rest S
+#     E4 on the published ResNet-110 (the lesion study resumes: E1 again, E3 kept from
+#     results/.../lesion.json, E4 run; ~2 min), then ResNet-110 with effective paths only (E8)
+#     for the rest of S seconds (resumable from .gpu/resume/r110_eff_s0.tar.part-aa).
+#
+# CPU smoke: SMOKE=1 bash launch/sessions/next_gpu.sh bench 200
+#            SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py \
+#              CONFIG_E=configs/quickstart.py O="" E_O="--config.gates.sampler=effective \
+#              --config.gates.k=5 --config.train.num_steps=40" bash launch/sessions/next_gpu.sh rest 200
 set -o pipefail
-TOTAL=${1:-570}
+STAGE=${1:?usage: next_gpu.sh bench|rest SECONDS}
+TOTAL=${2:-520}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 R=${R:-results/cifar10/resnet110_seed0}
 CONFIG_R=${CONFIG_R:-configs/cifar10_resnet110.py}
@@ -26,27 +30,28 @@ export PYTHONUNBUFFERED=1
 stamp() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
 quiet() { grep -v "^I1\|^W1\|^I0000\|^WARNING: All log"; }
 
-stamp "prepare"
-bash launch/device.sh true
+stamp "prepare ($STAGE, ${TOTAL}s)"
+if [ -n "$SMOKE" ]; then smoke=--smoke; else bash launch/device.sh true; fi
 export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null; } >> "$OUT/session.log"
 
-stamp "1. E1-E4 on $R"
-timeout 270 python3 -m resnet_ensemble --mode=lesion --config="$CONFIG_R" --workdir="$R" $O \
-  --config.lesion.chunk=64 2>&1 | quiet | tee -a "$OUT/session.log"
-cp "$R/lesion.json" "$OUT/$(basename "$R").lesion.json"
-cp "$R/lesion.partial.json" "$OUT/$(basename "$R").lesion.partial.json" 2>/dev/null  # if cut
-
-left=$((TOTAL - SECONDS))
-bench=$((left - 20))
-stamp "2. benchmarks, budget ${bench}s"
-[ -n "$SMOKE" ] && smoke=--smoke && bench=$((left / 2))
-OUT="$OUT" BUDGET_S=$bench TORCH_COMPILE_MIN_S=9999 \
-  STEPS="torch_eager train128 train_effective train_effective_multiply train_sd \
-train_sd_multiply train1024 eval" \
-  bash bench/run_all.sh $smoke 2>&1 | tail -20 | tee -a "$OUT/session.log"
-
-left=$((TOTAL - SECONDS - 15))
-stamp "3. effective-path training, budget ${left}s"
-[ "$left" -gt 45 ] && bash launch/device_train.sh "$CONFIG_E" runs/r110_eff_s0 "$left" $O $E_O \
-  2>&1 | quiet | tail -15
+case $STAGE in
+  bench)
+    OUT="$OUT" BUDGET_S=$((TOTAL - SECONDS - 15)) TORCH_COMPILE_MIN_S=9999 \
+      PROFILE_DIR=/tmp/bench_profile bash bench/run_all.sh $smoke 2>&1 | tail -40 \
+      | tee -a "$OUT/session.log"
+    ;;
+  rest)
+    stamp "E4 (the lesion study resumes) on $R"
+    timeout 240 python3 -m resnet_ensemble --mode=lesion --config="$CONFIG_R" --workdir="$R" \
+      $O --config.lesion.chunk=64 2>&1 | quiet | tee -a "$OUT/session.log"
+    cp "$R/lesion.json" "$OUT/$(basename "$R").lesion.json"
+    cp "$R/lesion.partial.json" "$OUT/$(basename "$R").lesion.partial.json" 2>/dev/null
+    left=$((TOTAL - SECONDS - 15))
+    stamp "E8: effective-path training, budget ${left}s"
+    [ "$left" -gt 60 ] && bash launch/device_train.sh "$CONFIG_E" runs/r110_eff_s0 "$left" $O \
+      $E_O 2>&1 | quiet | tail -15 | tee -a "$OUT/session.log"
+    ;;
+  *) echo "unknown stage $STAGE (bench or rest)" >&2; exit 2 ;;
+esac
 stamp "done"

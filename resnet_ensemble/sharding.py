@@ -70,8 +70,13 @@ def on_host(fn: Callable[[], Any]) -> Any:
 
   For parameter initialisation: one random draw per parameter makes a long program that XLA
   compiles in seconds for the CPU but in about 50 s for an H100 (bench/, 2026-11-27); every
-  process computes the same values, so the placed arrays agree across hosts."""
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+  process computes the same values, so the placed arrays agree across hosts. Where the CPU
+  backend is switched off (``JAX_PLATFORMS=tpu``), on the default device instead."""
+  try:
+    host = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # no CPU platform in this process
+    return jax.jit(fn)()
+  with jax.default_device(host):
     return jax.jit(fn)()
 
 

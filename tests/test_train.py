@@ -196,3 +196,18 @@ def test_sigterm_checkpoints_and_a_restart_finishes_like_an_uninterrupted_run(tm
   _, resumed = _probe(tmp_path, "pre", 1, *args)
   for key in uninterrupted:
     np.testing.assert_array_equal(uninterrupted[key], resumed[key], err_msg=key)
+
+
+def test_the_initial_state_is_computed_on_the_host_and_replicated():
+  from resnet_ensemble import models
+  from resnet_ensemble.sharding import make_mesh, replicated
+  c = base_config()
+  c.model.depth, c.model.width = 8, 4
+  model = models.build(c.model, 10)
+  tx, _ = optim.make_optimizer(c.optim, 10)
+  mesh = make_mesh()
+  state = train.create_train_state(model, tx, 3, (8, 8, 3), mesh)
+  direct = train.create_train_state_unsharded(model, tx, 3, (8, 8, 3))  # op by op, no jit
+  for placed, expected in zip(jax.tree.leaves(state), jax.tree.leaves(direct)):
+    assert placed.sharding == replicated(mesh)
+    np.testing.assert_allclose(np.asarray(placed), np.asarray(expected), rtol=1e-6, atol=1e-7)

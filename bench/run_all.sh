@@ -14,7 +14,8 @@
 # (bench/trace_summary.py: device kernels by time, busy vs idle) after each JAX measurement;
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager train128 train1024 eval lesion paths train_effective train_sd
-# train_effective_multiply train_sd_multiply train128_cmdbuf_off train128_cmdbuf_while torch_compile (the last three: GPU only).
+# train128_x4 (4 models at once, vmapped) train128_cmdbuf_off train128_cmdbuf_while (GPU only)
+# train_effective_multiply train_sd_multiply torch_compile (GPU only).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
@@ -119,10 +120,8 @@ step lesion 70 "$PY" bench/lesion_suite.py $NET $LESION $PROF
 step paths 60 "$PY" bench/path_sampling.py $NET $PATHS $PROF
 step train_effective 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL
 step train_sd 50 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL
-step train_effective_multiply 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN \
-  --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
-step train_sd_multiply 50 "$PY" bench/train_step.py $SD $TRAIN \
-  --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
+step train128_x4 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
+  --replicas=4
 if [ "$SMOKE" != 1 ]; then
   # Is the batch-128 step bound by kernel launches? Command buffers (CUDA graphs) off, then
   # extended to the scan's while loop and conditionals (one graph per 50-step call).
@@ -130,6 +129,12 @@ if [ "$SMOKE" != 1 ]; then
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_off
   step train128_cmdbuf_while 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_while
+fi
+step train_effective_multiply 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN \
+  --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
+step train_sd_multiply 50 "$PY" bench/train_step.py $SD $TRAIN \
+  --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
+if [ "$SMOKE" != 1 ]; then
   # torch.compile: minutes of compiling (ResNet-110 forward + backward), so last, with what is
   # left of the budget; not started with under 60 s left (it would only time out).
   STEP_MIN_S=${TORCH_COMPILE_MIN_S:-60} step torch_compile 240 "$PY" bench/torch_side.py --ref="$TORCH_REF" --rows=compile1024

@@ -16,6 +16,7 @@ measures the paper's recipe, larger batches, bf16/unroll settings and the gate s
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -28,6 +29,10 @@ flags.DEFINE_integer("calls", 10, "Timed compiled calls (each runs train.steps_p
 flags.DEFINE_integer("num_examples", 50_000, "Synthetic training set size.")
 flags.DEFINE_string("variant", "", "A setting under trial (e.g. XLA flags in the environment): "
                     "the row's workload becomes 'train[VARIANT]', listed apart in the table.")
+flags.DEFINE_integer("replicas", 1, "Models trained at once: the step vmapped over replicas "
+                     "with their own seed (init, batches, augmentation); rows give the time per "
+                     "model-step and the variant 'xR'. Tells whether a launch-bound step gets "
+                     "several seeds or samplers for the price of one.")
 FLAGS = flags.FLAGS
 
 
@@ -38,41 +43,52 @@ def main(_):
   dataset = common.synthetic(c, FLAGS.num_examples, 1000)
   model = models.build(c.model, dataset.num_classes)
   tx, _ = optim.make_optimizer(c.optim, c.train.num_steps)
-  state = train.create_train_state(model, tx, c.seed, dataset.train_images.shape[1:], mesh)
+  seeds = [c.seed + r for r in range(FLAGS.replicas)]
+  states = [train.create_train_state(model, tx, s, dataset.train_images.shape[1:], mesh)
+            for s in seeds]
+  state = states[0] if len(states) == 1 else jax.tree.map(lambda *x: jnp.stack(x), *states)
   resident = train.put_resident(dataset, 1000, mesh)
   step = train.make_train_on_batch(
       model, tx, dataset.mean, dataset.std, 0.0, mesh,
       sample_gates=gates_lib.make_sampler(c.gates, model.layout, c.train.batch_size),
       gate_key=jax.random.key(0), skip_compute=c.gates.skip_compute)
   k = c.train.steps_per_call
-  fn = train.make_resident_train_fn(step, seed=c.seed, batch_size=c.train.batch_size,
-                                    crop_padding=c.data.crop_padding, flip=c.data.flip,
-                                    num_steps=k)
+
+  def fn(state, data, seed):
+    return train.make_resident_train_fn(step, seed=seed, batch_size=c.train.batch_size,
+                                        crop_padding=c.data.crop_padding, flip=c.data.flip,
+                                        num_steps=k)(state, data)
+
+  if FLAGS.replicas > 1:
+    fn = jax.vmap(fn, in_axes=(0, None, 0))
+  seed_arg = jnp.asarray(seeds if FLAGS.replicas > 1 else seeds[0], jnp.uint32)
   common.progress("state and data resident; compiling")
   t0 = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=0).lower(state, resident).compile()
+  compiled = jax.jit(fn, donate_argnums=0).lower(state, resident, seed_arg).compile()
   compile_s = time.perf_counter() - t0
   common.progress(f"compiled in {compile_s:.1f} s; warm-up call")
   box = [state]
 
   def call():
-    box[0], m = compiled(box[0], resident)
+    box[0], m = compiled(box[0], resident, seed_arg)
     return m
 
   common.timed(call, 1, 0.0)  # warm-up
   common.progress("timed calls")
   calls, seconds = common.timed(call, FLAGS.calls, FLAGS.time_cap_s)
-  per_step = seconds / (calls * k)
+  per_step = seconds / (calls * k * FLAGS.replicas)  # per model-step
   gates = c.gates.sampler
   # Gated steps skip the blocks gated off (gates.skip_compute) unless told otherwise.
   workload = ("train" if gates == "none" else f"train_{gates}"
               + ("" if c.gates.skip_compute else "_multiply"))
-  workload += f"[{FLAGS.variant}]" if FLAGS.variant else ""
+  variant = ",".join(v for v in (FLAGS.variant, f"x{FLAGS.replicas}" * (FLAGS.replicas > 1)) if v)
+  workload += f"[{variant}]" if variant else ""
   common.emit({
       "workload": workload, "what": "train_step", **common.jax_info(),
       "config": common.config_name(), "model": f"{c.model.name}-{c.model.depth}",
       "width": c.model.width, "n_blocks": model.layout.n_blocks, "dtype": c.model.dtype,
       "unroll": c.model.unroll, "batch": c.train.batch_size, "steps_per_call": k,
+      "replicas": FLAGS.replicas,
       "gates": gates, "gates_k": c.gates.k if gates == "effective" else None,
       "skip_compute": bool(c.gates.skip_compute) if gates != "none" else None,
       "steps": calls * k, "seconds": round(seconds, 3),

@@ -262,10 +262,10 @@ def test_profile_flag_adds_a_profile_row(tmp_path):
 def test_a_variant_row_names_its_setting_and_is_listed_apart(tmp_path):
   env = dict(ENV, XLA_FLAGS="--xla_cpu_enable_fast_math=false")
   rows = run(["bench/train_step.py"] + TINY + [
-      "--calls=1", "--num_examples=500", "--config.train.steps_per_call=2", "--variant=probe"],
-      out=tmp_path / "b.jsonl", env=env)
-  assert rows[0]["workload"] == "train[probe]"
+      "--calls=1", "--num_examples=500", "--config.train.steps_per_call=2", "--variant=probe",
+      "--replicas=2"], out=tmp_path / "b.jsonl", env=env)
+  assert rows[0]["workload"] == "train[probe,x2]" and rows[0]["replicas"] == 2
   assert rows[0]["xla_flags"] == "--xla_cpu_enable_fast_math=false"
   plain = dict(rows[0], workload="train", ms_per_step=2 * rows[0]["ms_per_step"])
   listed = load_table().variants([plain, rows[0]])
-  assert "| train[probe] batch 64 |" in listed and "| 2.00x |" in listed
+  assert "| train[probe,x2] batch 64 |" in listed and "| 2.00x |" in listed

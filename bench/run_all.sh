@@ -14,7 +14,8 @@
 # (bench/trace_summary.py: device kernels by time, busy vs idle) after each JAX measurement;
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager train128 train1024 eval lesion paths train_effective train_sd
-# train128_x4 (4 models at once, vmapped) train128_cmdbuf_off train128_cmdbuf_while (GPU only)
+# train128_x4 (4 models at once, vmapped) train128_2proc (2 processes at once, concurrent.sh)
+# train128_cmdbuf_off train128_cmdbuf_while (GPU only)
 # train_effective_multiply train_sd_multiply torch_compile (GPU only).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
@@ -125,6 +126,9 @@ step train128_x4 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_s
 if [ "$SMOKE" != 1 ]; then
   # Is the batch-128 step bound by kernel launches? Command buffers (CUDA graphs) off, then
   # extended to the scan's while loop and conditionals (one graph per 50-step call).
+  # Two training processes on the one GPU: do they fill each other's idle gaps?
+  step train128_2proc 80 bash bench/concurrent.sh 2 50 "$PY" bench/train_step.py $NET $TRAIN \
+    --config.train.batch_size=$B_SMALL
   step train128_cmdbuf_off 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_off
   step train128_cmdbuf_while 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \

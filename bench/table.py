@@ -227,6 +227,15 @@ def variants(rows: list[dict]) -> str:
     lines.append(f"| {w} batch {r['batch']} | {r['ms_per_step']:.2f} ms ({rate(r['img_per_s'])}) "
                  f"| {ref} | {ratio(times(base and base['ms_per_step'], r['ms_per_step']))} "
                  f"| {r.get('compile_s', 0):.1f} s | `{r.get('xla_flags') or '—'}` |")
+  together = {}  # concurrent.sh copies: their throughput adds up
+  for r in rows:
+    if "proc]" in r.get("workload", "") and "img_per_s" in r and "skipped" not in r:
+      together.setdefault((r["workload"], r["batch"]), []).append(r["img_per_s"])
+  for (w, batch), rates in together.items():
+    base = pick(rows, impl="jax", workload=w.split("[")[0], batch=batch)
+    lines.append(f"| {w} batch {batch}: the {len(rates)} copies together | {rate(sum(rates))} "
+                 f"| {rate(base and base['img_per_s'])} "
+                 f"| {ratio(times(sum(rates), base and base['img_per_s']))} | — | — |")
   if not lines:
     return ""
   return "\n".join(["| variant | step | plain step | speed-up | compile | XLA_FLAGS |",

@@ -33,6 +33,8 @@ flags.DEFINE_integer("replicas", 1, "Models trained at once: the step vmapped ov
                      "with their own seed (init, batches, augmentation); rows give the time per "
                      "model-step and the variant 'xR'. Tells whether a launch-bound step gets "
                      "several seeds or samplers for the price of one.")
+flags.DEFINE_float("start_at", 0.0, "Wall-clock time (epoch s) to start timing at, after the "
+                   "warm-up: aligns the timed windows of copies run at once (concurrent.sh).")
 FLAGS = flags.FLAGS
 
 
@@ -74,7 +76,13 @@ def main(_):
     return m
 
   common.timed(call, 1, 0.0)  # warm-up
+  wait = FLAGS.start_at - time.time()
+  if FLAGS.start_at:
+    common.progress(f"waiting {wait:.1f} s for the common start" if wait > 0 else
+                    f"late for the common start by {-wait:.1f} s")
+    time.sleep(max(wait, 0.0))
   common.progress("timed calls")
+  timed_from = time.time()
   calls, seconds = common.timed(call, FLAGS.calls, FLAGS.time_cap_s)
   per_step = seconds / (calls * k * FLAGS.replicas)  # per model-step
   gates = c.gates.sampler
@@ -88,7 +96,8 @@ def main(_):
       "config": common.config_name(), "model": f"{c.model.name}-{c.model.depth}",
       "width": c.model.width, "n_blocks": model.layout.n_blocks, "dtype": c.model.dtype,
       "unroll": c.model.unroll, "batch": c.train.batch_size, "steps_per_call": k,
-      "replicas": FLAGS.replicas,
+      "replicas": FLAGS.replicas, "timed_from": round(timed_from, 3),
+      "late_s": round(max(-wait, 0.0), 2) if FLAGS.start_at else None,
       "gates": gates, "gates_k": c.gates.k if gates == "effective" else None,
       "skip_compute": bool(c.gates.skip_compute) if gates != "none" else None,
       "steps": calls * k, "seconds": round(seconds, 3),

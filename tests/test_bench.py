@@ -269,3 +269,19 @@ def test_a_variant_row_names_its_setting_and_is_listed_apart(tmp_path):
   plain = dict(rows[0], workload="train", ms_per_step=2 * rows[0]["ms_per_step"])
   listed = load_table().variants([plain, rows[0]])
   assert "| train[probe,x2] batch 64 |" in listed and "| 2.00x |" in listed
+
+
+def test_concurrent_copies_time_one_window_and_add_up_in_the_table(tmp_path):
+  out = tmp_path / "b.jsonl"
+  proc = subprocess.run(
+      ["bash", "bench/concurrent.sh", "2", "15", sys.executable, "bench/train_step.py"] + TINY
+      + ["--calls=1", "--num_examples=300", "--config.train.steps_per_call=2", f"--out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r["workload"] for r in rows] == ["train[2proc]"] * 2
+  assert all(r["late_s"] is not None for r in rows)
+  assert abs(rows[0]["timed_from"] - rows[1]["timed_from"]) < 15  # one common start (or both late)
+  plain = dict(rows[0], workload="train", img_per_s=rows[0]["img_per_s"])
+  listed = load_table().variants([plain] + rows)
+  assert "the 2 copies together" in listed

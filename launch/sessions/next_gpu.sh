@@ -8,8 +8,10 @@
 #     table shows the earlier 29.5k img/s) -> bench.jsonl, bench.log, table.md, session.log
 #   call 2, issues 7 (timeout_s = what is left - 20):  bash launch/sessions/next_gpu.sh rest S
 #     E4 on the published ResNet-110 (the lesion study resumes: E1 again, E3 kept from
-#     results/.../lesion.json, E4 run; ~2 min), then ResNet-110 with effective paths only (E8)
-#     for the rest of S seconds (resumable from .gpu/resume/r110_eff_s0.tar.part-aa).
+#     results/.../lesion.json, E4 run; ~2 min), then EXTRA_STEPS (bench steps call 1 had no
+#     time for, e.g. EXTRA_STEPS="train128_x4 train128_2proc", EXTRA_BUDGET_S=150), then
+#     ResNet-110 with effective paths only (E8) for the rest of S seconds (resumable from
+#     .gpu/resume/r110_eff_s0.tar.part-aa).
 #
 # CPU smoke: SMOKE=1 bash launch/sessions/next_gpu.sh bench 200
 #            SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py \
@@ -47,6 +49,11 @@ case $STAGE in
       $O --config.lesion.chunk=64 2>&1 | quiet | tee -a "$OUT/session.log"
     cp "$R/lesion.json" "$OUT/$(basename "$R").lesion.json"
     cp "$R/lesion.partial.json" "$OUT/$(basename "$R").lesion.partial.json" 2>/dev/null
+    if [ -n "$EXTRA_STEPS" ]; then  # bench steps call 1 had no time for
+      stamp "bench steps: $EXTRA_STEPS"
+      OUT="$OUT" BUDGET_S=${EXTRA_BUDGET_S:-150} STEPS="$EXTRA_STEPS" bash bench/run_all.sh \
+        $smoke 2>&1 | tail -25 | tee -a "$OUT/session.log"
+    fi
     left=$((TOTAL - SECONDS - 15))
     stamp "E8: effective-path training, budget ${left}s"
     [ "$left" -gt 60 ] && bash launch/device_train.sh "$CONFIG_E" runs/r110_eff_s0 "$left" $O \

@@ -117,11 +117,11 @@ PROF=${PROFILE_DIR:+--profile_dir=$PROFILE_DIR}
 step train128 55 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL $PROF
 step train1024 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_LARGE $PROF
 step eval 50 "$PY" bench/eval_forward.py $NET $EVAL $PROF
-step lesion 70 "$PY" bench/lesion_suite.py $NET $LESION $PROF
+step lesion 90 "$PY" bench/lesion_suite.py $NET $LESION $PROF
 step paths 60 "$PY" bench/path_sampling.py $NET $PATHS $PROF
 step train_effective 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL
 step train_sd 50 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL
-step train128_x4 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
+step train128_x4 80 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
   --replicas=4
 if [ "$SMOKE" != 1 ]; then
   # Is the batch-128 step bound by kernel launches? Command buffers (CUDA graphs) off, then

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Brings a GPU run home from the device tool's files: unpacks NAME.tar.part-* (the one file
+# launch/device_train.sh packs) into runs/NAME; an unfinished run's parts go to .gpu/resume/
+# so the next call resumes it; once the run has reached its last step it exports its variables and
+# publishes config.json, metrics.jsonl, final_metrics.json, train.log and variables.msgpack in
+# DEST (the checkpoint, with its optimizer state, stays in runs/NAME: it is not published).
+#
+#   bash launch/publish_run.sh FILES_AT NAME CONFIG DEST [--config.x=y ...]
+#   e.g. bash launch/publish_run.sh /work/.device/3 r110_eff_s0 \
+#          configs/cifar10_resnet110_effective.py results/cifar10/resnet110_effective_seed0 \
+#          --config.data.dir=/tmp/cif --config.model.dtype=bfloat16 --config.model.unroll=0
+# The overrides are those of the GPU run, except data.dir: export reads the checkpoint through
+# the same config checks as every mode (a mismatch is an error naming the field).
+set -eo pipefail
+files_at=${1:?usage: publish_run.sh FILES_AT NAME CONFIG DEST [overrides]}
+name=${2:?NAME}; config=${3:?CONFIG}; dest=${4:?DEST}
+shift 4
+parts=("$files_at/$name".tar.part-*)
+[ -e "${parts[0]}" ] || { echo "no $files_at/$name.tar.part-* to publish" >&2; exit 1; }
+run=runs/$name
+mkdir -p "$run" .gpu/resume
+rm -rf "$run/checkpoints"  # the parts hold the newest finished checkpoint
+cat "${parts[@]}" | tar -C "$run" -xf -
+rm -f .gpu/resume/"$name".tar.part-*
+step=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
+total=$(python3 -c "import json; print(json.load(open('$run/config.json'))['train']['num_steps'])")
+if [ "$step" != "$total" ]; then
+  cp "${parts[@]}" .gpu/resume/
+  echo "$name: checkpoint step $step of $total, not finished: nothing published; the parts are"
+  echo "in .gpu/resume/ (carried with .gpu, the next device_train.sh call resumes from them)"
+  exit 0
+fi
+echo "$name: finished (step $step)"
+python3 -m resnet_ensemble --mode=export --config="$config" --workdir="$run" "$@" \
+  2>&1 | grep -v "^I1\|^W1\|^I0000\|^WARNING: All log"
+mkdir -p "$dest"
+for f in config.json metrics.jsonl final_metrics.json train.log variables.msgpack; do
+  [ -e "$run/$f" ] && cp "$run/$f" "$dest/"
+done
+echo "published $(ls "$dest" | tr '\n' ' ')in $dest"

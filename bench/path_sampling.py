@@ -28,6 +28,8 @@ from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, shard
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("num_examples", 50_000, "Synthetic training set size (batches drawn from it).")
 flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
+flags.DEFINE_bool("paired", True, "Route complementary pairs, as run_study does; --nopaired "
+                  "times one path per routed backward (workload paths_E6[unpaired]).")
 FLAGS = flags.FLAGS
 
 
@@ -40,14 +42,20 @@ def main(_):
   layout, n = model.layout, model.layout.n_blocks
   variables, source = common.model_variables(model, c, dataset.train_images.shape[1:],
                                              FLAGS.variables)
-  chunk = mesh.size * math.ceil(pc.chunk / mesh.size)
+  per_row = 2 if FLAGS.paired else 1  # paths routed per selection row
+  chunk = mesh.size * math.ceil(pc.chunk / per_row / mesh.size)  # rows per call
   rng = np.random.default_rng(c.seed)
-  selections = np.concatenate([routing.sample_selections(rng, n, k, pc.samples_per_k)
-                               for k in range(n + 1)])
-  total = len(selections)
+  if FLAGS.paired:
+    selections, _ = routing.paired_selections(rng, n, pc.samples_per_k)
+  else:
+    selections = np.concatenate([routing.sample_selections(rng, n, k, pc.samples_per_k)
+                                 for k in range(n + 1)])
+  rows = len(selections)
+  total = (n + 1) * pc.samples_per_k  # paths the study reports
   mean, std = dataset.mean, dataset.std
   fn = routing.make_path_gradient_fn(lambda v: models.unroll(model, v),
-                                     scales=gates_lib.eval_gates(c.gates, layout))
+                                     scales=gates_lib.eval_gates(c.gates, layout),
+                                     paired=FLAGS.paired)
   rep, split = replicated(mesh), sharded(mesh)
   jitted = jax.jit(lambda v, x, y, s: fn(v, augment.normalize(x, mean, std), y, s),
                    in_shardings=(rep, rep, rep, split), out_shardings=(rep, rep))
@@ -68,28 +76,31 @@ def main(_):
   compile_s = time.perf_counter() - t0
   common.progress(f"compiled in {compile_s:.1f} s")
   jax.block_until_ready(compiled(*args(0, 0)))  # warm-up
-  starts = list(range(0, total, chunk))
   done, t0 = 0, time.perf_counter()
-  for c_, start in enumerate(starts):
+  for c_, start in enumerate(range(0, rows, chunk)):
     y0, image = compiled(*args(c_, start))
     np.asarray(y0), np.asarray(image)  # run_study reads every chunk back
-    done = min(start + chunk, total)
+    done = min(start + chunk, rows)
     if FLAGS.time_cap_s and time.perf_counter() - t0 >= FLAGS.time_cap_s:
       break
   seconds = time.perf_counter() - t0
-  rate = done / seconds
-  full_s = seconds if done == total else total / rate
+  complete = done == rows
+  rate = done * per_row / seconds  # paths routed per second
+  full_s = seconds if complete else rows * per_row / rate
+  done = total if complete else done * per_row
+  workload = "paths_E6" + ("" if FLAGS.paired else "[unpaired]")
   common.emit({
-      "workload": "paths_E6", **common.jax_info(), "config": common.config_name(),
+      "workload": workload, **common.jax_info(), "paired": FLAGS.paired, "config": common.config_name(),
       "model": f"{c.model.name}-{c.model.depth}", "width": c.model.width, "n_blocks": n,
       "dtype": c.model.dtype, "unroll": c.model.unroll, "batch": pc.batch_size, "chunk": chunk,
       "lengths": n + 1, "samples_per_k": pc.samples_per_k, "paths": total, "paths_done": done,
-      "complete": done == total, "seconds": round(seconds, 3), "projected_s": round(full_s, 2),
+      "complete": complete, "seconds": round(seconds, 3), "projected_s": round(full_s, 2),
       "paths_per_s": round(rate, 1), "compile_s": round(compile_s, 2), "variables": source},
       human=f"E6 {n + 1} lengths x {pc.samples_per_k} paths, batch {pc.batch_size}, chunk "
-            f"{chunk}: {'' if done == total else '~'}{full_s:.1f} s ({rate:,.0f} paths/s"
-            f"{'' if done == total else f', projected from {done}'}; compile {compile_s:.1f} s)")
-  common.profile(lambda: compiled(*args(0, 0)), {"workload": "paths_E6",
+            f"{chunk}{' pairs' if FLAGS.paired else ''}: {'' if complete else '~'}{full_s:.1f} s "
+            f"({rate:,.0f} paths/s{'' if complete else f', projected from {done}'}; "
+            f"compile {compile_s:.1f} s)")
+  common.profile(lambda: compiled(*args(0, 0)), {"workload": workload,
                                                  "batch": pc.batch_size, "chunk": chunk})
 
 

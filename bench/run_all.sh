@@ -15,7 +15,7 @@
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager train128 train1024 eval lesion paths train_effective train_sd
 # train128_x4 (4 models at once, vmapped) train128_2proc (2 processes at once, concurrent.sh)
-# train128_cmdbuf_off train128_cmdbuf_while (GPU only)
+# paths_unpaired train128_cmdbuf_off train128_cmdbuf_while (GPU only)
 # train_effective_multiply train_sd_multiply torch_compile (GPU only).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
@@ -129,6 +129,8 @@ if [ "$SMOKE" != 1 ]; then
   # Two training processes on the one GPU: do they fill each other's idle gaps?
   step train128_2proc 80 bash bench/concurrent.sh 2 50 "$PY" bench/train_step.py $NET $TRAIN \
     --config.train.batch_size=$B_SMALL
+  # E6 with one path per routed backward (the pairs' baseline).
+  step paths_unpaired 60 "$PY" bench/path_sampling.py $NET $PATHS --nopaired
   step train128_cmdbuf_off 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_off
   step train128_cmdbuf_while 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \

@@ -220,9 +220,19 @@ def variants(rows: list[dict]) -> str:
   lines = []
   for r in rows:
     w = r.get("workload", "")
-    if "[" not in w or "skipped" in r or "error" in r or "ms_per_step" not in r:
+    if "[" not in w or "skipped" in r or "error" in r:
       continue
     base = pick(rows, impl="jax", workload=w.split("[")[0], batch=r["batch"])
+    if "paths_per_s" in r:  # E6: the plain row is the paired one
+      lines.append(f"| {w} batch {r['batch']} | {secs(r['projected_s'])} "
+                   f"({r['paths_per_s']:,.0f} paths/s) | "
+                   f"{secs(base['projected_s']) if base else '—'} | "
+                   f"{ratio(times(r['projected_s'], base and base['projected_s']))} (the plain "
+                   f"row's speed-up over this) | {r.get('compile_s', 0):.1f} s | "
+                   f"`{r.get('xla_flags') or '—'}` |")
+      continue
+    if "ms_per_step" not in r:
+      continue
     ref = f"{base['ms_per_step']:.2f} ms" if base else "—"
     lines.append(f"| {w} batch {r['batch']} | {r['ms_per_step']:.2f} ms ({rate(r['img_per_s'])}) "
                  f"| {ref} | {ratio(times(base and base['ms_per_step'], r['ms_per_step']))} "

@@ -6,6 +6,10 @@ selected). The forward pass and every block's linearisation (``jax.vjp``) are co
 batch and shared by all the paths sampled on it; the routed backward chain then runs for many
 paths at once under ``vmap``. Since the backward pass is linear in the cotangent, the routed
 gradients of all 2^n paths sum exactly to the ordinary gradient.
+
+Paths are routed in complementary pairs (a path of length k and the one that takes every block
+it skips, of length n - k): at each block exactly one of the two goes through f_i, so the pair
+costs one backward through the residual branches instead of two (``routed_backward_pair``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from resnet_ensemble.models import Unrolled
 
 
 def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=None):
-  """Shared forward: returns (dLoss/dy_n, per-block vjps, merge vjps, embed vjp).
+  """Shared forward: returns (dLoss/dy_n, per-block (shortcut vjp, branch vjp), merge vjps,
+  embed vjp).
 
   ``scales`` (n,): the test-time gates of a gated-trained network (stochastic depth or
   effective paths scale block i's residual by its expected gate), so the routed gradients are
@@ -32,9 +37,12 @@ def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=N
   for i, (branches, merge) in enumerate(zip(unrolled.branches, unrolled.merges)):
     if scales is not None:
       branches = _scaled(branches, scales[i])
-    (s, f), vjp = jax.vjp(branches, y)
+    # The shortcut's and the branch's linearisations apart, so that a path pays only for the
+    # side it takes (XLA merges the forward the two traces share).
+    s, shortcut_vjp = jax.vjp(lambda y, b=branches: b(y)[0], y)
+    f, branch_vjp = jax.vjp(lambda y, b=branches: b(y)[1], y)
     y, merge_vjp = jax.vjp(merge, s + f)
-    block_vjps.append(vjp)
+    block_vjps.append((shortcut_vjp, branch_vjp))
     merge_vjps.append(merge_vjp)
 
   def loss(y_n):
@@ -58,25 +66,52 @@ def routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array
   for i in reversed(range(len(block_vjps))):
     (g_z,) = merge_vjps[i](g)
     sel = selection[i].astype(g_z.dtype)
-    (g,) = block_vjps[i]((g_z * (1 - sel), g_z * sel))
+    shortcut_vjp, branch_vjp = block_vjps[i]
+    g = shortcut_vjp(g_z * (1 - sel))[0] + branch_vjp(g_z * sel)[0]
   (g_image,) = embed_vjp(g)
   return g, g_image
 
 
-def make_path_gradient_fn(unrolled_fn: Callable[[dict], Unrolled], scales=None) -> Callable:
-  """``fn(variables, images, labels, selections (P, n)) -> (norm_y0 (P,), norm_image (P,))``:
-  one forward, P routed backward passes (vmapped). ``scales``: as in ``linearize``."""
+def routed_backward_pair(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array):
+  """``routed_backward`` along ``selection`` and along its complement ``1 - selection``, with
+  one backward through each residual branch for the two: at block i the path that selects it
+  hands its cotangent to f_i, the other to s_i, and each takes back the side it chose."""
+  u = v = g_n  # the cotangents of the path and of its complement
+  for i in reversed(range(len(block_vjps))):
+    (u_z,), (v_z,) = merge_vjps[i](u), merge_vjps[i](v)
+    sel = selection[i].astype(u_z.dtype)
+    shortcut_vjp, branch_vjp = block_vjps[i]
+    (through_f,) = branch_vjp(sel * u_z + (1 - sel) * v_z)
+    (through_s,) = shortcut_vjp((1 - sel) * u_z + sel * v_z)
+    u = sel * through_f + (1 - sel) * through_s
+    v = (1 - sel) * through_f + sel * through_s
+  return (u, embed_vjp(u)[0]), (v, embed_vjp(v)[0])
+
+
+def _norm(g: jax.Array) -> jax.Array:
+  return jnp.linalg.norm(g.astype(jnp.float32).ravel())
+
+
+def make_path_gradient_fn(unrolled_fn: Callable[[dict], Unrolled], scales=None,
+                          paired: bool = False) -> Callable:
+  """``fn(variables, images, labels, selections (P, n)) -> (norm_y0, norm_image)``: one
+  forward, P routed backward passes (vmapped), norms (P,). ``paired``: each selection also
+  routes its complement, norms (2P,): the P selections, then their P complements, for about
+  the price of P. ``scales``: as in ``linearize``."""
 
   def fn(variables, images, labels, selections):
     g_n, block_vjps, merge_vjps, embed_vjp = linearize(unrolled_fn(variables), images, labels,
                                                        scales)
+    route = routed_backward_pair if paired else routed_backward
 
-    def one(selection):
-      g0, g_image = routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection)
-      return (jnp.linalg.norm(g0.astype(jnp.float32).ravel()),
-              jnp.linalg.norm(g_image.astype(jnp.float32).ravel()))
+    def norms(selection):
+      out = route(g_n, block_vjps, merge_vjps, embed_vjp, selection)
+      pairs = out if paired else (out,)
+      return (jnp.stack([_norm(g0) for g0, _ in pairs]),
+              jnp.stack([_norm(g_image) for _, g_image in pairs]))
 
-    return jax.vmap(one)(selections)
+    y0, image = jax.vmap(norms)(selections)  # (P, 1 or 2)
+    return y0.T.reshape(-1), image.T.reshape(-1)
 
   return fn
 
@@ -89,6 +124,25 @@ def sample_selections(rng: np.random.Generator, n: int, k: int, count: int) -> n
   for row in out:
     row[rng.choice(n, size=k, replace=False)] = 1.0
   return out
+
+
+def paired_selections(rng: np.random.Generator, n: int,
+                      samples_per_k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Paths for ``samples_per_k`` samples of every length 0..n, as complementary pairs: the
+  (Q, n) selections to route with ``paired=True`` and the length of each of the 2Q paths
+  routed (selections first, then complements); a middle length (n even) is drawn half as
+  selections, half as complements, with one spare path when ``samples_per_k`` is odd.
+
+  Each length's samples are independent uniformly random subsets; a length-k sample and the
+  length-(n-k) one it is paired with are complements of each other."""
+  rows, lengths = [], []
+  for k in range(n // 2 + 1):
+    count = samples_per_k if 2 * k != n else -(-samples_per_k // 2)
+    rows.append(sample_selections(rng, n, k, count))
+    lengths.append(np.full(count, k))
+  selections = np.concatenate(rows)
+  first = np.concatenate(lengths)
+  return selections, np.concatenate([first, n - first])
 
 
 def path_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
@@ -144,33 +198,35 @@ def run_study(config, workdir: str) -> dict:
   t = trained.load_trained(config, workdir)
   pc, n = config.paths, t.layout.n_blocks
   mesh = make_mesh()
-  chunk = mesh.size * math.ceil(pc.chunk / mesh.size)
+  chunk = mesh.size * math.ceil(pc.chunk / 2 / mesh.size)  # pairs per call
   rng = np.random.default_rng(config.seed)
-  selections = np.concatenate([sample_selections(rng, n, k, pc.samples_per_k)
-                               for k in range(n + 1)])
+  selections, lengths = paired_selections(rng, n, pc.samples_per_k)
   mean, std = t.dataset.mean, t.dataset.std
   fn = make_path_gradient_fn(lambda v: models.unroll(t.model, v),
-                             scales=gates_lib.eval_gates(config.gates, t.layout))
+                             scales=gates_lib.eval_gates(config.gates, t.layout), paired=True)
   rep, split = replicated(mesh), sharded(mesh)
   jitted = jax.jit(lambda v, x, y, s: fn(v, augment.normalize(x, mean, std), y, s),
                    in_shardings=(rep, rep, rep, split), out_shardings=(rep, rep))
   variables = put_tree(t.variables, rep)
-  norms = np.zeros((len(selections), 2))
+  q = len(selections)
+  norms = np.zeros((2, q, 2))  # (selection | complement, pair, y0 | image)
   streamed = isinstance(t.dataset, imagenet.StreamedValidation)
   if streamed:
     check_divisible(pc.batch_size, mesh, "paths.batch_size")
   batches = path_batches(config, t.dataset, mesh)
-  progress = Progress(len(selections), "E6 routed path gradients", unit="paths", every_s=10.0)
-  for start in range(0, len(selections), chunk):
+  progress = Progress(2 * q, "E6 routed path gradients", unit="paths", every_s=10.0)
+  for start in range(0, q, chunk):
     # A new batch for each chunk of paths (un-augmented; BN in inference mode).
     images, labels = next(batches)
     sel = selections[start:start + chunk]
-    pad = chunk - len(sel)
-    sel = np.concatenate([sel, np.zeros((pad, n), np.float32)])
+    used = len(sel)
+    sel = np.concatenate([sel, np.zeros((chunk - used, n), np.float32)])
     y0, image = jitted(variables, images, labels, put(sel, split))
-    norms[start:start + chunk - pad] = np.stack([np.asarray(y0), np.asarray(image)], 1)[:chunk - pad]
-    progress.update(min(start + chunk, len(selections)))
-  by_k = norms.reshape(n + 1, pc.samples_per_k, 2)
+    out = np.stack([np.asarray(y0), np.asarray(image)], 1).reshape(2, chunk, 2)
+    norms[:, start:start + used] = out[:, :used]
+    progress.update(2 * min(start + chunk, q))
+  norms = norms.reshape(2 * q, 2)
+  by_k = np.stack([norms[lengths == k][:pc.samples_per_k] for k in range(n + 1)])
   mean_norm = by_k[..., 0].mean(1)
   total = paths.total_gradient(n, mean_norm)
   lo, hi = paths.effective_interval(total, 0.9)

@@ -285,3 +285,11 @@ def test_concurrent_copies_time_one_window_and_add_up_in_the_table(tmp_path):
   plain = dict(rows[0], workload="train", img_per_s=rows[0]["img_per_s"])
   listed = load_table().variants([plain] + rows)
   assert "the 2 copies together" in listed
+
+
+def test_unpaired_e6_is_listed_against_the_paired_study():
+  rows = [{"impl": "jax", "workload": "paths_E6", "batch": 128, "projected_s": 40.0,
+           "paths_per_s": 1375},
+          {"impl": "jax", "workload": "paths_E6[unpaired]", "batch": 128, "projected_s": 70.0,
+           "paths_per_s": 784, "compile_s": 20}]
+  assert "| 70.0 s (784 paths/s) | 40.0 s | 1.75x" in load_table().variants(rows)

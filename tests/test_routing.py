@@ -122,3 +122,44 @@ def test_selections_have_exactly_k_blocks():
     assert (sel.sum(1) == k).all()
   with pytest.raises(ValueError, match="k=7 is outside 0..6"):
     routing.sample_selections(rng, 6, 7, 1)
+
+
+@pytest.mark.parametrize("kind", list(NETS))
+def test_a_pair_routes_a_path_and_its_complement(kind):
+  model = NETS[kind]
+  v, x, labels = _setup(model)
+  sel = jnp.asarray([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+
+  def routed(s):
+    g_n, bv, mv, ev = routing.linearize(models.unroll(model, v), x, labels, jnp.full(6, 0.9))
+    return (routing.routed_backward_pair(g_n, bv, mv, ev, s),
+            routing.routed_backward(g_n, bv, mv, ev, s),
+            routing.routed_backward(g_n, bv, mv, ev, 1 - s))
+
+  (path, complement), alone, alone_complement = jax.jit(routed)(sel)
+  for got, want in ((path, alone), (complement, alone_complement)):
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_paired_norms_are_the_norms_of_the_paths_and_their_complements():
+  model = NETS["postact"]
+  v, x, labels = _setup(model)
+  unroll = lambda v: models.unroll(model, v)  # noqa: E731
+  sel = routing.sample_selections(np.random.default_rng(0), 6, 2, 4)
+  paired = jax.jit(routing.make_path_gradient_fn(unroll, paired=True))(v, x, labels, sel)
+  single = jax.jit(routing.make_path_gradient_fn(unroll))(v, x, labels,
+                                                          np.concatenate([sel, 1 - sel]))
+  for got, want in zip(paired, single):
+    assert got.shape == (8,)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n, samples", [(6, 4), (6, 5), (7, 3)])
+def test_paired_selections_give_every_length_its_samples(n, samples):
+  selections, lengths = routing.paired_selections(np.random.default_rng(0), n, samples)
+  routed = np.concatenate([selections, 1 - selections])  # what paired=True routes
+  np.testing.assert_array_equal(routed.sum(1), lengths)
+  for k in range(n + 1):
+    assert (lengths == k).sum() in (samples, samples + 1)  # + 1: the spare of an odd middle
+  assert len(routed) <= (n + 1) * samples + 1

@@ -371,3 +371,55 @@ def test_multiprocess_cpu_joins_one_jax_runtime(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   for i in range(2):
     assert f"[p{i}] process {i}/2, 4 devices, sum 6.0" in proc.stdout.splitlines()
+
+
+def _config_dict(d: dict):
+  import ml_collections
+  return ml_collections.ConfigDict(d)
+
+
+def test_a_gpu_run_is_packed_then_published_or_kept_to_resume(tmp_path):
+  """device_train.sh packs a run into one file; publish_run.sh publishes a finished run
+  (variables that load) and keeps an unfinished one's file in .gpu/resume/ for the next call."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, OUT=str(tmp_path / "out"),
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  config = os.path.join(REPO, "configs", "quickstart.py")
+  overrides = ["--config.train.num_steps=10", "--config.train.eval_every=10",
+               "--config.checkpoint.every=10"]
+
+  def sh(*args):
+    proc = subprocess.run(["bash", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+  sh(os.path.join(REPO, "launch", "device_train.sh"), config, "runs/qs", "120", *overrides)
+  packed = tmp_path / "out" / "qs.tar.part-aa"
+  with tarfile.open(packed) as tar:
+    assert {"config.json", "final_metrics.json", "checkpoints/10"} <= set(tar.getnames())
+  out = sh(os.path.join(REPO, "launch", "publish_run.sh"), str(tmp_path / "out"), "qs", config,
+           "results/qs", *overrides)
+  assert "finished (step 10)" in out
+  published = tmp_path / "results" / "qs"
+  assert {"config.json", "final_metrics.json", "variables.msgpack"} <= {
+      p.name for p in published.iterdir()}
+  assert not list((tmp_path / ".gpu" / "resume").iterdir())
+  from resnet_ensemble import models, trained
+  c = json.loads((published / "config.json").read_text())
+  model = models.build(_config_dict(c["model"]), 10)
+  _, step = trained.read_variables(str(published / "variables.msgpack"), model, (8, 8, 1))
+  assert step == 10
+  # The same run with 20 steps to go is not finished: kept for the next call, nothing published.
+  unfinished = tmp_path / "unfinished"
+  unfinished.mkdir()
+  (tmp_path / "runs" / "qs" / "config.json").write_text(json.dumps(
+      dict(json.loads((tmp_path / "runs" / "qs" / "config.json").read_text()),
+           train={"num_steps": 20})))
+  with tarfile.open(unfinished / "qs2.tar.part-aa", "w") as tar:
+    for name in ("config.json", "checkpoints"):
+      tar.add(tmp_path / "runs" / "qs" / name, arcname=name)
+  out = sh(os.path.join(REPO, "launch", "publish_run.sh"), str(unfinished), "qs2", config,
+           "results/qs2")
+  assert "step 10 of 20, not finished" in out
+  assert (tmp_path / ".gpu" / "resume" / "qs2.tar.part-aa").exists()
+  assert not (tmp_path / "results" / "qs2").exists()

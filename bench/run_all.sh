@@ -15,7 +15,7 @@
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager train128 train1024 eval lesion paths train_effective train_sd
 # train128_x4 (4 models at once, vmapped) train128_2proc (2 processes at once, concurrent.sh)
-# paths_unpaired train128_cmdbuf_off train128_cmdbuf_while (GPU only)
+# paths_unpaired train128_cmdbuf_off train128_cmdbuf_while train_effective_cmdbuf_while (GPU only)
 # train_effective_multiply train_sd_multiply torch_compile (GPU only).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
@@ -119,7 +119,7 @@ step train1024 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_siz
 step eval 50 "$PY" bench/eval_forward.py $NET $EVAL $PROF
 step lesion 90 "$PY" bench/lesion_suite.py $NET $LESION $PROF
 step paths 60 "$PY" bench/path_sampling.py $NET $PATHS $PROF
-step train_effective 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL
+step train_effective 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL $PROF
 step train_sd 50 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL
 step train128_x4 80 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
   --replicas=4
@@ -135,6 +135,10 @@ if [ "$SMOKE" != 1 ]; then
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_off
   step train128_cmdbuf_while 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_while
+  # Compute skipping runs a conditional per block: in a command buffer, no host round trip.
+  step train_effective_cmdbuf_while 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \
+    "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL \
+    --variant=cmdbuf_while
 fi
 step train_effective_multiply 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN \
   --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False

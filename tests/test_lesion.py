@@ -161,7 +161,7 @@ def test_a_study_cut_short_keeps_what_it_finished_and_resumes(trained_tiny, monk
   rechunked = config.copy_and_resolve_references()
   rechunked.lesion.chunk = 2  # an execution setting: the same study
   lesion.run_study(rechunked, workdir)  # nothing left to do but the baseline and E1
-  assert evaluated == ["baseline", "E1 delete one block"]
+  assert evaluated == ["baseline and E1 (delete one block)"]
   other = config.copy_and_resolve_references()
   other.lesion.draws = 2  # another study: nothing kept
   assert len(lesion.run_study(other, workdir)["random"]["error"][1]) == 2

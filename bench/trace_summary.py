@@ -30,6 +30,10 @@ CATEGORIES = (
 )
 
 
+# Device lines a trace derives from the kernels (one event per XLA op, module or step).
+DERIVED = re.compile(r"XLA|Steps|Framework|TensorFlow|Source|Launch", re.I)
+
+
 def find_trace(path: str) -> str:
   """The newest perfetto_trace.json.gz under ``path`` (or ``path`` itself)."""
   if os.path.isfile(path):
@@ -75,11 +79,15 @@ def summarize(events: list[dict], steps: int = 1, top: int = 15) -> dict:
       process[e["pid"]] = e["args"]["name"]
     elif e.get("ph") == "M" and e.get("name") == "thread_name":
       thread[(e["pid"], e.get("tid"))] = e["args"]["name"]
-  streams = {key for key, name in thread.items()
-             if process.get(key[0], "").startswith("/device:") and name.startswith("Stream")}
+  on_device = {key: name for key, name in thread.items()
+               if process.get(key[0], "").startswith("/device:")}
+  streams = {key for key, name in on_device.items() if name.startswith("Stream")}
+  if not streams:  # other trace versions: every device line but the derived (op/step) ones
+    streams = {key for key, name in on_device.items() if not DERIVED.match(name)}
   kernels = [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in streams
              and e.get("dur") is not None]
-  out = {"trace_devices": sorted({process[p] for p, _ in streams}), "kernels": len(kernels)}
+  out = {"trace_devices": sorted({process[p] for p, _ in streams}), "kernels": len(kernels),
+         "kernel_lines": sorted({thread[key] for key in streams})}
   if not kernels:
     return {**out, "note": "no device kernels in the trace (a CPU run, or no CUPTI)"}
   intervals = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]

@@ -293,3 +293,13 @@ def test_unpaired_e6_is_listed_against_the_paired_study():
           {"impl": "jax", "workload": "paths_E6[unpaired]", "batch": 128, "projected_s": 70.0,
            "paths_per_s": 784, "compile_s": 20}]
   assert "| 70.0 s (784 paths/s) | 40.0 s | 1.75x" in load_table().variants(rows)
+
+
+def test_trace_summary_reads_device_lines_not_named_streams():
+  trace_summary = load_bench_module("trace_summary")
+  events = _trace([("kernel_a", 0, 10), ("kernel_b", 20, 10)])
+  for e in events:  # a trace whose kernel line has another name
+    if e.get("name") == "thread_name" and e["args"]["name"].startswith("Stream"):
+      e["args"]["name"] = "Compute 13"
+  s = trace_summary.summarize(events)
+  assert s["kernels"] == 2 and s["kernel_lines"] == ["Compute 13"]  # "XLA Ops" left out

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 import common
 from resnet_ensemble import gates as gates_lib, models, optim, train
-from resnet_ensemble.sharding import make_mesh
+from resnet_ensemble.sharding import make_mesh, on_host, put_tree, replicated
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("calls", 10, "Timed compiled calls (each runs train.steps_per_call steps).")
@@ -46,9 +46,13 @@ def main(_):
   model = models.build(c.model, dataset.num_classes)
   tx, _ = optim.make_optimizer(c.optim, c.train.num_steps)
   seeds = [c.seed + r for r in range(FLAGS.replicas)]
-  states = [train.create_train_state(model, tx, s, dataset.train_images.shape[1:], mesh)
-            for s in seeds]
-  state = states[0] if len(states) == 1 else jax.tree.map(lambda *x: jnp.stack(x), *states)
+  shape = dataset.train_images.shape[1:]
+  if FLAGS.replicas == 1:
+    state = train.create_train_state(model, tx, c.seed, shape, mesh)
+  else:  # every replica's initial state from one program, vmapped over the seeds
+    init = lambda s: train.create_train_state_unsharded(model, tx, s, shape)  # noqa: E731
+    state = put_tree(on_host(lambda: jax.vmap(init)(jnp.asarray(seeds, jnp.uint32))),
+                     replicated(mesh))
   resident = train.put_resident(dataset, 1000, mesh)
   step = train.make_train_on_batch(
       model, tx, dataset.mean, dataset.std, 0.0, mesh,

@@ -71,12 +71,21 @@ def trained_tiny(tmp_path_factory):
   return config, workdir
 
 
-def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny):
+def _tiny_engine(trained_tiny):
+  """The trained tiny net, its eval_fn and test batches, and a maker of fresh engines."""
   config, workdir = trained_tiny
   t = trained.load_trained(config, workdir)
   eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   batches = trained.padded_test_batches(t.dataset, config.eval.batch_size)
-  engine = lesion.LesionEngine(eval_fn, t.layout, t.variables, *batches, mesh=make_mesh(), chunk=4)
+  make = lambda: lesion.LesionEngine(eval_fn, t.layout, t.variables, *batches,  # noqa: E731
+                                     mesh=make_mesh(), chunk=4)
+  return t, eval_fn, batches, make
+
+
+def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny):
+  t, eval_fn, batches, make = _tiny_engine(trained_tiny)
+  workdir = trained_tiny[1]
+  engine = make()
   rng = np.random.default_rng(0)
   gates = np.concatenate([np.ones((1, 9), np.float32), lesion.single_deletion_gates(t.layout),
                           lesion.random_deletion_gates(rng, t.layout, 3, 4)])
@@ -96,12 +105,7 @@ def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny):
 
 
 def test_repeated_variants_are_evaluated_once(trained_tiny):
-  config, workdir = trained_tiny
-  t = trained.load_trained(config, workdir)
-  eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
-  batches = trained.padded_test_batches(t.dataset, config.eval.batch_size)
-  make = lambda: lesion.LesionEngine(eval_fn, t.layout, t.variables, *batches,
-                                     mesh=make_mesh(), chunk=4)
+  t, _, _, make = _tiny_engine(trained_tiny)
   engine, chunks = make(), []
   run_chunk = engine._chunk_errors
   engine._chunk_errors = lambda g, o: chunks.append(1) or run_chunk(g, o)

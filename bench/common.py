@@ -34,7 +34,8 @@ def jax_info() -> dict:
   d = jax.devices()[0]
   return {"impl": "jax", "device": d.device_kind, "platform": d.platform,
           "devices": jax.device_count(), "jax": jax.__version__,
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "compile_cache": jax.config.jax_compilation_cache_dir or ""}
 
 
 _START = time.perf_counter()

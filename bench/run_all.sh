@@ -10,6 +10,7 @@
 # Environment: OUT (default /tmp/bench_out), BUDGET_S (seconds for all steps together; default
 # 400 on the GPU), STEPS (a space-separated subset of the step names below, run in this order),
 # PYTHON (default python3), TORCH_REF (default .gpu/torch_ref.py), TORCH_COMPILE_MIN_S (60),
+# JAX_COMPILATION_CACHE_DIR (default: a fresh temporary one; empty: no cache),
 # KEEP=1 to append to an existing bench.jsonl, PROFILE_DIR=/tmp/prof to add a 'profile' row
 # (bench/trace_summary.py: device kernels by time, busy vs idle) after each JAX measurement;
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
@@ -28,6 +29,17 @@ for arg in "$@"; do
 done
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# One persistent compilation cache for every step, fresh for each run: the host-side
+# model.init (~7 s of compiling per process for ResNet-110) is compiled once per run. Whole
+# programs only: XLA's autotune cache stays off, so each step's compile time is that of a fresh
+# machine (only a program compiled by an earlier step, e.g. the 2-process copies of train128,
+# is a hit; rows carry compile_cache).
+if [ -z "${JAX_COMPILATION_CACHE_DIR+set}" ]; then
+  JAX_COMPILATION_CACHE_DIR=$(mktemp -d /tmp/jax_cache_bench.XXXXXX)
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+fi
+export JAX_COMPILATION_CACHE_DIR
+export JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=${JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES-none}
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
 JSONL=$OUT/bench.jsonl

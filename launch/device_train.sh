@@ -15,6 +15,9 @@ if [ ! -d "$workdir/checkpoints" ] && ls .gpu/resume/"$name".tar.part-* >/dev/nu
   cat .gpu/resume/"$name".tar.part-* | tar -C "$workdir" -xf -
   echo "unpacked $(ls "$workdir/checkpoints") from .gpu/resume/$name.tar.part-*"
 fi
+# A persistent compilation cache: a second call on the same warm machine (a resume) skips
+# compiling; XLA's per-kernel autotune results are cached too and shared between programs.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR-/tmp/jax_cache}
 timeout -s INT "$budget" python3 -m resnet_ensemble --config="$config" --workdir="$workdir" "$@" \
   2>&1 | grep -v "^I0000\|^WARNING: All log" | tee -a "$workdir/train.log"
 latest=$(ls "$workdir/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)

@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.lesion.reorder_max_swaps = 30    # E4: k = 1..max random swaps of same-shape blocks
   c.lesion.reorder_draws = 50        # E4: draws per k
   c.lesion.chunk = 32                # damaged networks evaluated per compiled call
+  # E1/E3 variants: "shared" weights (one convolution over variants x images), "per_variant"
+  # copies (a grouped convolution, as E4's reorders need) or "auto": per_variant on GPUs,
+  # where grouped convolutions ran faster, shared elsewhere (BUILD_NOTES, "Lesion forms").
+  c.lesion.variant_weights = "auto"
 
   c.paths = ml_collections.ConfigDict()
   c.paths.samples_per_k = 1_000      # E6: sampled paths per length k = 0..n

@@ -94,8 +94,10 @@ def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh,
 
   Reordered variants each get their own weights (a gather per variant), so vmap turns every
   convolution into a grouped one; gated variants share the weights, and their convolutions
-  see one batch of G x images. E1/E3 use the second form (E1 ran 4.8x faster on the CPU).
-  ``eval_fn`` is ``train.make_eval_fn(...)``; G must be a multiple of the device count."""
+  see one batch of G x images. Which form is faster depends on the hardware (E1 ran 4.8x
+  faster shared on the CPU; on an H100 the grouped form ran ~1.4x faster): see
+  ``LesionEngine``'s ``variant_weights``. ``eval_fn`` is ``train.make_eval_fn(...)``; G must
+  be a multiple of the device count."""
 
   def one(variables, images, labels, mask, gates, order=None):
     if order is not None:
@@ -111,26 +113,45 @@ def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh,
                  out_shardings=rep)
 
 
+VARIANT_WEIGHTS = ("auto", "shared", "per_variant")
+
+
+def resolve_variant_weights(variant_weights: str) -> str:
+  """``lesion.variant_weights`` for this machine: "auto" is per_variant on GPUs (grouped
+  convolutions ran ~1.4x faster there) and shared elsewhere (4.8x faster on the CPU)."""
+  if variant_weights not in VARIANT_WEIGHTS:
+    raise ValueError(f"lesion.variant_weights={variant_weights!r}; valid: "
+                     f"{', '.join(VARIANT_WEIGHTS)}")
+  if variant_weights == "auto":
+    return "per_variant" if jax.devices()[0].platform == "gpu" else "shared"
+  return variant_weights
+
+
 class LesionEngine:
   """Evaluates any number of variants in fixed-size chunks: one compilation for gated
-  variants in the trained order (E1, E3), one for reordered ones (E4)."""
+  variants in the trained order (E1, E3) with shared weights, one for variants with weights
+  of their own (E4's reorders; E1/E3 too where ``variant_weights`` says per_variant)."""
 
   def __init__(self, eval_fn: Callable, layout: BlockLayout, variables, test_images,
-               test_labels, test_mask, mesh, chunk: int, base_gates: np.ndarray | None = None):
+               test_labels, test_mask, mesh, chunk: int, base_gates: np.ndarray | None = None,
+               variant_weights: str = "auto"):
     """``base_gates``: the trained network's test-time gates (stochastic depth or effective
-    paths scale residuals by their expected gate); every variant's gates multiply them."""
-    self._setup(eval_fn, layout, mesh, chunk, base_gates)
+    paths scale residuals by their expected gate); every variant's gates multiply them.
+    ``variant_weights``: "shared", "per_variant" or "auto" (``resolve_variant_weights``);
+    the errors are the same either way."""
+    self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights)
     self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
     self.images = int(np.sum(test_mask))  # test images each variant is evaluated on
 
   def _setup(self, eval_fn: Callable, layout: BlockLayout, mesh, chunk: int,
-             base_gates: np.ndarray | None) -> None:
+             base_gates: np.ndarray | None, variant_weights: str) -> None:
     if chunk % mesh.size:
       chunk = mesh.size * math.ceil(chunk / mesh.size)
     self.layout, self.chunk, self.mesh = layout, chunk, mesh
     self.base_gates = (np.ones((layout.n_blocks,), np.float32) if base_gates is None
                        else np.asarray(base_gates, np.float32))
-    self.fn = make_variant_evaluator(eval_fn, layout, mesh)  # reordered variants
+    self.shared = resolve_variant_weights(variant_weights) == "shared"
+    self.fn = make_variant_evaluator(eval_fn, layout, mesh)  # weights per variant
     self.fn_gated = make_variant_evaluator(eval_fn, layout, mesh, reorder=False)
     self.split = sharded(mesh)
     self.known: dict[bytes, float] = {}  # test error of each variant evaluated so far
@@ -170,9 +191,9 @@ class LesionEngine:
       pad = self.chunk - len(sel)
       g = np.concatenate([gates[sel], np.ones((pad, n), np.float32)])
       o = np.concatenate([orders[sel], np.tile(np.arange(n, dtype=np.int32), (pad, 1))])
-      trained_order = bool(np.all(o == np.arange(n)))
+      shared = self.shared and bool(np.all(o == np.arange(n)))
       out = self._chunk_errors(put(g * self.base_gates, self.split),
-                               None if trained_order else put(o, self.split))
+                               None if shared else put(o, self.split))
       self.known.update(zip((keys[r] for r in sel), out[:len(sel)].tolist()))
       progress.update(start + len(sel))
     return np.asarray([self.known[key] for key in keys], np.float64)
@@ -185,9 +206,9 @@ class StreamedLesionEngine(LesionEngine):
 
   def __init__(self, eval_fn: Callable, layout: BlockLayout, variables,
                batches: Callable[[], Iterable[tuple[np.ndarray, ...]]], mesh, chunk: int,
-               base_gates: np.ndarray | None = None):
+               base_gates: np.ndarray | None = None, variant_weights: str = "auto"):
     """``batches()``: a new pass of this process's ``(images, labels, mask)`` shares."""
-    self._setup(eval_fn, layout, mesh, chunk, base_gates)
+    self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights)
     self.variables = put_tree(variables, replicated(mesh))
     self.batches = batches
     self.images = None  # known after the first pass
@@ -223,7 +244,8 @@ def make_engine(config, t, mesh) -> LesionEngine:
   from resnet_ensemble import gates as gates_lib, imagenet, train, trained
   eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   common = dict(mesh=mesh, chunk=config.lesion.chunk,
-                base_gates=gates_lib.eval_gates(config.gates, t.layout))
+                base_gates=gates_lib.eval_gates(config.gates, t.layout),
+                variant_weights=config.lesion.variant_weights)
   batch_size, cap = config.eval.batch_size, config.eval.max_images
   if isinstance(t.dataset, imagenet.StreamedValidation):
     from resnet_ensemble.sharding import check_divisible
@@ -246,6 +268,9 @@ PARTIAL = "lesion.partial.json"
 RESUMABLE = ("random", "random_no_downsampling", "reorder")
 
 
+EXECUTION_ONLY = ("chunk", "variant_weights")  # lesion settings that leave the numbers alone
+
+
 def _study_identity(out: dict) -> dict:
   """What decides a study's numbers: the network, its gates, the data, the draws (not
   execution settings such as ``lesion.chunk`` or where the checkpoints are kept)."""
@@ -253,7 +278,7 @@ def _study_identity(out: dict) -> dict:
   return json.loads(json.dumps({
       "model": c["model"], "gates": c.get("gates"), "seed": c["seed"],
       "data": c["data"].get("name"), "max_images": c.get("eval", {}).get("max_images"),
-      "lesion": {k: v for k, v in c["lesion"].items() if k != "chunk"},
+      "lesion": {k: v for k, v in c["lesion"].items() if k not in EXECUTION_ONLY},
       **{k: out[k] for k in ("checkpoint_step", "data_source", "test_images")}}))
 
 

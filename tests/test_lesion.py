@@ -77,15 +77,16 @@ def _tiny_engine(trained_tiny):
   t = trained.load_trained(config, workdir)
   eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   batches = trained.padded_test_batches(t.dataset, config.eval.batch_size)
-  make = lambda: lesion.LesionEngine(eval_fn, t.layout, t.variables, *batches,  # noqa: E731
-                                     mesh=make_mesh(), chunk=4)
+  make = lambda **kw: lesion.LesionEngine(eval_fn, t.layout, t.variables,  # noqa: E731
+                                          *batches, mesh=make_mesh(), chunk=4, **kw)
   return t, eval_fn, batches, make
 
 
-def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny):
+@pytest.mark.parametrize("variant_weights", ["shared", "per_variant"])
+def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny, variant_weights):
   t, eval_fn, batches, make = _tiny_engine(trained_tiny)
   workdir = trained_tiny[1]
-  engine = make()
+  engine = make(variant_weights=variant_weights)
   rng = np.random.default_rng(0)
   gates = np.concatenate([np.ones((1, 9), np.float32), lesion.single_deletion_gates(t.layout),
                           lesion.random_deletion_gates(rng, t.layout, 3, 4)])
@@ -100,8 +101,16 @@ def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny):
   for order, err in zip(orders, reordered):
     permuted = permute_blocks(t.variables, t.layout, order)
     assert err == pytest.approx(float(alone(permuted, *batches)["error"]), abs=1e-6)
-  # Gated variants share one program (weights shared), reordered ones another.
-  assert engine.fn_gated._cache_size() == 1 and engine.fn._cache_size() == 1
+  # Shared: gated variants share one program, reordered ones another. Per variant: one
+  # program (weights of their own) serves both.
+  shared = variant_weights == "shared"
+  assert engine.fn_gated._cache_size() == int(shared) and engine.fn._cache_size() == 1
+
+
+def test_variant_weights_auto_and_unknown():
+  assert lesion.resolve_variant_weights("auto") == "shared"  # these tests run on the CPU
+  with pytest.raises(ValueError, match="lesion.variant_weights='grouped'; valid: auto"):
+    lesion.resolve_variant_weights("grouped")
 
 
 def test_repeated_variants_are_evaluated_once(trained_tiny):
@@ -163,7 +172,8 @@ def test_a_study_cut_short_keeps_what_it_finished_and_resumes(trained_tiny, monk
   assert not (Path(workdir) / lesion.PARTIAL).exists()
   evaluated.clear()
   rechunked = config.copy_and_resolve_references()
-  rechunked.lesion.chunk = 2  # an execution setting: the same study
+  rechunked.lesion.chunk = 2  # execution settings: the same study
+  rechunked.lesion.variant_weights = "per_variant"
   lesion.run_study(rechunked, workdir)  # nothing left to do but the baseline and E1
   assert evaluated == ["baseline and E1 (delete one block)"]
   other = config.copy_and_resolve_references()

@@ -5,14 +5,19 @@ One JSON line per batch size (see common.py):
 
     # CPU smoke check (tiny):
     python bench/eval_forward.py --config=configs/quickstart.py --batch_sizes=50 --num_images=200
-    # GPU: ResNet-110, bf16, 10k CIFAR-shaped images, batches of 1,000 and 10,000
+    # GPU: ResNet-110, bf16, 10k CIFAR-shaped images, batches of 1,000 and 10,000, plain and
+    # as 8 convolution groups
     python bench/eval_forward.py --config=configs/cifar10_resnet110.py \
-        --config.model.dtype=bfloat16 --config.model.unroll=0 --batch_sizes=1000,10000
+        --config.model.dtype=bfloat16 --config.model.unroll=0 --batch_sizes=1000,10000 \
+        --groups=1,8
 """
 
+import itertools
 import time
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,7 +30,31 @@ flags.DEFINE_list("batch_sizes", ["1000", "10000"], "Eval batch sizes (one progr
 flags.DEFINE_integer("num_images", 10_000, "Synthetic test images (padded to whole batches).")
 flags.DEFINE_integer("calls", 20, "Timed passes over the test set per batch size.")
 flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
+flags.DEFINE_list("groups", ["1"], "Convolution groups: G > 1 evaluates each batch as G "
+                  "slices vmapped over G copies of the weights, so every convolution becomes "
+                  "one grouped convolution with G x the channels (the form of the lesion "
+                  "engine's per-variant weights). Same numbers, another kernel.")
 FLAGS = flags.FLAGS
+
+
+def grouped(eval_fn: Callable, groups: int) -> Callable:
+  """``eval_fn`` over ``groups`` slices of every batch, each with its own copy of the weights:
+  vmap turns the copies into grouped convolutions (channels G x C in G groups), which keeps
+  the 16-channel stage's GEMM tiles fuller. ``groups`` must divide the batch."""
+  if groups == 1:
+    return eval_fn
+
+  def fn(variables, images, labels, mask):
+    copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (groups,) + v.shape), variables)
+    split = lambda a: jnp.moveaxis(  # noqa: E731  (batches, batch, ...) -> (G, batches, batch/G, ...)
+        a.reshape(a.shape[0], groups, a.shape[1] // groups, *a.shape[2:]), 1, 0)
+    out = jax.vmap(eval_fn)(copies, split(images), split(labels), split(mask))
+    count = jnp.sum(out["count"])
+    loss = jnp.sum(out["loss"] * out["count"]) / count
+    accuracy = jnp.sum(out["accuracy"] * out["count"]) / count
+    return {"loss": loss, "accuracy": accuracy, "error": 1.0 - accuracy, "count": count}
+
+  return fn
 
 
 def main(_):
@@ -37,31 +66,36 @@ def main(_):
   variables, source = common.model_variables(model, c, dataset.test_images.shape[1:],
                                              FLAGS.variables)
   variables = put_tree(variables, replicated(mesh))
-  eval_fn = jax.jit(train.make_eval_fn(model, dataset.mean, dataset.std),
-                    out_shardings=replicated(mesh))
-  for batch in map(int, FLAGS.batch_sizes):
+  plain = train.make_eval_fn(model, dataset.mean, dataset.std)
+  for batch, groups in itertools.product(map(int, FLAGS.batch_sizes), map(int, FLAGS.groups)):
+    if batch % groups:
+      raise ValueError(f"--groups={groups} must divide the batch size {batch}")
+    eval_fn = jax.jit(grouped(plain, groups), out_shardings=replicated(mesh))
     images, labels, mask = trained.padded_test_batches(dataset, batch)
     args = [put(a, sharded(mesh, axis=1)) for a in (images, labels, mask)]
-    common.progress(f"batch {batch}: compiling")
+    common.progress(f"batch {batch}, groups {groups}: compiling")
     t0 = time.perf_counter()
     compiled = eval_fn.lower(variables, *args).compile()
     compile_s = time.perf_counter() - t0
-    common.progress(f"batch {batch}: compiled in {compile_s:.1f} s; warm-up, timed calls")
+    common.progress(f"batch {batch}, groups {groups}: compiled in {compile_s:.1f} s; "
+                    "warm-up, timed calls")
     call = lambda: compiled(variables, *args)["error"]
-    common.timed(call, 1, 0.0)  # warm-up
+    first = compiled(variables, *args)  # warm-up; the same numbers for any batch and groups
+    error, loss = float(first["error"]), float(first["loss"])
     calls, seconds = common.timed(call, FLAGS.calls, FLAGS.time_cap_s)
     n = FLAGS.num_images
     common.emit({
         "workload": "eval", **common.jax_info(), "config": common.config_name(),
         "model": f"{c.model.name}-{c.model.depth}", "width": c.model.width,
         "dtype": c.model.dtype, "unroll": c.model.unroll, "batch": batch, "images": n,
-        "padded_images": int(mask.size), "calls": calls, "seconds": round(seconds, 4),
-        "img_per_s": round(n * calls / seconds), "compile_s": round(compile_s, 2),
+        "groups": groups, "padded_images": int(mask.size), "calls": calls,
+        "seconds": round(seconds, 4), "img_per_s": round(n * calls / seconds),
+        "compile_s": round(compile_s, 2), "eval_error": error, "eval_loss": loss,
         "variables": source},
-        human=f"eval {c.model.name}-{c.model.depth} {c.model.dtype} batch {batch}: "
-              f"{n * calls / seconds:,.0f} img/s (compile {compile_s:.1f} s)")
-    common.profile(call, {"workload": "eval", "batch": batch, "dtype": c.model.dtype,
-                          "images": n})
+        human=f"eval {c.model.name}-{c.model.depth} {c.model.dtype} batch {batch} groups "
+              f"{groups}: {n * calls / seconds:,.0f} img/s (compile {compile_s:.1f} s)")
+    common.profile(call, {"workload": "eval", "batch": batch, "groups": groups,
+                          "dtype": c.model.dtype, "images": n})
 
 
 if __name__ == "__main__":

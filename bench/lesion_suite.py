@@ -3,7 +3,8 @@ program, chunks of variants vmapped over the resident test set).
 
 E1 deletes each block once, E3 deletes k = 0..lesion.max_k random blocks (lesion.draws each),
 E4 reorders by 1..lesion.reorder_max_swaps swaps (lesion.reorder_draws each): the issue's
-suite. Timing does not need a trained net: random-init variables (or ``--variables``) and
+suite, with the variants' weights shared and per variant (``lesion.variant_weights``), side
+by side. Timing does not need a trained net: random-init variables (or ``--variables``) and
 synthetic test images. One JSON line per experiment, and one for the whole suite:
 
     # CPU smoke check (tiny):
@@ -33,6 +34,8 @@ flags.DEFINE_integer("chunk", 0, "Variants per compiled call (0: the config's le
 flags.DEFINE_integer("num_images", 10_000, "Synthetic test images.")
 flags.DEFINE_integer("slice_chunks", 2, "Chunks per engine call between time-cap checks.")
 flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
+flags.DEFINE_list("variant_weights", ["per_variant", "shared"], "Forms of the variants' "
+                  "weights to time side by side (lesion.variant_weights; E4 with the first).")
 FLAGS = flags.FLAGS
 
 
@@ -79,28 +82,15 @@ def time_experiment(engine, gates, orders, cap_s: float) -> tuple[int, float]:
   return done, time.perf_counter() - t0
 
 
-def main(_):
-  c = FLAGS.config
+def time_form(c, form: str, engine, base: dict, layout, experiments) -> tuple[dict, dict]:
+  """Rows for one form of the variants' weights (``lesion.variant_weights``): E1 (its first
+  pass also compiles) and the capped E3/E4. Each program is warmed up before it is timed
+  (E4, weights per variant, compiles a program of its own under "shared"). Returns
+  {experiment: (variants, projected s, complete)} and the compile fields."""
   lc = c.lesion
-  mesh = make_mesh()
-  dataset = common.synthetic(c, 1, FLAGS.num_images)
-  model = models.build(c.model, dataset.num_classes)
-  layout = model.layout
-  variables, source = common.model_variables(model, c, dataset.test_images.shape[1:],
-                                             FLAGS.variables)
-  chunk = FLAGS.chunk or lc.chunk
-  engine = lesion.LesionEngine(
-      train.make_eval_fn(model, dataset.mean, dataset.std), layout, variables,
-      *trained.padded_test_batches(dataset, c.eval.batch_size), mesh=mesh, chunk=chunk,
-      base_gates=gates_lib.eval_gates(c.gates, layout))
-  base = {**common.jax_info(), "config": common.config_name(),
-          "model": f"{c.model.name}-{c.model.depth}", "width": c.model.width,
-          "n_blocks": layout.n_blocks, "dtype": c.model.dtype, "unroll": c.model.unroll,
-          "images": FLAGS.num_images, "batch": c.eval.batch_size, "chunk": engine.chunk,
-          "variables": source}
-  # Compile: the first E1 pass (compile + one run) minus a second, timed one.
+  base = {**base, "variant_weights": form}
   e1 = lesion.single_deletion_gates(layout)
-  common.progress("compiling (the first E1 pass)")
+  common.progress(f"{form}: compiling (the first E1 pass)")
   t0 = time.perf_counter()
   evaluate(engine, e1, None)
   first_s = time.perf_counter() - t0
@@ -108,40 +98,76 @@ def main(_):
   t0 = time.perf_counter()
   evaluate(engine, e1, None)
   compile_s = max(first_s - (time.perf_counter() - t0), 0.0)
-  common.progress(f"compiled in {compile_s:.1f} s")
-  engine.known.clear()
+  common.progress(f"{form}: compiled in {compile_s:.1f} s")
   rng = np.random.default_rng(c.seed)
-  total_s, total_variants, complete = 0.0, 0, True
-  for name in FLAGS.experiments:
+  measured = {}
+  for name in experiments:
+    engine.known.clear()
     gates, orders = variants(name, layout, lc, rng)
     count = len(gates) if gates is not None else len(orders)
+    if name == "E4":  # warm-up: one chunk of reorders, untimed
+      evaluate(engine, None, orders[-engine.chunk:])
+      engine.known.clear()
     cap = 0.0 if name == "E1" else FLAGS.time_cap_s  # E1 is one chunk: always whole
     done, seconds = time_experiment(engine, gates, orders, cap)
     rate = done / seconds
     full_s = seconds if done == count else count / rate
-    total_s, total_variants = total_s + full_s, total_variants + count
-    complete = complete and done == count
+    measured[name] = (count, full_s, done == count)
     common.emit({
         "workload": f"lesion_{name}", **base, "variants": count, "variants_done": done,
         "complete": done == count, "seconds": round(seconds, 3),
         "projected_s": round(full_s, 3), "variants_per_s": round(rate, 2),
         "img_per_s": round(rate * FLAGS.num_images), "compile_s": round(compile_s, 2)},
-        human=f"lesion {name}: {count} variants {'in' if done == count else '~'} "
+        human=f"lesion {name} ({form}): {count} variants {'in' if done == count else '~'} "
               f"{full_s:.2f} s ({rate:.1f} variants/s, {rate * FLAGS.num_images:,.0f} img/s"
               f"{'' if done == count else f', projected from {done}'})")
-  common.emit({
-      "workload": "lesion_suite", **base, "experiments": list(FLAGS.experiments),
-      "variants": total_variants, "complete": complete, "projected_s": round(total_s, 2),
-      "compile_s": round(compile_s, 2), "first_call_s": round(first_s, 2)},
-      human=f"lesion suite {'+'.join(FLAGS.experiments)}: {total_variants} variants "
-            f"{'in' if complete else '~'} {total_s:.1f} s (+ compile {compile_s:.1f} s)")
+  return measured, {"compile_s": round(compile_s, 2), "first_call_s": round(first_s, 2)}
+
+
+def main(_):
+  c = FLAGS.config
+  mesh = make_mesh()
+  dataset = common.synthetic(c, 1, FLAGS.num_images)
+  model = models.build(c.model, dataset.num_classes)
+  layout = model.layout
+  variables, source = common.model_variables(model, c, dataset.test_images.shape[1:],
+                                             FLAGS.variables)
+  chunk = FLAGS.chunk or c.lesion.chunk
+  batches = trained.padded_test_batches(dataset, c.eval.batch_size)
+  eval_fn = train.make_eval_fn(model, dataset.mean, dataset.std)
+  base = {**common.jax_info(), "config": common.config_name(),
+          "model": f"{c.model.name}-{c.model.depth}", "width": c.model.width,
+          "n_blocks": layout.n_blocks, "dtype": c.model.dtype, "unroll": c.model.unroll,
+          "images": FLAGS.num_images, "batch": c.eval.batch_size, "chunk": chunk,
+          "variables": source}
+  forms = [lesion.resolve_variant_weights(f) for f in FLAGS.variant_weights]
+  engine, shared_e4 = None, {}
+  for i, form in enumerate(dict.fromkeys(forms)):
+    engine = lesion.LesionEngine(
+        eval_fn, layout, variables, *batches, mesh=mesh, chunk=chunk,
+        base_gates=gates_lib.eval_gates(c.gates, layout), variant_weights=form)
+    # E4 runs the same program in every form: timed with the first form, counted in each.
+    measured, compiled = time_form(c, form, engine, base, layout,
+                                   [e for e in FLAGS.experiments if i == 0 or e != "E4"])
+    shared_e4 = {k: v for k, v in measured.items() if k == "E4"} or shared_e4
+    measured.update(shared_e4)
+    total_s = sum(s for _, s, _ in measured.values())
+    complete = all(done for _, _, done in measured.values())
+    variants_ = sum(n for n, _, _ in measured.values())
+    common.emit({
+        "workload": "lesion_suite", **base, "variant_weights": form,
+        "experiments": list(measured), "variants": variants_, "complete": complete,
+        "projected_s": round(total_s, 2), **compiled},
+        human=f"lesion suite {'+'.join(measured)} ({form}): {variants_} variants "
+              f"{'in' if complete else '~'} {total_s:.1f} s (+ compile "
+              f"{compiled['compile_s']:.1f} s)")
 
   def e1_again():
     engine.known.clear()
-    evaluate(engine, e1, None)
+    evaluate(engine, lesion.single_deletion_gates(layout), None)
 
   common.profile(e1_again, {"workload": "lesion_E1", "batch": c.eval.batch_size,
-                            "chunk": engine.chunk})
+                            "chunk": engine.chunk, "variant_weights": form})
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ if [ "$SMOKE" = 1 ]; then
   SD="$NET --config.gates.sampler=stochastic_depth"
   TRAIN="--config.train.steps_per_call=2 --calls=2 --num_examples=500"
   B_SMALL=16; B_LARGE=64
-  EVAL="--batch_sizes=50,100 --num_images=200 --calls=2"
+  EVAL="--batch_sizes=50,100 --groups=1,2 --num_images=200 --calls=2"
   LESION="--num_images=100 --config.eval.batch_size=50 --chunk=4 --config.lesion.draws=2
     --config.lesion.max_k=2 --config.lesion.reorder_max_swaps=2 --config.lesion.reorder_draws=2
     --time_cap_s=5"
@@ -73,8 +73,8 @@ else
   SD="--config=configs/cifar10_resnet110_sd.py $FAST"
   TRAIN="--config.train.steps_per_call=50 --calls=6 --time_cap_s=8"
   B_SMALL=128; B_LARGE=1024
-  EVAL="--batch_sizes=1000,10000 --num_images=10000 --calls=20 --time_cap_s=5"
-  LESION="--num_images=10000 --chunk=64 --time_cap_s=12"
+  EVAL="--batch_sizes=10000 --groups=1,8,64 --num_images=10000 --calls=20 --time_cap_s=3"
+  LESION="--num_images=10000 --chunk=64 --time_cap_s=8"
   PATHS="--time_cap_s=15"
   TORCH=""
   CMDBUF_ALL=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE
@@ -126,35 +126,35 @@ step() {  # step NAME CAP_S COMMAND...: runs COMMAND --out=$JSONL under min(CAP_
 step torch_eager 60 "$PY" bench/torch_side.py --ref="$TORCH_REF" $TORCH --time_cap_s=40 \
   --rows=train128_fp32,train128_bf16,train1024_bf16,eval,lesion_E1,paths_E6
 PROF=${PROFILE_DIR:+--profile_dir=$PROFILE_DIR}
-step train128 55 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL $PROF
-step train1024 60 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_LARGE $PROF
-step eval 50 "$PY" bench/eval_forward.py $NET $EVAL $PROF
-step lesion 90 "$PY" bench/lesion_suite.py $NET $LESION $PROF
+step train128 75 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL $PROF
+step train1024 80 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_LARGE $PROF
+step eval 70 "$PY" bench/eval_forward.py $NET $EVAL $PROF
+step lesion 110 "$PY" bench/lesion_suite.py $NET $LESION $PROF
 step paths 60 "$PY" bench/path_sampling.py $NET $PATHS $PROF
-step train_effective 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL $PROF
-step train_sd 50 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL
-step train128_x4 80 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
+step train_effective 70 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL $PROF
+step train_sd 70 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL $PROF
+step train128_x4 90 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
   --replicas=4
 if [ "$SMOKE" != 1 ]; then
   # Is the batch-128 step bound by kernel launches? Command buffers (CUDA graphs) off, then
   # extended to the scan's while loop and conditionals (one graph per 50-step call).
   # Two training processes on the one GPU: do they fill each other's idle gaps?
-  step train128_2proc 80 bash bench/concurrent.sh 2 50 "$PY" bench/train_step.py $NET $TRAIN \
+  step train128_2proc 90 bash bench/concurrent.sh 2 50 "$PY" bench/train_step.py $NET $TRAIN \
     --config.train.batch_size=$B_SMALL
   # E6 with one path per routed backward (the pairs' baseline).
   step paths_unpaired 60 "$PY" bench/path_sampling.py $NET $PATHS --nopaired
-  step train128_cmdbuf_off 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
+  step train128_cmdbuf_off 70 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_off
-  step train128_cmdbuf_while 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \
+  step train128_cmdbuf_while 70 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_while
   # Compute skipping runs a conditional per block: in a command buffer, no host round trip.
-  step train_effective_cmdbuf_while 50 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \
+  step train_effective_cmdbuf_while 70 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \
     "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL \
     --variant=cmdbuf_while
 fi
-step train_effective_multiply 50 "$PY" bench/train_step.py $EFFECTIVE $TRAIN \
+step train_effective_multiply 70 "$PY" bench/train_step.py $EFFECTIVE $TRAIN \
   --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
-step train_sd_multiply 50 "$PY" bench/train_step.py $SD $TRAIN \
+step train_sd_multiply 70 "$PY" bench/train_step.py $SD $TRAIN \
   --config.train.batch_size=$B_SMALL --config.gates.skip_compute=False
 if [ "$SMOKE" != 1 ]; then
   # torch.compile: minutes of compiling (ResNet-110 forward + backward), so last, with what is

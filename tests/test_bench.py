@@ -43,15 +43,19 @@ def test_train_step_bench_prints_a_measurement(tmp_path):
   assert row["config"] == "quickstart.py"
 
 
-def test_eval_forward_bench_one_row_per_batch_size(tmp_path):
+def test_eval_forward_bench_one_row_per_batch_size_and_groups(tmp_path):
   rows = run(["bench/eval_forward.py"] + TINY + [
-      "--batch_sizes=50,128", "--num_images=200", "--calls=2"], out=tmp_path / "b.jsonl")
-  assert [r["batch"] for r in rows] == [50, 128]
+      "--batch_sizes=50,128", "--groups=1,2", "--num_images=200", "--calls=2"],
+      out=tmp_path / "b.jsonl")
+  assert [(r["batch"], r["groups"]) for r in rows] == [(50, 1), (50, 2), (128, 1), (128, 2)]
   for row in rows:
     check_common(row, "eval")
     assert row["images"] == 200 and row["calls"] == 2 and row["img_per_s"] > 0
     assert row["variables"] == "random_init"
-  assert rows[1]["padded_images"] == 256  # two batches of 128 hold the 200 images
+    # grouped convolutions over copies of the weights: the same network, the same numbers
+    assert row["eval_error"] == pytest.approx(rows[0]["eval_error"], abs=1e-6)
+    assert row["eval_loss"] == pytest.approx(rows[0]["eval_loss"], rel=1e-5)
+  assert rows[2]["padded_images"] == 256  # two batches of 128 hold the 200 images
 
 
 LESION = TINY + ["--num_images=100", "--config.eval.batch_size=50", "--chunk=4",
@@ -59,32 +63,41 @@ LESION = TINY + ["--num_images=100", "--config.eval.batch_size=50", "--chunk=4",
                  "--config.lesion.reorder_draws=2"]
 
 
-def test_lesion_suite_bench_times_each_experiment_and_projects_capped_ones(tmp_path):
+def test_lesion_suite_bench_times_each_experiment_and_form_and_projects_capped_ones(tmp_path):
   # E3: 3 k x 8 draws = 24 variants; a 1 us cap stops it after one slice of 2 chunks (8).
   rows = run(["bench/lesion_suite.py"] + LESION + ["--config.lesion.draws=8",
                                                    "--time_cap_s=0.000001"],
              out=tmp_path / "b.jsonl")
-  by = {r["workload"]: r for r in rows}
-  assert list(by) == ["lesion_E1", "lesion_E3", "lesion_E4", "lesion_suite"]
-  for name in ("lesion_E1", "lesion_E3", "lesion_E4"):
-    check_common(by[name], name)
-    assert by[name]["variants_per_s"] > 0 and by[name]["img_per_s"] > 0
-    assert by[name]["chunk"] == 4 and by[name]["images"] == 100 and by[name]["n_blocks"] == 9
-  e1, e3, e4, suite = (by[k] for k in by)
-  assert e1["variants"] == e1["variants_done"] == 9 and e1["complete"]  # never capped
-  assert e3["variants"] == 24 and e3["variants_done"] == 8 and not e3["complete"]
-  assert e3["projected_s"] > e3["seconds"] > 0
+  by = {(r["workload"], r["variant_weights"]): r for r in rows}
+  assert list(by) == [("lesion_E1", "per_variant"), ("lesion_E3", "per_variant"),
+                      ("lesion_E4", "per_variant"), ("lesion_suite", "per_variant"),
+                      ("lesion_E1", "shared"), ("lesion_E3", "shared"),
+                      ("lesion_suite", "shared")]  # E4: one program in both forms, timed once
+  e4 = by["lesion_E4", "per_variant"]
   assert e4["variants"] == e4["variants_done"] == 4 and e4["complete"]
-  assert suite["variants"] == 37 and not suite["complete"]
-  assert suite["projected_s"] == pytest.approx(
-      e1["projected_s"] + e3["projected_s"] + e4["projected_s"], abs=0.02)
+  for form in ("per_variant", "shared"):
+    e1, e3, suite = (by[f"lesion_{name}", form] for name in ("E1", "E3", "suite"))
+    for row in (e1, e3, e4):
+      check_common(row, row["workload"])
+      assert row["variants_per_s"] > 0 and row["img_per_s"] > 0
+      assert row["chunk"] == 4 and row["images"] == 100 and row["n_blocks"] == 9
+    assert e1["variants"] == e1["variants_done"] == 9 and e1["complete"]  # never capped
+    assert e3["variants"] == 24 and e3["variants_done"] == 8 and not e3["complete"]
+    assert e3["projected_s"] > e3["seconds"] > 0
+    assert suite["variants"] == 37 and not suite["complete"]
+    assert suite["projected_s"] == pytest.approx(
+        e1["projected_s"] + e3["projected_s"] + e4["projected_s"], abs=0.02)
+  faster = min((by["lesion_E1", f] for f in ("per_variant", "shared")), key=lambda r: r["seconds"])
+  cell = load_table().table(rows).split("\n")[5]  # the E1 row names the faster form
+  assert cell.startswith("| E1") and f"weights {faster['variant_weights'].replace('_', ' ')}" in cell
 
 
-def test_lesion_suite_bench_picks_experiments():
+def test_lesion_suite_bench_picks_experiments_and_forms():
   rows = run(["bench/lesion_suite.py"] + LESION + ["--config.lesion.draws=2",
-                                                   "--experiments=E1"])
+                                                   "--experiments=E1", "--variant_weights=auto"])
   assert [r["workload"] for r in rows] == ["lesion_E1", "lesion_suite"]
   assert rows[1]["complete"] and rows[1]["variants"] == 9
+  assert rows[1]["variant_weights"] == "shared"  # auto on the CPU
 
 
 def test_path_sampling_bench_projects_a_capped_run(tmp_path):
@@ -201,8 +214,11 @@ def test_run_all_smoke_runs_a_step_and_prints_the_table(tmp_path):
                         text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(l) for l in (tmp_path / "bench.jsonl").read_text().splitlines()]
-  assert [r["workload"] for r in rows] == ["eval", "eval", "step"]
+  assert [r["workload"] for r in rows] == ["eval"] * 4 + ["step"]  # 2 batches x 2 groups
   assert rows[-1]["step"] == "eval" and rows[-1]["status"] == "ok"
+  # every step shares one compilation cache, fresh for the run and removed after it
+  cache = rows[0]["compile_cache"]
+  assert cache.startswith("/tmp/jax_cache_bench.") and not os.path.exists(cache)
   assert "| eval forward |" in (tmp_path / "table.md").read_text()
   assert "img/s" in proc.stdout and '{"workload"' not in proc.stdout  # human lines only
 

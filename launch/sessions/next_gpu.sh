@@ -2,19 +2,19 @@
 # The next lent-GPU session: two calls (device tool, carry [".gpu"]), every result in $OUT as
 # soon as it exists (the tool returns at most 8 files per call).
 #
-#   call 1, issue 6 (timeout_s 560):  bash launch/sessions/next_gpu.sh bench 520
-#     every bench/ step in one call, each JAX measurement followed by a traced call (profile
-#     rows: kernels per step, busy vs idle); torch.compile left out (minutes of compiling; the
-#     table shows the earlier 29.5k img/s) -> bench.jsonl, bench.log, table.md, session.log
-#   call 2, issues 7 (timeout_s = what is left - 20):  bash launch/sessions/next_gpu.sh rest S
-#     E4 on the published ResNet-110 (the lesion study resumes: E1 again, E3 kept from
-#     results/.../lesion.json, E4 run; ~2 min), then EXTRA_STEPS (bench steps call 1 had no
-#     time for, e.g. EXTRA_STEPS="train128_x4 train128_2proc", EXTRA_BUDGET_S=150), then
-#     ResNet-110 with effective paths only (E8) for the rest of S seconds (resumable from
+#   call 1, issue 6 (timeout_s 520):  bash launch/sessions/next_gpu.sh bench 480
+#     the issue's rows in one call (<= 8 min), each JAX measurement followed by a traced call
+#     (profile rows: kernels per step, busy vs idle), eval plain and as 8 / 64 convolution
+#     groups, the lesion suite with shared and per-variant weights; the steps run by
+#     EXTRA_STEPS in call 2 are left out -> bench.jsonl, bench.log, table.md, session.log
+#   call 2, issue 7 (timeout_s = what is left - 20):  bash launch/sessions/next_gpu.sh rest S
+#     optional EXTRA_STEPS first (bench steps, e.g. EXTRA_STEPS="train128_x4 train128_2proc",
+#     EXTRA_BUDGET_S=180), optional LESION=1 (the lesion study of $R, resumable), then
+#     ResNet-110 with effective paths only (E8) for the rest of S seconds (resumes from
 #     .gpu/resume/r110_eff_s0.tar.part-aa).
 #
-# CPU smoke: SMOKE=1 bash launch/sessions/next_gpu.sh bench 200
-#            SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py \
+# CPU smoke: SMOKE=1 bash launch/sessions/next_gpu.sh bench 600
+#            SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py LESION=1 \
 #              CONFIG_E=configs/quickstart.py O="" E_O="--config.gates.sampler=effective \
 #              --config.gates.k=5 --config.train.num_steps=40" bash launch/sessions/next_gpu.sh rest 200
 set -o pipefail
@@ -32,6 +32,9 @@ export PYTHONUNBUFFERED=1
 stamp() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
 quiet() { grep -v "^I1\|^W1\|^I0000\|^WARNING: All log"; }
 
+# The issue's table: every row it asks for (the gated steps' cost included), with profiles.
+CORE_STEPS="torch_eager train128 train1024 eval lesion paths train_effective train_sd"
+
 stamp "prepare ($STAGE, ${TOTAL}s)"
 if [ -n "$SMOKE" ]; then smoke=--smoke; else bash launch/device.sh true; fi
 export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,20 +42,22 @@ export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 case $STAGE in
   bench)
-    OUT="$OUT" BUDGET_S=$((TOTAL - SECONDS - 15)) TORCH_COMPILE_MIN_S=9999 \
+    OUT="$OUT" BUDGET_S=$((TOTAL - SECONDS - 15)) STEPS=${STEPS-"$CORE_STEPS"} \
       PROFILE_DIR=/tmp/bench_profile bash bench/run_all.sh $smoke 2>&1 | tail -40 \
       | tee -a "$OUT/session.log"
     ;;
   rest)
-    stamp "E4 (the lesion study resumes) on $R"
-    timeout 240 python3 -m resnet_ensemble --mode=lesion --config="$CONFIG_R" --workdir="$R" \
-      $O --config.lesion.chunk=64 2>&1 | quiet | tee -a "$OUT/session.log"
-    cp "$R/lesion.json" "$OUT/$(basename "$R").lesion.json"
-    cp "$R/lesion.partial.json" "$OUT/$(basename "$R").lesion.partial.json" 2>/dev/null
     if [ -n "$EXTRA_STEPS" ]; then  # bench steps call 1 had no time for
       stamp "bench steps: $EXTRA_STEPS"
-      OUT="$OUT" BUDGET_S=${EXTRA_BUDGET_S:-150} STEPS="$EXTRA_STEPS" bash bench/run_all.sh \
+      OUT="$OUT" BUDGET_S=${EXTRA_BUDGET_S:-180} STEPS="$EXTRA_STEPS" bash bench/run_all.sh \
         $smoke 2>&1 | tail -25 | tee -a "$OUT/session.log"
+    fi
+    if [ -n "$LESION" ]; then  # the lesion study of $R (resumes a cut one)
+      stamp "lesion study of $R"
+      timeout 240 python3 -m resnet_ensemble --mode=lesion --config="$CONFIG_R" --workdir="$R" \
+        $O --config.lesion.chunk=64 2>&1 | quiet | tee -a "$OUT/session.log"
+      cp "$R/lesion.json" "$OUT/$(basename "$R").lesion.json"
+      cp "$R/lesion.partial.json" "$OUT/$(basename "$R").lesion.partial.json" 2>/dev/null
     fi
     left=$((TOTAL - SECONDS - 15))
     stamp "E8: effective-path training, budget ${left}s"

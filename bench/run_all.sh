@@ -15,9 +15,10 @@
 # (bench/trace_summary.py: device kernels by time, busy vs idle) after each JAX measurement;
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager train128 train1024 eval lesion paths train_effective train_sd
-# train128_x4 (4 models at once, vmapped) train128_2proc (2 processes at once, concurrent.sh)
-# paths_unpaired train128_cmdbuf_off train128_cmdbuf_while train_effective_cmdbuf_while (GPU only)
-# train_effective_multiply train_sd_multiply torch_compile (GPU only).
+# train128_g8 train1024_g8 (train.conv_groups=8) train128_x4 (4 models at once, vmapped)
+# train128_2proc (2 processes at once, concurrent.sh) paths_unpaired train128_cmdbuf_off
+# train128_cmdbuf_while train_effective_cmdbuf_while (GPU only) train_effective_multiply
+# train_sd_multiply torch_compile (GPU only).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
@@ -133,6 +134,11 @@ step lesion 110 "$PY" bench/lesion_suite.py $NET $LESION $PROF
 step paths 60 "$PY" bench/path_sampling.py $NET $PATHS $PROF
 step train_effective 70 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.train.batch_size=$B_SMALL $PROF
 step train_sd 70 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL $PROF
+# The batch as 8 slices over 8 weight copies: grouped convolutions (train.conv_groups).
+step train128_g8 70 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
+  --config.train.conv_groups=8 --variant=g8 $PROF
+step train1024_g8 80 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_LARGE \
+  --config.train.conv_groups=8 --variant=g8
 step train128_x4 90 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
   --replicas=4
 if [ "$SMOKE" != 1 ]; then

@@ -184,7 +184,8 @@ def table(rows: list[dict]) -> str:
   compiles = {}
   for r in rows:
     if r.get("impl") == "jax" and r.get("compile_s") is not None and "skipped" not in r:
-      name = r["workload"] + (f"@{r['batch']}" if r["workload"] in ("train", "eval") else "")
+      batched = r["workload"].split("[")[0] in ("train", "eval")
+      name = r["workload"] + (f"@{r['batch']}" if batched else "")
       name += f"/g{r['groups']}" if r.get("groups", 1) > 1 else ""
       name = "lesion" if name.startswith("lesion") else name
       compiles[name] = r["compile_s"]

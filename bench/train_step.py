@@ -57,7 +57,8 @@ def main(_):
   step = train.make_train_on_batch(
       model, tx, dataset.mean, dataset.std, 0.0, mesh,
       sample_gates=gates_lib.make_sampler(c.gates, model.layout, c.train.batch_size),
-      gate_key=jax.random.key(0), skip_compute=c.gates.skip_compute)
+      gate_key=jax.random.key(0), skip_compute=c.gates.skip_compute,
+      conv_groups=c.train.conv_groups)
   k = c.train.steps_per_call
 
   def fn(state, data, seed):
@@ -100,7 +101,8 @@ def main(_):
       "config": common.config_name(), "model": f"{c.model.name}-{c.model.depth}",
       "width": c.model.width, "n_blocks": model.layout.n_blocks, "dtype": c.model.dtype,
       "unroll": c.model.unroll, "batch": c.train.batch_size, "steps_per_call": k,
-      "replicas": FLAGS.replicas, "timed_from": round(timed_from, 3),
+      "replicas": FLAGS.replicas, "conv_groups": c.train.conv_groups,
+      "timed_from": round(timed_from, 3),
       "late_s": round(max(-wait, 0.0), 2) if FLAGS.start_at else None,
       "gates": gates, "gates_k": c.gates.k if gates == "effective" else None,
       "skip_compute": bool(c.gates.skip_compute) if gates != "none" else None,

@@ -229,6 +229,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   unroll: int = 1                      # scan unroll factor; <= 0 means fully unrolled
   expansion: int | None = None         # bottleneck output / inner width (4; wide ResNets: 2)
+  norm_axis_name: str | None = None    # BatchNorm statistics also over this vmap/pmap axis
 
   @property
   def _expansion(self) -> int:
@@ -252,7 +253,7 @@ class ResNet(nn.Module):
                skip_compute: bool = False) -> Array:
     layout = self.layout
     gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
-    norm = _norm(train, self.dtype)
+    norm = _norm(train, self.dtype, self.norm_axis_name)
     x = self.embed(x, norm)
     for s, down, stacked in self.stage_blocks(norm):
       stage = layout.stage_range(s)
@@ -296,9 +297,9 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
-def _norm(train: bool, dtype) -> ModuleDef:
+def _norm(train: bool, dtype, axis_name: str | None = None) -> ModuleDef:
   return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=dtype)
+                           epsilon=1e-5, dtype=dtype, axis_name=axis_name if train else None)
 
 
 class PlainNet(nn.Module):
@@ -311,6 +312,7 @@ class PlainNet(nn.Module):
   num_classes: int = 10
   dtype: Any = jnp.float32
   unroll: int = 1
+  norm_axis_name: str | None = None    # BatchNorm statistics also over this vmap/pmap axis
 
   @property
   def layout(self) -> BlockLayout:
@@ -321,7 +323,7 @@ class PlainNet(nn.Module):
                skip_compute: bool = False) -> Array:
     layout = self.layout
     gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
-    norm = _norm(train, self.dtype)
+    norm = _norm(train, self.dtype, self.norm_axis_name)
     x = self.embed(x, norm)
     for s, _, layer in self.stage_blocks(norm):
       x = self.enter_stage(s, x)

@@ -100,18 +100,59 @@ def make_eval_fn(model: nn.Module, mean, std) -> Callable:
   return eval_fn
 
 
+GROUP_AXIS = "conv_groups"
+
+
+def grouped_train_apply(model: nn.Module, groups: int) -> Callable:
+  """``apply(variables, x, gates, skip_compute) -> (logits, batch_stats updates)`` in train
+  mode, the batch run as ``groups`` slices over ``groups`` copies of the weights.
+
+  vmap over the copies turns every convolution into one grouped convolution with
+  ``groups`` x the channels: the same arithmetic in another kernel, which keeps a 16-channel
+  layer's GEMM tiles fuller (``train.conv_groups``). BatchNorm statistics are taken over the
+  whole batch (a mean over the slices' axis), the copies' gradients sum to the weights'
+  gradient: the function is that of ``groups=1``. Slice g holds examples g, g + G, ..., so a
+  batch split over devices stays split the same way."""
+  if groups == 1:
+    return lambda variables, x, gates, skip: model.apply(
+        variables, x, gates=gates, train=True, skip_compute=skip, mutable=["batch_stats"])
+  grouped = model.clone(norm_axis_name=GROUP_AXIS)
+
+  def split(a: jax.Array, axis: int = 0) -> jax.Array:  # (.., B, ..) -> (G, .., B/G, ..)
+    shape = a.shape[:axis] + (a.shape[axis] // groups, groups) + a.shape[axis + 1:]
+    return jnp.moveaxis(a.reshape(shape), axis + 1, 0)
+
+  def apply(variables, x, gates, skip):
+    if x.shape[0] % groups:
+      raise ValueError(f"train.conv_groups={groups} must divide the batch size {x.shape[0]}")
+    copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (groups,) + v.shape), variables)
+    per_example = gates is not None and gates.ndim == 2  # (n_blocks, batch)
+    one = lambda v, xs, g: grouped.apply(  # noqa: E731
+        v, xs, gates=g, train=True, skip_compute=skip, mutable=["batch_stats"])
+    logits, updates = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None),
+                               axis_name=GROUP_AXIS)(
+        copies, split(x), split(gates, 1) if per_example else gates)
+    # (G, B/G, classes) -> (B, classes) in the batch's order; every copy's statistics agree
+    logits = jnp.moveaxis(logits, 0, 1).reshape(x.shape[0], -1)
+    return logits, jax.tree.map(lambda u: u[0], updates)
+
+  return apply
+
+
 def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean, std,
                         label_smoothing: float, mesh,
                         sample_gates: Callable[[jax.Array], jax.Array] | None = None,
-                        gate_key: jax.Array | None = None, skip_compute: bool = False) -> Callable:
+                        gate_key: jax.Array | None = None, skip_compute: bool = False,
+                        conv_groups: int = 1) -> Callable:
   """One SGD step on a given uint8 batch (already augmented).
 
   With ``sample_gates`` (gates.make_sampler), step t trains the network gated by
   ``sample_gates(fold_in(gate_key, t))``: the gate sequence is a function of (seed, step), so a
   resumed run samples the same gates. ``skip_compute`` (``gates.skip_compute``): a block gated
   off for the whole batch is not computed (same loss and gradients; its residual branch's BN
-  statistics stay as they were)."""
+  statistics stay as they were). ``conv_groups``: see ``grouped_train_apply``."""
   skip_compute = skip_compute and sample_gates is not None
+  apply = grouped_train_apply(model, conv_groups)
 
   def train_on_batch(state: TrainState, images, labels):
     x = jax.lax.with_sharding_constraint(normalize(images, mean, std), sharded(mesh))
@@ -120,9 +161,8 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
       gates = sample_gates(jax.random.fold_in(gate_key, state.step))
 
     def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                    gates=gates, train=True, skip_compute=skip_compute,
-                                    mutable=["batch_stats"])
+      logits, updates = apply({"params": params, "batch_stats": state.batch_stats}, x, gates,
+                              skip_compute)
       return cross_entropy(logits, labels, label_smoothing).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -326,7 +366,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
       sample_gates=gates_lib.make_sampler(config.gates, model.layout, tc.batch_size),
       gate_key=jax.random.fold_in(jax.random.key(config.seed), 3),
-      skip_compute=config.gates.skip_compute)
+      skip_compute=config.gates.skip_compute, conv_groups=tc.conv_groups)
   feed.start(model, train_on_batch, log_compile)
   test_gates = gates_lib.eval_gates(config.gates, model.layout)
 

@@ -33,7 +33,7 @@ stamp() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
 quiet() { grep -v "^I1\|^W1\|^I0000\|^WARNING: All log"; }
 
 # The issue's table: every row it asks for (the gated steps' cost included), with profiles.
-CORE_STEPS="torch_eager train128 train1024 eval lesion paths train_effective train_sd"
+CORE_STEPS="torch_eager train128 train1024 eval lesion paths train_effective train_sd train128_g8"
 
 stamp "prepare ($STAGE, ${TOTAL}s)"
 if [ -n "$SMOKE" ]; then smoke=--smoke; else bash launch/device.sh true; fi

@@ -1,0 +1,67 @@
+"""train.conv_groups: the batch as G slices over G weight copies (grouped convolutions) trains
+the same function: the same losses, parameters and BatchNorm statistics step by step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from resnet_ensemble import gates as gates_lib, models, train
+from resnet_ensemble.config import base_config
+from resnet_ensemble.sharding import make_mesh, replicated
+
+NETS = {"resnet": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16)),
+        "plain": models.PlainNet(stage_sizes=(2, 2), width=8)}
+SAMPLERS = {"none": {}, "stochastic_depth_per_example": {"per_example": True},
+            "effective_skip": {"k": 3}}
+
+
+def _run(model, sampler: str, groups: int, steps: int = 3):
+  gc = base_config().gates
+  gc.sampler = sampler.split("_per")[0].replace("_skip", "")
+  for key, value in SAMPLERS[sampler].items():
+    setattr(gc, key, value)
+  sample = gates_lib.make_sampler(gc, model.layout, 16) if gc.sampler != "none" else None
+  tx = optax.sgd(0.1, momentum=0.9)
+  mesh = make_mesh()
+  images = jax.random.randint(jax.random.key(1), (16, 8, 8, 3), 0, 256).astype(jnp.uint8)
+  labels = jnp.arange(16) % 10
+  state = train.create_train_state(model, tx, 0, (8, 8, 3), mesh)
+  step = jax.jit(train.make_train_on_batch(model, tx, (128.0,) * 3, (64.0,) * 3, 0.0, mesh,
+                                           sample_gates=sample, gate_key=jax.random.key(3),
+                                           skip_compute=sampler.endswith("skip"),
+                                           conv_groups=groups),
+                 out_shardings=(replicated(mesh),) * 2)
+  losses = []
+  for _ in range(steps):
+    state, m = step(state, images, labels)
+    losses.append(float(m.compute()["loss"]))
+  return state, losses
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_grouped_convolutions_train_the_same_function(net, sampler):
+  if net == "plain" and sampler != "none":
+    pytest.skip("the plain net's gates are tested with the residual net's")
+  (s1, l1), (s4, l4) = (_run(NETS[net], sampler, g) for g in (1, 4))
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  for tree in ("params", "batch_stats"):
+    for a, b in zip(jax.tree.leaves(getattr(s4, tree)), jax.tree.leaves(getattr(s1, tree))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_train_apply_runs_grouped_convolutions():
+  """The copies really become grouped convolutions (else the option would do nothing)."""
+  model = NETS["resnet"]
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  apply = train.grouped_train_apply(model, 4)
+  hlo = jax.jit(lambda v, x: apply(v, x, None, False)).lower(
+      variables, jnp.zeros((16, 8, 8, 3))).as_text()
+  assert "feature_group_count = 4" in hlo
+
+
+def test_conv_groups_must_divide_the_batch():
+  with pytest.raises(ValueError, match="train.conv_groups=3 must divide the batch size 16"):
+    _run(NETS["resnet"], "none", 3, steps=1)

@@ -140,7 +140,7 @@ def main(_):
           "n_blocks": layout.n_blocks, "dtype": c.model.dtype, "unroll": c.model.unroll,
           "images": FLAGS.num_images, "batch": c.eval.batch_size, "chunk": chunk,
           "variables": source}
-  forms = [lesion.resolve_variant_weights(f) for f in FLAGS.variant_weights]
+  forms = [lesion.resolve_variant_weights(f, variables) for f in FLAGS.variant_weights]
   engine, shared_e4 = None, {}
   for i, form in enumerate(dict.fromkeys(forms)):
     engine = lesion.LesionEngine(

@@ -116,15 +116,22 @@ def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh,
 VARIANT_WEIGHTS = ("auto", "shared", "per_variant")
 
 
-def resolve_variant_weights(variant_weights: str) -> str:
-  """``lesion.variant_weights`` for this machine: "auto" is per_variant on GPUs (grouped
-  convolutions ran ~1.4x faster there) and shared elsewhere (4.8x faster on the CPU)."""
+AUTO_PER_VARIANT_MAX_CHANNELS = 64  # the widths where per_variant was measured faster
+
+
+def resolve_variant_weights(variant_weights: str, variables=None) -> str:
+  """``lesion.variant_weights`` for this machine and network: "auto" is per_variant on GPUs
+  for networks whose convolutions have at most 64 output channels (the CIFAR ResNets: grouped
+  convolutions ran ~1.4x faster on an H100) and shared otherwise (4.8x faster on the CPU;
+  wide ImageNet layers already fill the GPU's tiles)."""
   if variant_weights not in VARIANT_WEIGHTS:
     raise ValueError(f"lesion.variant_weights={variant_weights!r}; valid: "
                      f"{', '.join(VARIANT_WEIGHTS)}")
-  if variant_weights == "auto":
-    return "per_variant" if jax.devices()[0].platform == "gpu" else "shared"
-  return variant_weights
+  if variant_weights != "auto":
+    return variant_weights
+  kernels = [v.shape[-1] for v in jax.tree.leaves(variables) if np.ndim(v) == 4]
+  narrow = bool(kernels) and max(kernels) <= AUTO_PER_VARIANT_MAX_CHANNELS
+  return "per_variant" if jax.devices()[0].platform == "gpu" and narrow else "shared"
 
 
 class LesionEngine:
@@ -139,7 +146,8 @@ class LesionEngine:
     paths scale residuals by their expected gate); every variant's gates multiply them.
     ``variant_weights``: "shared", "per_variant" or "auto" (``resolve_variant_weights``);
     the errors are the same either way."""
-    self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights)
+    self._setup(eval_fn, layout, mesh, chunk, base_gates,
+                resolve_variant_weights(variant_weights, variables))
     self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
     self.images = int(np.sum(test_mask))  # test images each variant is evaluated on
 
@@ -150,7 +158,7 @@ class LesionEngine:
     self.layout, self.chunk, self.mesh = layout, chunk, mesh
     self.base_gates = (np.ones((layout.n_blocks,), np.float32) if base_gates is None
                        else np.asarray(base_gates, np.float32))
-    self.shared = resolve_variant_weights(variant_weights) == "shared"
+    self.shared = variant_weights == "shared"  # resolved by the caller
     self.fn = make_variant_evaluator(eval_fn, layout, mesh)  # weights per variant
     self.fn_gated = make_variant_evaluator(eval_fn, layout, mesh, reorder=False)
     self.split = sharded(mesh)
@@ -208,7 +216,8 @@ class StreamedLesionEngine(LesionEngine):
                batches: Callable[[], Iterable[tuple[np.ndarray, ...]]], mesh, chunk: int,
                base_gates: np.ndarray | None = None, variant_weights: str = "auto"):
     """``batches()``: a new pass of this process's ``(images, labels, mask)`` shares."""
-    self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights)
+    self._setup(eval_fn, layout, mesh, chunk, base_gates,
+                resolve_variant_weights(variant_weights, variables))
     self.variables = put_tree(variables, replicated(mesh))
     self.batches = batches
     self.images = None  # known after the first pass

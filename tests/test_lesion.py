@@ -107,8 +107,18 @@ def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny, variant_wei
   assert engine.fn_gated._cache_size() == int(shared) and engine.fn._cache_size() == 1
 
 
-def test_variant_weights_auto_and_unknown():
-  assert lesion.resolve_variant_weights("auto") == "shared"  # these tests run on the CPU
+def test_variant_weights_auto_and_unknown(monkeypatch):
+  narrow = {"conv": {"kernel": np.zeros((3, 3, 16, 64))}}
+  wide = {"conv": {"kernel": np.zeros((3, 3, 64, 256))}}
+  assert lesion.resolve_variant_weights("auto", narrow) == "shared"  # these tests: CPU
+  assert lesion.resolve_variant_weights("per_variant", wide) == "per_variant"
+
+  class Gpu:
+    platform = "gpu"
+
+  monkeypatch.setattr(lesion.jax, "devices", lambda: [Gpu()])
+  assert lesion.resolve_variant_weights("auto", narrow) == "per_variant"
+  assert lesion.resolve_variant_weights("auto", wide) == "shared"
   with pytest.raises(ValueError, match="lesion.variant_weights='grouped'; valid: auto"):
     lesion.resolve_variant_weights("grouped")
 

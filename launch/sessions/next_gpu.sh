@@ -15,7 +15,7 @@
 #
 # CPU smoke: SMOKE=1 bash launch/sessions/next_gpu.sh bench 600
 #            SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py LESION=1 \
-#              CONFIG_E=configs/quickstart.py O="" E_O="--config.gates.sampler=effective \
+#              CONFIG_E=configs/quickstart.py E_RUN=/tmp/qs_eff O="" E_O="--config.gates.sampler=effective \
 #              --config.gates.k=5 --config.train.num_steps=40" bash launch/sessions/next_gpu.sh rest 200
 set -o pipefail
 STAGE=${1:?usage: next_gpu.sh bench|rest SECONDS}
@@ -24,6 +24,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 R=${R:-results/cifar10/resnet110_seed0}
 CONFIG_R=${CONFIG_R:-configs/cifar10_resnet110.py}
 CONFIG_E=${CONFIG_E:-configs/cifar10_resnet110_effective.py}
+E_RUN=${E_RUN:-runs/r110_eff_s0}  # E8's workdir (resumed from .gpu/resume/<its name>.tar.part-*)
 O=${O-"--config.data.dir=.gpu/data --config.data.source=bin --config.model.dtype=bfloat16 \
 --config.model.unroll=0"}
 E_O=${E_O-"--config.train.steps_per_call=50 --config.train.log_every=1000 \
@@ -61,7 +62,7 @@ case $STAGE in
     fi
     left=$((TOTAL - SECONDS - 15))
     stamp "E8: effective-path training, budget ${left}s"
-    [ "$left" -gt 60 ] && bash launch/device_train.sh "$CONFIG_E" runs/r110_eff_s0 "$left" $O \
+    [ "$left" -gt 60 ] && bash launch/device_train.sh "$CONFIG_E" "$E_RUN" "$left" $O \
       $E_O 2>&1 | quiet | tail -15 | tee -a "$OUT/session.log"
     ;;
   *) echo "unknown stage $STAGE (bench or rest)" >&2; exit 2 ;;

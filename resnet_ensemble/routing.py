@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +181,22 @@ def _streamed_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Ar
                        f"holds fewer")
 
 
+T = TypeVar("T")
+
+
+def one_ahead(dispatched: Iterable[T]) -> Iterator[T]:
+  """Yields each item of ``dispatched`` only once the next one has been taken: with items that
+  hold asynchronously dispatched device results, the device computes chunk c + 1 while the
+  host reads chunk c back (and prepares the next batch), instead of idling between chunks."""
+  previous, started = None, False
+  for item in dispatched:
+    if started:
+      yield previous
+    previous, started = item, True
+  if started:
+    yield previous
+
+
 def _on_every_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
@@ -215,13 +231,15 @@ def run_study(config, workdir: str) -> dict:
     check_divisible(pc.batch_size, mesh, "paths.batch_size")
   batches = path_batches(config, t.dataset, mesh)
   progress = Progress(2 * q, "E6 routed path gradients", unit="paths", every_s=10.0)
-  for start in range(0, q, chunk):
+
+  def dispatch(start: int):
     # A new batch for each chunk of paths (un-augmented; BN in inference mode).
     images, labels = next(batches)
     sel = selections[start:start + chunk]
-    used = len(sel)
-    sel = np.concatenate([sel, np.zeros((chunk - used, n), np.float32)])
-    y0, image = jitted(variables, images, labels, put(sel, split))
+    padded = np.concatenate([sel, np.zeros((chunk - len(sel), n), np.float32)])
+    return start, len(sel), jitted(variables, images, labels, put(padded, split))
+
+  for start, used, (y0, image) in one_ahead(map(dispatch, range(0, q, chunk))):
     out = np.stack([np.asarray(y0), np.asarray(image)], 1).reshape(2, chunk, 2)
     norms[:, start:start + used] = out[:, :used]
     progress.update(2 * min(start + chunk, q))

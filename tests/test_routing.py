@@ -163,3 +163,17 @@ def test_paired_selections_give_every_length_its_samples(n, samples):
   for k in range(n + 1):
     assert (lengths == k).sum() in (samples, samples + 1)  # + 1: the spare of an odd middle
   assert len(routed) <= (n + 1) * samples + 1
+
+
+def test_one_ahead_hands_out_each_chunk_after_dispatching_the_next():
+  events = []
+
+  def dispatched():
+    for c in range(3):
+      events.append(f"dispatch {c}")
+      yield c
+
+  for c in routing.one_ahead(dispatched()):
+    events.append(f"read {c}")
+  assert events == ["dispatch 0", "dispatch 1", "read 0", "dispatch 2", "read 1", "read 2"]
+  assert list(routing.one_ahead([])) == []

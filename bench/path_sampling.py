@@ -30,6 +30,8 @@ flags.DEFINE_integer("num_examples", 50_000, "Synthetic training set size (batch
 flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
 flags.DEFINE_bool("paired", True, "Route complementary pairs, as run_study does; --nopaired "
                   "times one path per routed backward (workload paths_E6[unpaired]).")
+flags.DEFINE_string("variant", "", "A setting under trial (e.g. a larger paths.chunk): the "
+                    "row's workload becomes 'paths_E6[VARIANT]', listed apart in the table.")
 FLAGS = flags.FLAGS
 
 
@@ -89,7 +91,8 @@ def main(_):
   rate = done * per_row / seconds  # paths routed per second
   full_s = seconds if complete else rows * per_row / rate
   done = total if complete else done * per_row
-  workload = "paths_E6" + ("" if FLAGS.paired else "[unpaired]")
+  tags = [t for t in (FLAGS.variant, "" if FLAGS.paired else "unpaired") if t]
+  workload = "paths_E6" + (f"[{','.join(tags)}]" if tags else "")
   common.emit({
       "workload": workload, **common.jax_info(), "paired": FLAGS.paired, "config": common.config_name(),
       "model": f"{c.model.name}-{c.model.depth}", "width": c.model.width, "n_blocks": n,

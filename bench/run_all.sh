@@ -16,9 +16,9 @@
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager train128 train1024 eval lesion paths train_effective train_sd
 # train128_g8 train1024_g8 (train.conv_groups=8) train128_x4 (4 models at once, vmapped)
-# train128_2proc (2 processes at once, concurrent.sh) paths_unpaired train128_cmdbuf_off
-# train128_cmdbuf_while train_effective_cmdbuf_while (GPU only) train_effective_multiply
-# train_sd_multiply torch_compile (GPU only).
+# train128_2proc (2 processes at once, concurrent.sh) paths_unpaired paths_chunk200
+# train128_cmdbuf_off train128_cmdbuf_while train_effective_cmdbuf_while (GPU only)
+# train_effective_multiply train_sd_multiply torch_compile (GPU only).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
@@ -149,6 +149,10 @@ if [ "$SMOKE" != 1 ]; then
     --config.train.batch_size=$B_SMALL
   # E6 with one path per routed backward (the pairs' baseline).
   step paths_unpaired 60 "$PY" bench/path_sampling.py $NET $PATHS --nopaired
+  # 100 pairs per call instead of 25: fewer, larger kernels (the profile: 15 % idle, 5 us
+  # median kernel).
+  step paths_chunk200 60 "$PY" bench/path_sampling.py $NET $PATHS --config.paths.chunk=200 \
+    --variant=chunk200
   step train128_cmdbuf_off 70 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" \
     "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL --variant=cmdbuf_off
   step train128_cmdbuf_while 70 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$CMDBUF_ALL" \

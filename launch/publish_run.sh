@@ -11,6 +11,8 @@
 #          --config.data.dir=/tmp/cif --config.model.dtype=bfloat16 --config.model.unroll=0
 # The overrides are those of the GPU run, except data.dir: export reads the checkpoint through
 # the same config checks as every mode (a mismatch is an error naming the field).
+# VARIABLES=0 publishes the metrics without variables.msgpack (extra seeds: results/ stays
+# under its 40 MB; the checkpoint in runs/NAME still has them).
 set -eo pipefail
 files_at=${1:?usage: publish_run.sh FILES_AT NAME CONFIG DEST [overrides]}
 name=${2:?NAME}; config=${3:?CONFIG}; dest=${4:?DEST}
@@ -31,10 +33,14 @@ if [ "$step" != "$total" ]; then
   exit 0
 fi
 echo "$name: finished (step $step)"
-python3 -m resnet_ensemble --mode=export --config="$config" --workdir="$run" "$@" \
-  2>&1 | grep -v "^I1\|^W1\|^I0000\|^WARNING: All log"
+files="config.json metrics.jsonl final_metrics.json train.log"
+if [ "${VARIABLES:-1}" != 0 ]; then
+  python3 -m resnet_ensemble --mode=export --config="$config" --workdir="$run" "$@" \
+    2>&1 | grep -v "^I1\|^W1\|^I0000\|^WARNING: All log"
+  files="$files variables.msgpack"
+fi
 mkdir -p "$dest"
-for f in config.json metrics.jsonl final_metrics.json train.log variables.msgpack; do
+for f in $files; do
   [ -e "$run/$f" ] && cp "$run/$f" "$dest/"
 done
 echo "published $(ls "$dest" | tr '\n' ' ')in $dest"

@@ -409,6 +409,12 @@ def test_a_gpu_run_is_packed_then_published_or_kept_to_resume(tmp_path):
   model = models.build(_config_dict(c["model"]), 10)
   _, step = trained.read_variables(str(published / "variables.msgpack"), model, (8, 8, 1))
   assert step == 10
+  env["VARIABLES"] = "0"  # an extra seed: its metrics, not its parameters
+  sh(os.path.join(REPO, "launch", "publish_run.sh"), str(tmp_path / "out"), "qs", config,
+     "results/qs_metrics", *overrides)
+  assert {p.name for p in (tmp_path / "results" / "qs_metrics").iterdir()} == {
+      "config.json", "metrics.jsonl", "final_metrics.json", "train.log"}
+  del env["VARIABLES"]
   # The same run with 20 steps to go is not finished: kept for the next call, nothing published.
   unfinished = tmp_path / "unfinished"
   unfinished.mkdir()

@@ -11,8 +11,9 @@
 #     optional EXTRA_STEPS first (bench steps, e.g. EXTRA_STEPS="train128_x4 train128_2proc",
 #     EXTRA_BUDGET_S=180), optional LESION=1 (the lesion study of $R, resumable), then
 #     ResNet-110 with effective paths only (E8) for the rest of S seconds (resumes from
-#     .gpu/resume/r110_eff_s0.tar.part-aa); SD_RUN=runs/r110_sd_s0 trains stochastic depth
-#     (CONFIG_SD) in a second process at the same time, each with 0.45 of the GPU memory.
+#     .gpu/resume/r110_eff_s0.tar.part-aa); SECOND_RUN=runs/r110_sd_s0 trains a second run
+#     (SECOND_CONFIG, default stochastic depth; SECOND_O: its own extra overrides, e.g.
+#     --config.seed=1) in a second process at the same time, each with 0.45 of the memory.
 #
 # CPU smoke: SMOKE=1 bash launch/sessions/next_gpu.sh bench 600
 #            SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py LESION=1 \
@@ -26,7 +27,7 @@ R=${R:-results/cifar10/resnet110_seed0}
 CONFIG_R=${CONFIG_R:-configs/cifar10_resnet110.py}
 CONFIG_E=${CONFIG_E:-configs/cifar10_resnet110_effective.py}
 E_RUN=${E_RUN:-runs/r110_eff_s0}  # E8's workdir (resumed from .gpu/resume/<its name>.tar.part-*)
-CONFIG_SD=${CONFIG_SD:-configs/cifar10_resnet110_sd.py}  # with SD_RUN=runs/r110_sd_s0: at once
+SECOND_CONFIG=${SECOND_CONFIG:-configs/cifar10_resnet110_sd.py}  # with SECOND_RUN: at once
 O=${O-"--config.data.dir=.gpu/data --config.data.source=bin --config.model.dtype=bfloat16 \
 --config.model.unroll=0"}
 E_O=${E_O-"--config.train.steps_per_call=50 --config.train.log_every=1000 \
@@ -63,22 +64,22 @@ case $STAGE in
       cp "$R/lesion.partial.json" "$OUT/$(basename "$R").lesion.partial.json" 2>/dev/null
     fi
     left=$((TOTAL - SECONDS - 15))
-    if [ -n "$SD_RUN" ] && [ "$left" -gt 60 ]; then
-      # Stochastic depth trained at the same time, in a second process (0.45 of the memory
-      # each): worth it where bench's train128_2proc shows the two fill each other's gaps.
-      stamp "stochastic depth ($SD_RUN) alongside E8, budget ${left}s"
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 bash launch/device_train.sh "$CONFIG_SD" "$SD_RUN" \
-        "$left" $O $E_O > /tmp/sd_run.log 2>&1 &
-      sd=$!
+    if [ -n "$SECOND_RUN" ] && [ "$left" -gt 60 ]; then
+      # A second run trained at the same time, in a second process (0.45 of the memory each):
+      # worth it where bench's train128_2proc shows the two fill each other's gaps.
+      stamp "$SECOND_RUN ($SECOND_CONFIG) alongside E8, budget ${left}s"
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 bash launch/device_train.sh "$SECOND_CONFIG" \
+        "$SECOND_RUN" "$left" $O $E_O $SECOND_O > /tmp/second_run.log 2>&1 &
+      second=$!
       export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
     fi
     stamp "E8: effective-path training, budget ${left}s"
     [ "$left" -gt 60 ] && bash launch/device_train.sh "$CONFIG_E" "$E_RUN" "$left" $O \
       $E_O 2>&1 | quiet | tail -15 | tee -a "$OUT/session.log"
-    if [ -n "${sd:-}" ]; then
-      wait "$sd"
-      stamp "stochastic depth ($SD_RUN):"
-      quiet < /tmp/sd_run.log | tail -15 | tee -a "$OUT/session.log"
+    if [ -n "${second:-}" ]; then
+      wait "$second"
+      stamp "$SECOND_RUN:"
+      quiet < /tmp/second_run.log | tail -15 | tee -a "$OUT/session.log"
     fi
     ;;
   *) echo "unknown stage $STAGE (bench or rest)" >&2; exit 2 ;;

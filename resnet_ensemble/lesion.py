@@ -73,6 +73,14 @@ def random_swap_orders(rng: np.random.Generator, layout: BlockLayout, k: int,
   return orders
 
 
+def swapped_pairs(orders: np.ndarray) -> list[list[int]]:
+  """The two block positions each single-swap order exchanged, e.g. [[37, 52], ...]."""
+  pairs = [np.flatnonzero(np.asarray(o) != np.arange(len(o))).tolist() for o in orders]
+  if any(len(p) != 2 for p in pairs):
+    raise ValueError("swapped_pairs takes orders that differ from the identity by one swap")
+  return pairs
+
+
 def kendall_tau(order: Sequence[int]) -> float:
   """Kendall's tau between ``order`` and the identity order (exact: pairs counted, no ties)."""
   order = np.asarray(order)
@@ -367,7 +375,9 @@ def run_study(config, workdir: str) -> dict:
       errors = engine.evaluate(orders=orders, desc="E4 reorder blocks").reshape(len(ks), -1)
       taus = np.asarray([kendall_tau(o) for o in orders]).reshape(len(ks), -1)
       out["reorder"] = {"k": ks, "draws": lc.reorder_draws, "tau": taus.tolist(),
-                        "error": errors.tolist()}
+                        "error": errors.tolist(),
+                        # k = 1: which two blocks each draw swapped (where order matters)
+                        "single_swaps": swapped_pairs(orders[:lc.reorder_draws])}
   results.write_json(workdir, "lesion.json", out)
   if results.is_main_process():
     results.path(workdir, PARTIAL).unlink(missing_ok=True)

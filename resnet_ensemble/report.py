@@ -387,6 +387,42 @@ def _fig_reorder(w: _Writer, lesion: dict | None) -> None:
           f"{_pct(me[-1])} (k = {int(ks[-1])}, mean tau {mt[-1]:.3f}); the correlation between "
           f"tau and error is r = {r:.2f}."]
   w.section("E4 / Fig. 5b — reordering blocks", w.save(fig, "fig5b_reorder.png"), text)
+  _fig_single_swaps(w, lesion)
+
+
+def _fig_single_swaps(w: _Writer, lesion: dict) -> None:
+  """Not in the paper: the single swaps (k = 1) by stage and by how far apart the two blocks
+  are, where the mean of Fig. 5b hides which reorderings a network tolerates."""
+  entry = lesion["reorder"]
+  pairs = entry.get("single_swaps")
+  if not pairs or entry["k"][0] != 1:
+    return
+  errs = np.asarray(entry["error"][0], dtype=np.float64)
+  stages = lesion["layout"]["stages"]
+  stage = np.asarray([next(s for s, blocks in enumerate(stages) if i in blocks) for i, _ in pairs])
+  dist = np.asarray([abs(j - i) for i, j in pairs])
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  lines = []
+  for s in np.unique(stage):
+    sel = stage == s
+    ax.scatter(dist[sel], errs[sel], s=18, alpha=0.8, label=f"stage {s + 1}")
+    worst = int(np.flatnonzero(sel)[np.argmax(errs[sel])])
+    i, j = pairs[worst]
+    lines.append(f"stage {s + 1}: {int(sel.sum())} swaps, mean {_pct(errs[sel].mean())}, worst "
+                 f"{_pct(errs[worst])} (blocks {i + 1} and {j + 1})")
+  base = (lesion.get("baseline") or {}).get("error")
+  if base is not None:
+    ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline ({_pct(base)})")
+  ax.set_title("One swap: error by stage and by distance between the swapped blocks")
+  ax.set_xlabel("distance between the two swapped blocks")
+  ax.set_ylabel("Error")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.legend(fontsize=8)
+  r = float(np.corrcoef(dist, errs)[0, 1]) if dist.std() > 0 and errs.std() > 0 else np.nan
+  text = [f"The {len(pairs)} single swaps (k = 1; blocks numbered from 1): " + "; ".join(lines)
+          + f". Correlation between the swap's distance and the error: r = {r:.2f}."]
+  w.section("E4, one swap — which reorderings hurt (not in the paper)",
+            w.save(fig, "fig5c_single_swaps.png"), text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ def cli(*args, timeout=600, fast_compile=True):
 
 
 FIGURES = ["fig3_single_block_deletion.png", "fig5a_delete_k_blocks.png", "fig5b_reorder.png",
+           "fig5c_single_swaps.png",
            "fig6a_path_lengths.png", "fig6b_gradient_per_length.png",
            "fig6c_total_gradient.png", "fig7_deletion_removes_long_paths.png"]
 

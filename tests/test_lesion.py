@@ -146,6 +146,12 @@ def test_lesion_study_writes_every_experiment(trained_tiny):
   assert out["random"]["mean"][0] == pytest.approx(out["baseline"]["error"])
   assert out["random_no_downsampling"]["exclude_downsampling"] is True
   assert np.asarray(out["reorder"]["tau"]).shape == (2, 3)
+  for (i, j), tau in zip(out["reorder"]["single_swaps"], out["reorder"]["tau"][0]):
+    stage = next(s for s in out["layout"]["stages"] if i in s)
+    assert j in stage and i != j and {i, j}.isdisjoint(out["layout"]["downsampling"])
+    order = np.arange(9)
+    order[[i, j]] = order[[j, i]]
+    assert lesion.kendall_tau(order) == pytest.approx(tau)  # the draw that was evaluated
   assert out["checkpoint_step"] == 20
 
 

@@ -12,6 +12,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N = 6
 DOWN = [2, 4]
 ALL_FIGS = ["fig3_single_block_deletion.png", "fig5a_delete_k_blocks.png", "fig5b_reorder.png",
+            "fig5c_single_swaps.png",
             "fig6a_path_lengths.png", "fig6b_gradient_per_length.png",
             "fig6c_total_gradient.png", "fig7_deletion_removes_long_paths.png",
             "fig8_stochastic_depth.png"]
@@ -54,7 +55,8 @@ def _lesion(rng, kind="resnet", baseline=0.0612, single=None, data="cifar10"):
                       "tau": [(1 - 0.15 * k + 0.03 * rng.standard_normal(10)).tolist()
                               for k in ks],
                       "error": [(baseline + 0.05 * k + 0.01 * rng.standard_normal(10)).tolist()
-                                for k in ks]}
+                                for k in ks],
+                      "single_swaps": [[0, 1], [2, 3], [4, 5]] * 3 + [[1, 0]]}
   return out
 
 
@@ -92,6 +94,13 @@ def full_run(tmp_path):
   files = report.write_report(main, vgg_workdir=vgg, sd_workdir=sd, effective_workdir=eff)
   with open(os.path.join(main, "report.md")) as f:
     return main, files, f.read()
+
+
+def test_single_swaps_are_summarised_by_stage(full_run):
+  _, _, md = full_run
+  line = next(l for l in md.splitlines() if l.startswith("The 10 single swaps"))
+  assert "stage 1: 4 swaps" in line and "stage 2: 3 swaps" in line and "stage 3: 3 swaps" in line
+  assert "(blocks 1 and 2)" in line or "(blocks 2 and 1)" in line
 
 
 def test_every_figure_is_a_real_png(full_run):

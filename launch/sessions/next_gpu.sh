@@ -2,7 +2,7 @@
 # The next lent-GPU session: two calls (device tool, carry [".gpu"]), every result in $OUT as
 # soon as it exists (the tool returns at most 8 files per call).
 #
-#   call 1, issue 6 (timeout_s 520):  bash launch/sessions/next_gpu.sh bench 480
+#   call 1, issue 6 (timeout_s 540):  bash launch/sessions/next_gpu.sh bench 500
 #     the issue's rows in one call (<= 8 min), each JAX measurement followed by a traced call
 #     (profile rows: kernels per step, busy vs idle), eval plain and as 8 / 64 convolution
 #     groups, the lesion suite with shared and per-variant weights; the steps run by

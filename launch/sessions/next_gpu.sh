@@ -28,6 +28,9 @@ CONFIG_R=${CONFIG_R:-configs/cifar10_resnet110.py}
 CONFIG_E=${CONFIG_E:-configs/cifar10_resnet110_effective.py}
 E_RUN=${E_RUN:-runs/r110_eff_s0}  # E8's workdir (resumed from .gpu/resume/<its name>.tar.part-*)
 SECOND_CONFIG=${SECOND_CONFIG:-configs/cifar10_resnet110_sd.py}  # with SECOND_RUN: at once
+# XLA_FLAGS of the training runs only (the bench steps set their own), e.g. command buffers
+# over conditionals: "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+TRAIN_XLA_FLAGS=${TRAIN_XLA_FLAGS-$XLA_FLAGS}
 O=${O-"--config.data.dir=.gpu/data --config.data.source=bin --config.model.dtype=bfloat16 \
 --config.model.unroll=0"}
 E_O=${E_O-"--config.train.steps_per_call=50 --config.train.log_every=1000 \
@@ -68,14 +71,15 @@ case $STAGE in
       # A second run trained at the same time, in a second process (0.45 of the memory each):
       # worth it where bench's train128_2proc shows the two fill each other's gaps.
       stamp "$SECOND_RUN ($SECOND_CONFIG) alongside E8, budget ${left}s"
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 bash launch/device_train.sh "$SECOND_CONFIG" \
+      XLA_FLAGS="$TRAIN_XLA_FLAGS" XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 \
+        bash launch/device_train.sh "$SECOND_CONFIG" \
         "$SECOND_RUN" "$left" $O $E_O $SECOND_O > /tmp/second_run.log 2>&1 &
       second=$!
       export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
     fi
     stamp "E8: effective-path training, budget ${left}s"
-    [ "$left" -gt 60 ] && bash launch/device_train.sh "$CONFIG_E" "$E_RUN" "$left" $O \
-      $E_O 2>&1 | quiet | tail -15 | tee -a "$OUT/session.log"
+    [ "$left" -gt 60 ] && XLA_FLAGS="$TRAIN_XLA_FLAGS" bash launch/device_train.sh "$CONFIG_E" \
+      "$E_RUN" "$left" $O $E_O 2>&1 | quiet | tail -15 | tee -a "$OUT/session.log"
     if [ -n "${second:-}" ]; then
       wait "$second"
       stamp "$SECOND_RUN:"

@@ -103,9 +103,9 @@ def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh,
   Reordered variants each get their own weights (a gather per variant), so vmap turns every
   convolution into a grouped one; gated variants share the weights, and their convolutions
   see one batch of G x images. Which form is faster depends on the hardware (E1 ran 4.8x
-  faster shared on the CPU; on an H100 the grouped form ran ~1.4x faster): see
-  ``LesionEngine``'s ``variant_weights``. ``eval_fn`` is ``train.make_eval_fn(...)``; G must
-  be a multiple of the device count."""
+  faster shared on the CPU; on an H100 the grouped form ran ~1.4x faster in the runs of
+  BUILD_NOTES "Lesion forms"): see ``LesionEngine``'s ``variant_weights``. ``eval_fn`` is
+  ``train.make_eval_fn(...)``; G must be a multiple of the device count."""
 
   def one(variables, images, labels, mask, gates, order=None):
     if order is not None:
@@ -122,8 +122,6 @@ def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh,
 
 
 VARIANT_WEIGHTS = ("auto", "shared", "per_variant")
-
-
 AUTO_PER_VARIANT_MAX_CHANNELS = 64  # the widths where per_variant was measured faster
 
 

@@ -67,9 +67,11 @@ def main(_):
                                              FLAGS.variables)
   variables = put_tree(variables, replicated(mesh))
   plain = train.make_eval_fn(model, dataset.mean, dataset.std)
-  for batch, groups in itertools.product(map(int, FLAGS.batch_sizes), map(int, FLAGS.groups)):
+  runs = list(itertools.product(map(int, FLAGS.batch_sizes), map(int, FLAGS.groups)))
+  for batch, groups in runs:  # before any compiling: a bad pair fails at once
     if batch % groups:
       raise ValueError(f"--groups={groups} must divide the batch size {batch}")
+  for batch, groups in runs:
     eval_fn = jax.jit(grouped(plain, groups), out_shardings=replicated(mesh))
     images, labels, mask = trained.padded_test_batches(dataset, batch)
     args = [put(a, sharded(mesh, axis=1)) for a in (images, labels, mask)]

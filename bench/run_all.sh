@@ -74,7 +74,7 @@ else
   SD="--config=configs/cifar10_resnet110_sd.py $FAST"
   TRAIN="--config.train.steps_per_call=50 --calls=6 --time_cap_s=8"
   B_SMALL=128; B_LARGE=1024
-  EVAL="--batch_sizes=10000 --groups=1,8,64 --num_images=10000 --calls=20 --time_cap_s=3"
+  EVAL="--batch_sizes=10000 --groups=1,16,80 --num_images=10000 --calls=20 --time_cap_s=3"
   LESION="--num_images=10000 --chunk=64 --time_cap_s=8"
   PATHS="--time_cap_s=15"
   TORCH=""

@@ -4,7 +4,7 @@
 #
 #   call 1, issue 6 (timeout_s 540):  bash launch/sessions/next_gpu.sh bench 500
 #     the issue's rows in one call (<= 8 min), each JAX measurement followed by a traced call
-#     (profile rows: kernels per step, busy vs idle), eval plain and as 8 / 64 convolution
+#     (profile rows: kernels per step, busy vs idle), eval plain and as 16 / 80 convolution
 #     groups, the lesion suite with shared and per-variant weights; the steps run by
 #     EXTRA_STEPS in call 2 are left out -> bench.jsonl, bench.log, table.md, session.log
 #   call 2, issue 7 (timeout_s = what is left - 20):  bash launch/sessions/next_gpu.sh rest S

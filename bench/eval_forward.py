@@ -14,10 +14,8 @@ One JSON line per batch size (see common.py):
 
 import itertools
 import time
-from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -30,31 +28,11 @@ flags.DEFINE_list("batch_sizes", ["1000", "10000"], "Eval batch sizes (one progr
 flags.DEFINE_integer("num_images", 10_000, "Synthetic test images (padded to whole batches).")
 flags.DEFINE_integer("calls", 20, "Timed passes over the test set per batch size.")
 flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
-flags.DEFINE_list("groups", ["1"], "Convolution groups: G > 1 evaluates each batch as G "
-                  "slices vmapped over G copies of the weights, so every convolution becomes "
+flags.DEFINE_list("groups", ["1"], "eval.conv_groups values: G > 1 evaluates each batch as "
+                  "G slices vmapped over G copies of the weights, so every convolution becomes "
                   "one grouped convolution with G x the channels (the form of the lesion "
                   "engine's per-variant weights). Same numbers, another kernel.")
 FLAGS = flags.FLAGS
-
-
-def grouped(eval_fn: Callable, groups: int) -> Callable:
-  """``eval_fn`` over ``groups`` slices of every batch, each with its own copy of the weights:
-  vmap turns the copies into grouped convolutions (channels G x C in G groups), which keeps
-  the 16-channel stage's GEMM tiles fuller. ``groups`` must divide the batch."""
-  if groups == 1:
-    return eval_fn
-
-  def fn(variables, images, labels, mask):
-    copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (groups,) + v.shape), variables)
-    split = lambda a: jnp.moveaxis(  # noqa: E731  (batches, batch, ...) -> (G, batches, batch/G, ...)
-        a.reshape(a.shape[0], groups, a.shape[1] // groups, *a.shape[2:]), 1, 0)
-    out = jax.vmap(eval_fn)(copies, split(images), split(labels), split(mask))
-    count = jnp.sum(out["count"])
-    loss = jnp.sum(out["loss"] * out["count"]) / count
-    accuracy = jnp.sum(out["accuracy"] * out["count"]) / count
-    return {"loss": loss, "accuracy": accuracy, "error": 1.0 - accuracy, "count": count}
-
-  return fn
 
 
 def main(_):
@@ -66,13 +44,13 @@ def main(_):
   variables, source = common.model_variables(model, c, dataset.test_images.shape[1:],
                                              FLAGS.variables)
   variables = put_tree(variables, replicated(mesh))
-  plain = train.make_eval_fn(model, dataset.mean, dataset.std)
   runs = list(itertools.product(map(int, FLAGS.batch_sizes), map(int, FLAGS.groups)))
   for batch, groups in runs:  # before any compiling: a bad pair fails at once
     if batch % groups:
       raise ValueError(f"--groups={groups} must divide the batch size {batch}")
   for batch, groups in runs:
-    eval_fn = jax.jit(grouped(plain, groups), out_shardings=replicated(mesh))
+    eval_fn = jax.jit(train.make_eval_fn(model, dataset.mean, dataset.std, groups),
+                      out_shardings=replicated(mesh))
     images, labels, mask = trained.padded_test_batches(dataset, batch)
     args = [put(a, sharded(mesh, axis=1)) for a in (images, labels, mask)]
     common.progress(f"batch {batch}, groups {groups}: compiling")

@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 64_000
   c.train.steps_per_call = 1         # steps per compiled call (lax.scan)
   c.train.conv_groups = 1            # the batch as G slices over G weight copies: grouped
-                                     # convolutions, same function (train.grouped_train_apply)
+                                     # convolutions, same function (train.grouped_apply)
   c.train.log_every = 200
   c.train.eval_every = 4_000
   c.train.progress_every_s = 30.0
@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1_000
   c.eval.max_images = 0              # analyses: only the first N test images (0 = all)
+  c.eval.conv_groups = 1             # as train.conv_groups, for the eval during training
 
   c.gates = ml_collections.ConfigDict()
   c.gates.sampler = "none"           # none | effective (E8) | stochastic_depth (E10)

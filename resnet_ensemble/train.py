@@ -78,14 +78,17 @@ def put_resident(dataset: data_lib.ImageDataset, eval_batch_size: int, mesh) -> 
       test_mask=put(mask, batch_axis))
 
 
-def make_eval_fn(model: nn.Module, mean, std) -> Callable:
+def make_eval_fn(model: nn.Module, mean, std, conv_groups: int = 1) -> Callable:
   """``eval_fn(variables, images, labels, mask, gates=None) -> {loss, accuracy, error, count}``
-  over a stack of padded batches (leading axis). Pure, so it can be vmapped over gates."""
+  over a stack of padded batches (leading axis). Pure, so it can be vmapped over gates.
+  ``conv_groups`` (``eval.conv_groups``): each batch as that many slices over weight copies,
+  grouped convolutions, the same numbers (``grouped_apply``)."""
+  apply = grouped_apply(model, conv_groups, train=False)
 
   def eval_fn(variables, images, labels, mask, gates=None):
     def body(totals, batch):
       x, y, m = batch
-      logits = model.apply(variables, normalize(x, mean, std), gates=gates, train=False)
+      logits = apply(variables, normalize(x, mean, std), gates, False)
       loss = cross_entropy(logits, y)
       correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
       return (totals[0] + jnp.sum(loss * m), totals[1] + jnp.sum(correct * m)), None
@@ -103,19 +106,22 @@ def make_eval_fn(model: nn.Module, mean, std) -> Callable:
 GROUP_AXIS = "conv_groups"
 
 
-def grouped_train_apply(model: nn.Module, groups: int) -> Callable:
-  """``apply(variables, x, gates, skip_compute) -> (logits, batch_stats updates)`` in train
-  mode, the batch run as ``groups`` slices over ``groups`` copies of the weights.
+def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
+  """``apply(variables, x, gates, skip_compute) -> logits``, with train: ``(logits,
+  batch_stats updates)``; the batch run as ``groups`` slices over ``groups`` copies of the
+  weights.
 
   vmap over the copies turns every convolution into one grouped convolution with
   ``groups`` x the channels: the same arithmetic in another kernel, which keeps a 16-channel
-  layer's GEMM tiles fuller (``train.conv_groups``). BatchNorm statistics are taken over the
-  whole batch (a mean over the slices' axis), the copies' gradients sum to the weights'
-  gradient: the function is that of ``groups=1``. Slice g holds examples g, g + G, ..., so a
-  batch split over devices stays split the same way."""
+  layer's GEMM tiles fuller (``train.conv_groups``, ``eval.conv_groups``). In training,
+  BatchNorm statistics are taken over the whole batch (a mean over the slices' axis) and the
+  copies' gradients sum to the weights' gradient: the function is that of ``groups=1``.
+  Slice g holds examples g, g + G, ..., so a batch split over devices stays split the same
+  way."""
+  mutable = ["batch_stats"] if train else False
   if groups == 1:
     return lambda variables, x, gates, skip: model.apply(
-        variables, x, gates=gates, train=True, skip_compute=skip, mutable=["batch_stats"])
+        variables, x, gates=gates, train=train, skip_compute=skip, mutable=mutable)
   grouped = model.clone(norm_axis_name=GROUP_AXIS)
 
   def split(a: jax.Array, axis: int = 0) -> jax.Array:  # (.., B, ..) -> (G, .., B/G, ..)
@@ -124,17 +130,18 @@ def grouped_train_apply(model: nn.Module, groups: int) -> Callable:
 
   def apply(variables, x, gates, skip):
     if x.shape[0] % groups:
-      raise ValueError(f"train.conv_groups={groups} must divide the batch size {x.shape[0]}")
+      raise ValueError(f"{'train' if train else 'eval'}.conv_groups={groups} must divide the "
+                       f"batch size {x.shape[0]}")
     copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (groups,) + v.shape), variables)
     per_example = gates is not None and gates.ndim == 2  # (n_blocks, batch)
     one = lambda v, xs, g: grouped.apply(  # noqa: E731
-        v, xs, gates=g, train=True, skip_compute=skip, mutable=["batch_stats"])
-    logits, updates = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None),
-                               axis_name=GROUP_AXIS)(
+        v, xs, gates=g, train=train, skip_compute=skip, mutable=mutable)
+    out = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None), axis_name=GROUP_AXIS)(
         copies, split(x), split(gates, 1) if per_example else gates)
+    logits, updates = out if train else (out, None)
     # (G, B/G, classes) -> (B, classes) in the batch's order; every copy's statistics agree
     logits = jnp.moveaxis(logits, 0, 1).reshape(x.shape[0], -1)
-    return logits, jax.tree.map(lambda u: u[0], updates)
+    return (logits, jax.tree.map(lambda u: u[0], updates)) if train else logits
 
   return apply
 
@@ -150,9 +157,9 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
   ``sample_gates(fold_in(gate_key, t))``: the gate sequence is a function of (seed, step), so a
   resumed run samples the same gates. ``skip_compute`` (``gates.skip_compute``): a block gated
   off for the whole batch is not computed (same loss and gradients; its residual branch's BN
-  statistics stay as they were). ``conv_groups``: see ``grouped_train_apply``."""
+  statistics stay as they were). ``conv_groups``: see ``grouped_apply``."""
   skip_compute = skip_compute and sample_gates is not None
-  apply = grouped_train_apply(model, conv_groups)
+  apply = grouped_apply(model, conv_groups, train=True)
 
   def train_on_batch(state: TrainState, images, labels):
     x = jax.lax.with_sharding_constraint(normalize(images, mean, std), sharded(mesh))
@@ -264,7 +271,8 @@ class ResidentFeed:
         crop_padding=c.data.crop_padding, flip=c.data.flip)
     self._compiled: dict[int, Any] = {}
     self._log_compile = log_compile
-    self._eval = jax.jit(make_eval_fn(model, self.mean, self.std), out_shardings=rep)
+    self._eval = jax.jit(make_eval_fn(model, self.mean, self.std, c.eval.conv_groups),
+                         out_shardings=rep)
 
   def train(self, state: TrainState, k: int):
     if k not in self._compiled:
@@ -306,7 +314,7 @@ class StreamedFeed:
     check_divisible(self.config.eval.batch_size, self.mesh, "eval.batch_size")
     self._batches = self._split("train", True, self.config.train.batch_size)
     self._step = jax.jit(train_on_batch, out_shardings=(rep, rep), donate_argnums=0)
-    eval_fn = make_eval_fn(model, self.mean, self.std)
+    eval_fn = make_eval_fn(model, self.mean, self.std, self.config.eval.conv_groups)
     # One batch at a time: add a leading batch-stack axis of 1 for eval_fn's scan.
     self._eval = jax.jit(lambda v, x, y, m, g: eval_fn(v, x[None], y[None], m[None], g),
                          out_shardings=rep)

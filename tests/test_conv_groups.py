@@ -52,11 +52,28 @@ def test_grouped_convolutions_train_the_same_function(net, sampler):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_grouped_train_apply_runs_grouped_convolutions():
+@pytest.mark.parametrize("net", NETS)
+def test_grouped_eval_gives_the_same_numbers(net):
+  model = NETS[net]
+  state = train.create_train_state(model, optax.sgd(0.1), 0, (8, 8, 3), make_mesh())
+  variables = {"params": state.params, "batch_stats": jax.tree.map(
+      lambda s: s + 0.3, state.batch_stats)}  # non-trivial statistics
+  images = jax.random.randint(jax.random.key(1), (2, 16, 8, 8, 3), 0, 256).astype(jnp.uint8)
+  labels = jnp.arange(32).reshape(2, 16) % 10
+  mask = jnp.ones((2, 16)).at[1, 12:].set(0)
+  gates = jnp.asarray([1.0, 0.0] * (model.layout.n_blocks // 2)
+                      + [1.0] * (model.layout.n_blocks % 2))
+  one, four = (jax.jit(train.make_eval_fn(model, (128.0,) * 3, (64.0,) * 3, g))
+               (variables, images, labels, mask, gates) for g in (1, 4))
+  for key in ("loss", "accuracy", "count"):
+    np.testing.assert_allclose(four[key], one[key], rtol=1e-5)
+
+
+def test_grouped_apply_runs_grouped_convolutions():
   """The copies really become grouped convolutions (else the option would do nothing)."""
   model = NETS["resnet"]
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-  apply = train.grouped_train_apply(model, 4)
+  apply = train.grouped_apply(model, 4, train=True)
   hlo = jax.jit(lambda v, x: apply(v, x, None, False)).lower(
       variables, jnp.zeros((16, 8, 8, 3))).as_text()
   assert "feature_group_count = 4" in hlo

@@ -152,19 +152,18 @@ class LesionEngine:
     paths scale residuals by their expected gate); every variant's gates multiply them.
     ``variant_weights``: "shared", "per_variant" or "auto" (``resolve_variant_weights``);
     the errors are the same either way."""
-    self._setup(eval_fn, layout, mesh, chunk, base_gates,
-                resolve_variant_weights(variant_weights, variables))
+    self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights, variables)
     self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
     self.images = int(np.sum(test_mask))  # test images each variant is evaluated on
 
   def _setup(self, eval_fn: Callable, layout: BlockLayout, mesh, chunk: int,
-             base_gates: np.ndarray | None, variant_weights: str) -> None:
+             base_gates: np.ndarray | None, variant_weights: str, variables) -> None:
     if chunk % mesh.size:
       chunk = mesh.size * math.ceil(chunk / mesh.size)
     self.layout, self.chunk, self.mesh = layout, chunk, mesh
     self.base_gates = (np.ones((layout.n_blocks,), np.float32) if base_gates is None
                        else np.asarray(base_gates, np.float32))
-    self.shared = variant_weights == "shared"  # resolved by the caller
+    self.shared = resolve_variant_weights(variant_weights, variables) == "shared"
     self.fn = make_variant_evaluator(eval_fn, layout, mesh)  # weights per variant
     self.fn_gated = make_variant_evaluator(eval_fn, layout, mesh, reorder=False)
     self.split = sharded(mesh)
@@ -222,8 +221,7 @@ class StreamedLesionEngine(LesionEngine):
                batches: Callable[[], Iterable[tuple[np.ndarray, ...]]], mesh, chunk: int,
                base_gates: np.ndarray | None = None, variant_weights: str = "auto"):
     """``batches()``: a new pass of this process's ``(images, labels, mask)`` shares."""
-    self._setup(eval_fn, layout, mesh, chunk, base_gates,
-                resolve_variant_weights(variant_weights, variables))
+    self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights, variables)
     self.variables = put_tree(variables, replicated(mesh))
     self.batches = batches
     self.images = None  # known after the first pass
@@ -281,8 +279,6 @@ def _stats(errors: np.ndarray) -> dict:
 
 PARTIAL = "lesion.partial.json"
 RESUMABLE = ("random", "random_no_downsampling", "reorder")
-
-
 EXECUTION_ONLY = ("chunk", "variant_weights")  # lesion settings that leave the numbers alone
 
 

@@ -88,7 +88,7 @@ def make_eval_fn(model: nn.Module, mean, std, conv_groups: int = 1) -> Callable:
   def eval_fn(variables, images, labels, mask, gates=None):
     def body(totals, batch):
       x, y, m = batch
-      logits = apply(variables, normalize(x, mean, std), gates, False)
+      logits, _ = apply(variables, normalize(x, mean, std), gates, False)
       loss = cross_entropy(logits, y)
       correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
       return (totals[0] + jnp.sum(loss * m), totals[1] + jnp.sum(correct * m)), None
@@ -107,9 +107,9 @@ GROUP_AXIS = "conv_groups"
 
 
 def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
-  """``apply(variables, x, gates, skip_compute) -> logits``, with train: ``(logits,
-  batch_stats updates)``; the batch run as ``groups`` slices over ``groups`` copies of the
-  weights.
+  """``apply(variables, x, gates, skip_compute) -> (logits, batch_stats updates)`` (no
+  updates outside training); the batch run as ``groups`` slices over ``groups`` copies of
+  the weights.
 
   vmap over the copies turns every convolution into one grouped convolution with
   ``groups`` x the channels: the same arithmetic in another kernel, which keeps a 16-channel
@@ -118,7 +118,7 @@ def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
   copies' gradients sum to the weights' gradient: the function is that of ``groups=1``.
   Slice g holds examples g, g + G, ..., so a batch split over devices stays split the same
   way."""
-  mutable = ["batch_stats"] if train else False
+  mutable = ["batch_stats"] if train else []
   if groups == 1:
     return lambda variables, x, gates, skip: model.apply(
         variables, x, gates=gates, train=train, skip_compute=skip, mutable=mutable)
@@ -136,12 +136,12 @@ def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
     per_example = gates is not None and gates.ndim == 2  # (n_blocks, batch)
     one = lambda v, xs, g: grouped.apply(  # noqa: E731
         v, xs, gates=g, train=train, skip_compute=skip, mutable=mutable)
-    out = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None), axis_name=GROUP_AXIS)(
+    logits, updates = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None),
+                               axis_name=GROUP_AXIS)(
         copies, split(x), split(gates, 1) if per_example else gates)
-    logits, updates = out if train else (out, None)
     # (G, B/G, classes) -> (B, classes) in the batch's order; every copy's statistics agree
     logits = jnp.moveaxis(logits, 0, 1).reshape(x.shape[0], -1)
-    return (logits, jax.tree.map(lambda u: u[0], updates)) if train else logits
+    return logits, jax.tree.map(lambda u: u[0], updates)
 
   return apply
 

@@ -3,10 +3,11 @@
 # soon as it exists (the tool returns at most 8 files per call).
 #
 #   call 1, issue 6 (timeout_s 540):  bash launch/sessions/next_gpu.sh bench 500
-#     the issue's rows in one call (<= 8 min), each JAX measurement followed by a traced call
-#     (profile rows: kernels per step, busy vs idle), eval plain and as 16 / 80 convolution
-#     groups, the lesion suite with shared and per-variant weights; the steps run by
-#     EXTRA_STEPS in call 2 are left out -> bench.jsonl, bench.log, table.md, session.log
+#     the issue's rows in one call (<= 8 min), torch.compile included, the plain JAX
+#     measurements followed by a traced call (profile rows: kernels per step, busy vs idle),
+#     eval plain and as 16 convolution groups, the lesion suite with per-variant weights; the
+#     steps run by EXTRA_STEPS in call 2 are left out -> bench.jsonl, bench.log, table.md,
+#     session.log
 #   call 2, issue 7 (timeout_s = what is left - 20):  bash launch/sessions/next_gpu.sh rest S
 #     optional EXTRA_STEPS first (bench steps, e.g. EXTRA_STEPS="train128_x4 train128_2proc",
 #     EXTRA_BUDGET_S=180), optional LESION=1 (the lesion study of $R, resumable), then
@@ -40,7 +41,7 @@ stamp() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
 quiet() { grep -v "^I1\|^W1\|^I0000\|^WARNING: All log"; }
 
 # The issue's table: every row it asks for (the gated steps' cost included), with profiles.
-CORE_STEPS="torch_eager train128 train1024 eval lesion paths train_effective train_sd train128_g8"
+CORE_STEPS="torch_eager torch_compile train128 train1024 eval lesion paths train_effective train_sd"
 
 stamp "prepare ($STAGE, ${TOTAL}s)"
 if [ -n "$SMOKE" ]; then smoke=--smoke; else bash launch/device.sh true; fi

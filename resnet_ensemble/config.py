@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.gates.per_example = False        # stochastic depth: independent gates per example
   c.gates.test_scaling = "expected"  # expected: residuals scaled by E[gate] at test; none
   c.gates.skip_compute = True        # training: a block gated off for the batch is not computed
+                                     # (same results either way; speed only)
 
   c.lesion = ml_collections.ConfigDict()
   c.lesion.max_k = 20                # E3: delete k = 0..max_k random blocks

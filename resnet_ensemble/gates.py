@@ -11,7 +11,11 @@ At test time every block is active with its residual scaled by its expected gate
 
 ``gates.skip_compute`` (default on): the train step does not compute a block whose sampled gate
 is zero for the whole mini-batch (a ``lax.cond`` in models.py), so an effective-path step costs
-about k/n of the blocks' FLOPs; the gates, the loss and the gradients are the same either way.
+about k/n of the blocks' FLOPs; the gates, the loss, the gradients and the BN statistics are the
+same either way (the multiply form leaves a gated-off branch's statistics alone too), so it is a
+choice of speed: on the CPU skipping halves the effective-path step; on the GPU each cond costs
+a host round trip, and the multiply form is faster once more than about half the blocks run
+(stochastic depth; BUILD_NOTES "Issue 6 bench, session 5").
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ The same-shape blocks of a stage are stacked on a leading parameter axis and run
 
 ``skip_compute=True`` (training with sampled gates) puts each block behind a ``lax.cond``: a
 block whose gate is zero for the whole batch computes only its shortcut, so a dropped block
-costs no FLOPs and its residual branch's BN statistics do not move (Huang et al.'s stochastic
-depth). Output and gradients are those of the multiply form. Under ``vmap`` over gates the
-cond becomes a select that computes both branches: correct, but nothing is saved.
+costs no FLOPs. Either way its residual branch's BN statistics do not move (Huang et al.'s
+dropped block; ``BatchNorm`` below keeps them in the multiply form), so the two forms give the
+same outputs, gradients and statistics: ``skip_compute`` is a choice of speed alone (on the
+GPU each cond costs a host round trip, BUILD_NOTES "Issue 6 bench, session 5"). Under ``vmap``
+over gates the cond becomes a select that computes both branches: correct, nothing saved.
 """
 
 from __future__ import annotations
@@ -48,9 +50,33 @@ def _broadcast_gate(gate: Array, like: Array) -> Array:
   return gate.reshape(gate.shape + (1,) * (like.ndim - gate.ndim))
 
 
+class BatchNorm(nn.BatchNorm):
+  """``nn.BatchNorm`` whose running statistics move only where ``live`` is true.
+
+  A residual branch gated off for the whole batch passes ``live=False``: its output is
+  multiplied by zero, and its statistics stay as if it had not run (what the skipped form
+  does), so every form of a gated step leaves the same state. ``live`` is reduced over
+  ``axis_name`` (the convolution groups' vmap axis), so the groups agree on it."""
+
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               live: Array | None = None, **kwargs) -> Array:
+    frozen = nn.merge_param("use_running_average", self.use_running_average,
+                            use_running_average)
+    gated = live is not None and not frozen and not self.is_initializing()
+    old = {k: self.get_variable("batch_stats", k) for k in ("mean", "var")} if gated else {}
+    y = super().__call__(x, use_running_average, **kwargs)
+    if gated:
+      if self.axis_name is not None:
+        live = jax.lax.psum(live.astype(jnp.int32), self.axis_name) > 0
+      for k, v in old.items():
+        self.put_variable("batch_stats", k, jnp.where(live, self.get_variable("batch_stats", k), v))
+    return y
+
+
 def _computed(block: nn.Module, x: Array, gate: Array) -> Array:
-  """The multiply form every block computes: ``merge(s(x) + gate * f(x))``."""
-  s, f = block.branches(x)
+  """The multiply form every block computes: ``merge(s(x) + gate * f(x))``; a gate that is
+  zero for the whole batch leaves f's BN statistics alone (``BatchNorm``)."""
+  s, f = block.branches(x, live=jnp.any(gate != 0))
   return block.merge(s + _broadcast_gate(gate, f) * f)
 
 
@@ -68,6 +94,13 @@ def _gated_block(block: nn.Module, x: Array, gate: Array, skip_compute: bool) ->
   if skip_compute and not block.is_initializing():
     return nn.cond(jnp.all(gate == 0), _skipped, _computed, block, x, gate)
   return _computed(block, x, gate)
+
+
+def _branch_norm(norm: ModuleDef, name: str, x: Array, live: Array | None) -> Array:
+  """``norm(name=name)(x)``, passing ``live`` to a ``BatchNorm`` (other norms keep no
+  running statistics to hold, or do not know the argument)."""
+  module = norm(name=name)
+  return module(x, live=live) if live is not None and isinstance(module, BatchNorm) else module(x)
 
 
 def _zero_pad_shortcut(x: Array, features: int, stride: int) -> Array:
@@ -88,7 +121,7 @@ class _ResidualBlock(nn.Module):
   down: bool = False          # does this block change the shape (needs a non-identity shortcut)?
   preact: bool = True
   shortcut: str = "projection"  # or "zero_pad" (option A)
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = BatchNorm
   dtype: Any = jnp.float32
 
   def __call__(self, x: Array, gate: Array, skip_compute: bool = False) -> Array:
@@ -98,6 +131,16 @@ class _ResidualBlock(nn.Module):
   def merge(self, z: Array) -> Array:
     """What follows the addition: nothing (pre-activation) or a ReLU (post-activation)."""
     return z if self.preact else nn.relu(z)
+
+  @nn.nowrap
+  def _bn(self, name: str, x: Array, live: Array | None) -> Array:
+    """The norm ``name`` of the residual branch: its statistics move only where ``live``."""
+    return _branch_norm(self.norm, name, x, live)
+
+  @property
+  def _projects(self) -> bool:
+    """Is the shortcut a projection (the pre-activation one shares f's first BN-ReLU)?"""
+    return self.down and self.shortcut != "zero_pad"
 
   def _shortcut(self, x: Array, h: Array, out: int) -> Array:
     """Identity, or for a downsampling block a projection of ``h`` (the pre-activated input in
@@ -112,29 +155,35 @@ class _ResidualBlock(nn.Module):
   def _shortcut_alone(self, x: Array, out: int) -> Array:
     """s(x) of a skipped block. Only a pre-activation projection needs the BN-ReLU it shares
     with f (so that BN's statistics still update, as the shortcut is computed)."""
-    projects = self.preact and self.down and self.shortcut != "zero_pad"
-    h = nn.relu(self.norm(name="bn1")(x)) if projects else x
+    h = nn.relu(self.norm(name="bn1")(x)) if self.preact and self._projects else x
     return self._shortcut(x, h, out)
+
+  @nn.nowrap
+  def _first_bn(self, x: Array, live: Array | None) -> Array:
+    """Pre-activation's first BN-ReLU; shared with a projection shortcut, which always runs."""
+    return nn.relu(self._bn("bn1", x, None if self._projects else live))
 
 
 class BasicBlock(_ResidualBlock):
   """Two 3x3 convolutions; pre-activation (He et al. 2016b) or the original post-activation."""
 
   @nn.compact
-  def branches(self, x: Array, residual: bool = True) -> tuple[Array, Array | None]:
-    """(shortcut s(x), residual f(x)): the two ways a path can go through this block."""
+  def branches(self, x: Array, residual: bool = True,
+               live: Array | None = None) -> tuple[Array, Array | None]:
+    """(shortcut s(x), residual f(x)): the two ways a path can go through this block.
+    ``live``: does f count for the batch (its BN statistics move only if so)?"""
     conv = functools.partial(_conv, dtype=self.dtype)
     if not residual:
       return self._shortcut_alone(x, self.features), None
     if self.preact:
-      h = nn.relu(self.norm(name="bn1")(x))
+      h = self._first_bn(x, live)
       f = conv(self.features, 3, self.stride, "conv1")(h)
-      f = nn.relu(self.norm(name="bn2")(f))
+      f = nn.relu(self._bn("bn2", f, live))
       return self._shortcut(x, h, self.features), conv(self.features, 3, 1, "conv2")(f)
     f = conv(self.features, 3, self.stride, "conv1")(x)
-    f = nn.relu(self.norm(name="bn1")(f))
+    f = nn.relu(self._bn("bn1", f, live))
     f = conv(self.features, 3, 1, "conv2")(f)
-    return self._shortcut(x, x, self.features), self.norm(name="bn2")(f)
+    return self._shortcut(x, x, self.features), self._bn("bn2", f, live)
 
 
 class BottleneckBlock(_ResidualBlock):
@@ -144,28 +193,29 @@ class BottleneckBlock(_ResidualBlock):
   expansion: int = 4
 
   @nn.compact
-  def branches(self, x: Array, residual: bool = True) -> tuple[Array, Array | None]:
+  def branches(self, x: Array, residual: bool = True,
+               live: Array | None = None) -> tuple[Array, Array | None]:
     conv = functools.partial(_conv, dtype=self.dtype)
     out = self.features * self.expansion
     if not residual:
       return self._shortcut_alone(x, out), None
     if self.preact:
-      h = nn.relu(self.norm(name="bn1")(x))
+      h = self._first_bn(x, live)
       f = conv(self.features, 1, 1, "conv1")(h)
-      f = nn.relu(self.norm(name="bn2")(f))
+      f = nn.relu(self._bn("bn2", f, live))
       f = conv(self.features, 3, self.stride, "conv2")(f)
-      f = nn.relu(self.norm(name="bn3")(f))
+      f = nn.relu(self._bn("bn3", f, live))
       return self._shortcut(x, h, out), conv(out, 1, 1, "conv3")(f)
-    f = nn.relu(self.norm(name="bn1")(conv(self.features, 1, 1, "conv1")(x)))
-    f = nn.relu(self.norm(name="bn2")(conv(self.features, 3, self.stride, "conv2")(f)))
-    return self._shortcut(x, x, out), self.norm(name="bn3")(conv(out, 1, 1, "conv3")(f))
+    f = nn.relu(self._bn("bn1", conv(self.features, 1, 1, "conv1")(x), live))
+    f = nn.relu(self._bn("bn2", conv(self.features, 3, self.stride, "conv2")(f), live))
+    return self._shortcut(x, x, out), self._bn("bn3", conv(out, 1, 1, "conv3")(f), live)
 
 
 class PlainLayer(nn.Module):
   """conv-BN-ReLU with no skip; a zero gate turns it into the identity (a deleted layer)."""
 
   features: int
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = BatchNorm
   dtype: Any = jnp.float32
 
   def __call__(self, x: Array, gate: Array, skip_compute: bool = False) -> Array:
@@ -176,12 +226,13 @@ class PlainLayer(nn.Module):
     return z
 
   @nn.compact
-  def branches(self, x: Array, residual: bool = True) -> tuple[Array, Array | None]:
+  def branches(self, x: Array, residual: bool = True,
+               live: Array | None = None) -> tuple[Array, Array | None]:
     """Skip = identity, enter = the change the layer makes, f(x) - x."""
     if not residual:
       return x, None
-    f = nn.relu(self.norm(name="bn")(_conv(self.features, 3, 1, "conv", self.dtype)(x)))
-    return x, f - x
+    f = _conv(self.features, 3, 1, "conv", self.dtype)(x)
+    return x, nn.relu(_branch_norm(self.norm, "bn", f, live)) - x
 
 
 def _scan_blocks(block: nn.Module, x: Array, gates: Array, unroll: int,
@@ -298,7 +349,7 @@ class ResNet(nn.Module):
 
 
 def _norm(train: bool, dtype, axis_name: str | None = None) -> ModuleDef:
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+  return functools.partial(BatchNorm, use_running_average=not train, momentum=0.9,
                            epsilon=1e-5, dtype=dtype, axis_name=axis_name if train else None)
 
 

@@ -156,8 +156,8 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
   With ``sample_gates`` (gates.make_sampler), step t trains the network gated by
   ``sample_gates(fold_in(gate_key, t))``: the gate sequence is a function of (seed, step), so a
   resumed run samples the same gates. ``skip_compute`` (``gates.skip_compute``): a block gated
-  off for the whole batch is not computed (same loss and gradients; its residual branch's BN
-  statistics stay as they were). ``conv_groups``: see ``grouped_apply``."""
+  off for the whole batch is not computed (the same loss, gradients and BN statistics: a speed
+  choice). ``conv_groups``: see ``grouped_apply``."""
   skip_compute = skip_compute and sample_gates is not None
   apply = grouped_apply(model, conv_groups, train=True)
 

@@ -1,8 +1,9 @@
 """skip_compute: a block gated off for the whole batch is not computed, and nothing else changes.
 
-Same loss, output and gradients as the multiply form; the skipped blocks' residual-branch BN
-statistics stay put (Huang et al.'s dropped block); the skipped branch holds no convolution and
-is the one that runs; a mostly-skipped network is measurably faster.
+Same loss, output, gradients and BN statistics as the multiply form; in both, the gated-off
+blocks' residual-branch BN statistics stay put (Huang et al.'s dropped block) while a shortcut
+that runs moves its own; the skipped branch holds no convolution and is the one that runs; a
+mostly-skipped network is measurably faster.
 """
 
 import collections
@@ -86,7 +87,7 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_skip_equals_multiply_form_and_freezes_skipped_statistics(kind, x):
+def test_skip_equals_multiply_form_and_both_freeze_gated_off_statistics(kind, x):
   model = MODELS[kind]
   layout = model.layout
   n = layout.n_blocks
@@ -112,12 +113,14 @@ def test_skip_equals_multiply_form_and_freezes_skipped_statistics(kind, x):
         if name not in keep:  # f's parameters: zero gradient in both forms
           assert all(np.all(np.asarray(a) == 0) for a in jax.tree.leaves(residual_grads)), name
       for name in old:
-        if name in keep:  # the shortcut ran: its BN statistics move as in the multiply form
+        if name in keep:  # the shortcut ran: its BN statistics move, in both forms alike
           _close(skp[name], mul[name])
-        else:  # f did not run: unchanged (the multiply form did move them)
+          assert not np.allclose(jax.tree.leaves(skp[name])[0],
+                                 jax.tree.leaves(old[name])[0]), (i, name)
+        else:  # f did not count: unchanged in both forms
           for a, b, c in zip(*(jax.tree.leaves(t[name]) for t in (skp, old, mul))):
             np.testing.assert_array_equal(a, b)
-            assert not np.allclose(c, b), (i, name)
+            np.testing.assert_array_equal(c, b)
 
 
 def test_per_example_gates_skip_only_rows_zero_for_the_whole_batch(x):
@@ -136,6 +139,7 @@ def test_per_example_gates_skip_only_rows_zero_for_the_whole_batch(x):
   _close(_block(stats1, layout, 3), _block(stats0, layout, 3))
   for name, stats in _block(stats1, layout, 1).items():
     _close(stats, _block(v["batch_stats"], layout, 1)[name])
+    _close(_block(stats0, layout, 1)[name], stats)  # the multiply form keeps them too
 
 
 def test_vmapped_gates_with_skip_compute_still_evaluate_each_variant(x):
@@ -232,8 +236,9 @@ def test_skipping_all_but_one_block_is_much_faster():
 
 
 def test_training_with_skip_follows_the_multiply_trajectory_and_compiles_once():
-  """make_train_on_batch with an effective-path sampler: the same parameters step by step
-  (the gradients are equal), the loss falls, one compilation for every step."""
+  """make_train_on_batch with an effective-path sampler: the same parameters and BN
+  statistics step by step (the two forms leave the same state), the loss falls, one
+  compilation for every step."""
   model = models.ResNet(stage_sizes=(3, 3, 3), widths=(4, 8, 16))
   gc = base_config().gates
   gc.sampler, gc.k = "effective", 4
@@ -259,4 +264,6 @@ def test_training_with_skip_follows_the_multiply_trajectory_and_compiles_once():
   assert np.mean(l1[-3:]) < 0.7 * np.mean(l1[:3]), l1
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s0.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s0.batch_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

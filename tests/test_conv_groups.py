@@ -82,3 +82,21 @@ def test_grouped_apply_runs_grouped_convolutions():
 def test_conv_groups_must_divide_the_batch():
   with pytest.raises(ValueError, match="train.conv_groups=3 must divide the batch size 16"):
     _run(NETS["resnet"], "none", 3, steps=1)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_per_example_gates_off_for_one_slice_only_move_statistics_as_one_batch(skip):
+  """A block whose per-example gates are zero for slice 0's examples only is live for the
+  batch: its BN statistics move as with groups=1, in either form (not slice 0's verdict)."""
+  model = NETS["resnet"]
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
+  gates = np.ones((model.layout.n_blocks, 16), np.float32)
+  gates[1, ::4] = 0  # slice 0 of 4 holds examples 0, 4, 8, 12
+  gates[3] = 0       # off for the whole batch
+  runs = [jax.jit(lambda v, x, g, a=train.grouped_apply(model, groups, True): a(v, x, g, skip))(
+      variables, x, jnp.asarray(gates)) for groups in (1, 4)]
+  (l1, u1), (l4, u4) = runs
+  np.testing.assert_allclose(l4, l1, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(u4), jax.tree.leaves(u1), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

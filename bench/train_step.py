@@ -22,7 +22,8 @@ from ml_collections import config_flags
 
 import common
 from resnet_ensemble import gates as gates_lib, models, optim, train
-from resnet_ensemble.sharding import make_mesh, on_host, put_tree, replicated
+from resnet_ensemble.sharding import make_mesh
+from resnet_ensemble.stack import RunStack
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("calls", 10, "Timed compiled calls (each runs train.steps_per_call steps).")
@@ -45,30 +46,21 @@ def main(_):
   dataset = common.synthetic(c, FLAGS.num_examples, 1000)
   model = models.build(c.model, dataset.num_classes)
   tx, _ = optim.make_optimizer(c.optim, c.train.num_steps)
-  seeds = [c.seed + r for r in range(FLAGS.replicas)]
+  # As train_and_evaluate does for --config.seeds: one vmapped program over the replicas.
+  stack = RunStack([c.seed + r for r in range(FLAGS.replicas)], mesh)
   shape = dataset.train_images.shape[1:]
-  if FLAGS.replicas == 1:
-    state = train.create_train_state(model, tx, c.seed, shape, mesh)
-  else:  # every replica's initial state from one program, vmapped over the seeds
-    init = lambda s: train.create_train_state_unsharded(model, tx, s, shape)  # noqa: E731
-    state = put_tree(on_host(lambda: jax.vmap(init)(jnp.asarray(seeds, jnp.uint32))),
-                     replicated(mesh))
+  state = stack.init(lambda seed: train.create_train_state_unsharded(model, tx, seed, shape))
   resident = train.put_resident(dataset, 1000, mesh)
+  skip = c.gates.skip_compute and not stack.stacked  # vmapped, a cond would be a select
   step = train.make_train_on_batch(
       model, tx, dataset.mean, dataset.std, 0.0, mesh,
       sample_gates=gates_lib.make_sampler(c.gates, model.layout, c.train.batch_size),
-      gate_key=jax.random.key(0), skip_compute=c.gates.skip_compute,
-      conv_groups=c.train.conv_groups)
+      skip_compute=skip, conv_groups=c.train.conv_groups)
   k = c.train.steps_per_call
-
-  def fn(state, data, seed):
-    return train.make_resident_train_fn(step, seed=seed, batch_size=c.train.batch_size,
-                                        crop_padding=c.data.crop_padding, flip=c.data.flip,
-                                        num_steps=k)(state, data)
-
-  if FLAGS.replicas > 1:
-    fn = jax.vmap(fn, in_axes=(0, None, 0))
-  seed_arg = jnp.asarray(seeds if FLAGS.replicas > 1 else seeds[0], jnp.uint32)
+  fn = stack.vmap(train.make_resident_train_fn(
+      step, batch_size=c.train.batch_size, crop_padding=c.data.crop_padding, flip=c.data.flip,
+      num_steps=k), (0, None, 0))
+  seed_arg = stack.seed_arg
   common.progress("state and data resident; compiling")
   t0 = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=0).lower(state, resident, seed_arg).compile()
@@ -93,7 +85,7 @@ def main(_):
   gates = c.gates.sampler
   # Gated steps skip the blocks gated off (gates.skip_compute) unless told otherwise.
   workload = ("train" if gates == "none" else f"train_{gates}"
-              + ("" if c.gates.skip_compute else "_multiply"))
+              + ("" if skip else "_multiply"))
   variant = ",".join(v for v in (FLAGS.variant, f"x{FLAGS.replicas}" * (FLAGS.replicas > 1)) if v)
   workload += f"[{variant}]" if variant else ""
   common.emit({
@@ -105,7 +97,7 @@ def main(_):
       "timed_from": round(timed_from, 3),
       "late_s": round(max(-wait, 0.0), 2) if FLAGS.start_at else None,
       "gates": gates, "gates_k": c.gates.k if gates == "effective" else None,
-      "skip_compute": bool(c.gates.skip_compute) if gates != "none" else None,
+      "skip_compute": skip if gates != "none" else None,
       "steps": calls * k, "seconds": round(seconds, 3),
       "ms_per_step": round(1000 * per_step, 3), "steps_per_s": round(1 / per_step, 2),
       "img_per_s": round(c.train.batch_size / per_step), "compile_s": round(compile_s, 2)},

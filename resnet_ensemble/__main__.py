@@ -57,7 +57,7 @@ def main(argv):
 
 
 def run_mode(mode: str, config, workdir: str) -> None:
-  from resnet_ensemble import lesion, report, results, routing, train, trained
+  from resnet_ensemble import lesion, report, results, routing, stack, train, trained
   from resnet_ensemble.progress import format_duration, is_main_process, say
   steps = {"train": [train.train_and_evaluate], "lesion": [lesion.run_study],
            "paths": [routing.run_study], "report": [], "all": [],
@@ -72,6 +72,7 @@ def run_mode(mode: str, config, workdir: str) -> None:
   if mode == "train" and imported:
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")
+  stack.check_mode(tuple(config.get("seeds", ())), mode, workdir)
   if mode == "train" and exported and not has_checkpoint:
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "
                      f"({trained.VARIABLES_FILE}) and no checkpoints; train in a new workdir")

@@ -12,6 +12,9 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Several seeds trained at once as one vmapped program (resnet_ensemble/stack.py), each run in
+  # workdir/seed{s}, the same numbers as trained alone; () = the single run of `seed`.
+  c.seeds = ()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cifar_resnet"      # cifar_resnet | imagenet_resnet | plain

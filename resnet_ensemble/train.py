@@ -11,7 +11,7 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -22,9 +22,10 @@ import optax
 from clu import metrics
 
 from resnet_ensemble import (checkpoint, data as data_lib, gates as gates_lib, models, optim,
-                             results, writers)
+                             results, stack as stack_lib, writers)
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress, say
+from resnet_ensemble.stack import RunStack
 from resnet_ensemble.trained import padded_test_batches
 from resnet_ensemble.sharding import (check_divisible, make_mesh, on_host, put, put_tree,
                                      replicated, sharded)
@@ -153,22 +154,24 @@ def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
 def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean, std,
                         label_smoothing: float, mesh,
                         sample_gates: Callable[[jax.Array], jax.Array] | None = None,
-                        gate_key: jax.Array | None = None, skip_compute: bool = False,
-                        conv_groups: int = 1) -> Callable:
-  """One SGD step on a given uint8 batch (already augmented).
+                        skip_compute: bool = False, conv_groups: int = 1) -> Callable:
+  """``train_on_batch(state, images, labels, gate_key=None)``: one SGD step on a given uint8
+  batch (already augmented).
 
   With ``sample_gates`` (gates.make_sampler), step t trains the network gated by
-  ``sample_gates(fold_in(gate_key, t))``: the gate sequence is a function of (seed, step), so a
-  resumed run samples the same gates. ``skip_compute`` (``gates.skip_compute``): a block gated
+  ``sample_gates(fold_in(gate_key, t))`` (``gate_key``: ``run_keys(seed).gates``): the gate
+  sequence is a function of (seed, step), so a resumed run samples the same gates. ``skip_compute`` (``gates.skip_compute``): a block gated
   off for the whole batch is not computed (the same loss, gradients and BN statistics: a speed
   choice). ``conv_groups``: see ``grouped_apply``."""
   skip_compute = skip_compute and sample_gates is not None
   apply = grouped_apply(model, conv_groups, train=True)
 
-  def train_on_batch(state: TrainState, images, labels):
+  def train_on_batch(state: TrainState, images, labels, gate_key: jax.Array | None = None):
     x = jax.lax.with_sharding_constraint(normalize(images, mean, std), sharded(mesh))
     gates = None
     if sample_gates is not None:
+      if gate_key is None:
+        raise ValueError("a gate sampler needs the run's gate key (run_keys(seed).gates)")
       gates = sample_gates(jax.random.fold_in(gate_key, state.step))
 
     def loss_fn(params):
@@ -185,30 +188,45 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
   return train_on_batch
 
 
-def make_resident_train_fn(train_on_batch: Callable, *, seed: int, batch_size: int,
-                           crop_padding: int, flip: bool, num_steps: int) -> Callable:
-  """``fn(state, data) -> (state, metrics)`` running ``num_steps`` steps on resident data.
+class RunKeys(NamedTuple):
+  """The random streams of a run, all from its seed: batch order, augmentation, gates."""
+  order: jax.Array
+  augment: jax.Array
+  gates: jax.Array
 
-  The batch and augmentation of step t depend only on (seed, t)."""
+
+def run_keys(seed) -> RunKeys:
+  """``seed``: an int or a traced uint32 (a stack of runs passes each run's own)."""
   root = jax.random.key(seed)
-  order_key, augment_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+  return RunKeys(*(jax.random.fold_in(root, i) for i in (1, 2, 3)))
 
-  def one_step(state: TrainState, data: ResidentData):
-    idx = batch_indices(order_key, state.step, data.train_labels.shape[0], batch_size)
-    images = random_crop_flip(jax.random.fold_in(augment_key, state.step),
-                              data.train_images[idx], crop_padding, flip)
-    return train_on_batch(state, images, data.train_labels[idx])
 
-  def train_fn(state: TrainState, data: ResidentData):
+def make_resident_train_fn(train_on_batch: Callable, *, batch_size: int, crop_padding: int,
+                           flip: bool, num_steps: int) -> Callable:
+  """``fn(state, data, seed) -> (state, metrics)`` running ``num_steps`` steps on resident data.
+
+  The batch, augmentation and gates of step t depend only on (seed, t). The seed is an
+  argument, not a constant, so the function can be vmapped over a stack of runs."""
+
+  def train_fn(state: TrainState, data: ResidentData, seed):
+    keys = run_keys(seed)
+
+    def one_step(state: TrainState):
+      idx = batch_indices(keys.order, state.step, data.train_labels.shape[0], batch_size)
+      images = random_crop_flip(jax.random.fold_in(keys.augment, state.step),
+                                data.train_images[idx], crop_padding, flip)
+      return train_on_batch(state, images, data.train_labels[idx], keys.gates)
+
     if num_steps == 1:
-      return one_step(state, data)
-    state, stacked = jax.lax.scan(lambda s, _: one_step(s, data), state, None, length=num_steps)
+      return one_step(state)
+    state, stacked = jax.lax.scan(lambda s, _: one_step(s), state, None, length=num_steps)
     return state, stacked.reduce()
 
   return train_fn
 
 
-def create_train_state_unsharded(model: nn.Module, tx, seed: int, input_shape) -> TrainState:
+def create_train_state_unsharded(model: nn.Module, tx, seed: int | jax.Array,
+                                 input_shape) -> TrainState:
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
   variables = model.init(jax.random.fold_in(jax.random.key(seed), 0), x)
   params = variables["params"]
@@ -267,30 +285,33 @@ class ResidentFeed:
     self.num_classes, self.input_shape = d.num_classes, d.train_images.shape[1:]
     self.mean, self.std = d.mean, d.std
 
-  def start(self, model, train_on_batch, log_compile: Callable[[str, float], None]) -> None:
+  def start(self, model, train_on_batch, log_compile: Callable[[str, float], None],
+            stack: RunStack) -> None:
     c, rep = self.config, replicated(self.mesh)
     self.resident = put_resident(self.dataset, c.eval.batch_size, self.mesh)
     self._make = functools.partial(
-        make_resident_train_fn, train_on_batch, seed=c.seed, batch_size=c.train.batch_size,
+        make_resident_train_fn, train_on_batch, batch_size=c.train.batch_size,
         crop_padding=c.data.crop_padding, flip=c.data.flip)
     self._compiled: dict[int, Any] = {}
-    self._log_compile = log_compile
-    self._eval = jax.jit(make_eval_fn(model, self.mean, self.std, c.eval.conv_groups),
-                         out_shardings=rep)
+    self._log_compile, self._stack = log_compile, stack
+    eval_fn = make_eval_fn(model, self.mean, self.std, c.eval.conv_groups)
+    self._eval = jax.jit(stack.vmap(eval_fn, (0, None, None, None, None)), out_shardings=rep)
 
   def train(self, state: TrainState, k: int):
+    seeds = self._stack.seed_arg
     if k not in self._compiled:
       t0 = time.perf_counter()
-      jitted = jax.jit(self._make(num_steps=k), out_shardings=(replicated(self.mesh),) * 2,
-                       donate_argnums=0)
-      self._compiled[k] = jitted.lower(state, self.resident).compile()
+      fn = self._stack.vmap(self._make(num_steps=k), (0, None, 0))
+      jitted = jax.jit(fn, out_shardings=(replicated(self.mesh),) * 2, donate_argnums=0)
+      self._compiled[k] = jitted.lower(state, self.resident, seeds).compile()
       self._log_compile(f"train_{k}_steps", time.perf_counter() - t0)
-    return self._compiled[k](state, self.resident)
+    return self._compiled[k](state, self.resident, seeds)
 
   def evaluate(self, state: TrainState, gates=None) -> dict:
+    """``{eval_loss, eval_accuracy, eval_error}``: scalars, or one value per run of a stack."""
     r = self.resident
     out = self._eval(state.variables, r.test_images, r.test_labels, r.test_mask, gates)
-    return {f"eval_{k}": float(v) for k, v in out.items() if k != "count"}
+    return {f"eval_{k}": v for k, v in out.items() if k != "count"}
 
 
 class StreamedFeed:
@@ -313,11 +334,16 @@ class StreamedFeed:
   def _global(self, local: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(sharded(self.mesh), local)
 
-  def start(self, model, train_on_batch, log_compile) -> None:
+  def start(self, model, train_on_batch, log_compile, stack: RunStack) -> None:
+    if stack.stacked:  # one host pipeline feeds one run: stacked runs would share its batches
+      raise ValueError(f"config.seeds={stack.seeds}: stacked runs train on resident data only "
+                       "(cifar10, digits); train ImageNet seeds one at a time")
     rep = replicated(self.mesh)
     check_divisible(self.config.eval.batch_size, self.mesh, "eval.batch_size")
     self._batches = self._split("train", True, self.config.train.batch_size)
-    self._step = jax.jit(train_on_batch, out_shardings=(rep, rep), donate_argnums=0)
+    gate_key = run_keys(self.config.seed).gates
+    self._step = jax.jit(lambda state, x, y: train_on_batch(state, x, y, gate_key),
+                         out_shardings=(rep, rep), donate_argnums=0)
     eval_fn = make_eval_fn(model, self.mean, self.std, self.config.eval.conv_groups)
     # One batch at a time: add a leading batch-stack axis of 1 for eval_fn's scan.
     self._eval = jax.jit(lambda v, x, y, m, g: eval_fn(v, x[None], y[None], m[None], g),
@@ -348,92 +374,160 @@ def make_feed(config, mesh):
   return ResidentFeed(config, mesh)
 
 
+def run_config(config, seed: int):
+  """The config of one run of a stack: ``seed`` set, ``seeds`` empty (a single run's config, so
+  the run's workdir can be resumed or analysed alone)."""
+  c = config.copy_and_resolve_references()
+  c.seed, c.seeds = int(seed), ()
+  return c
+
+
+def _restore(managers, initial: list, workdirs: list[str]) -> tuple[list | None, int | None]:
+  """Every run's newest checkpoint and their step, or (None, None) when no run has one; a
+  stack whose runs stand at different steps is refused (its runs share one step counter)."""
+  restored = [checkpoint.restore_latest(m, s) for m, s in zip(managers, initial)]
+  steps = [None if r is None else int(r.step) for r in restored]
+  if len(set(steps)) > 1:
+    where = ", ".join(f"{w}: {'no checkpoint' if s is None else f'step {s}'}"
+                      for w, s in zip(workdirs, steps))
+    raise ValueError(f"the runs of this seed stack stand at different steps ({where}); a stack "
+                     "resumes only when all its runs are at one step: train the others alone "
+                     "to that step, or start the stack in a new workdir")
+  return (None, None) if steps[0] is None else (restored, steps[0])
+
+
+def _train_scalars(stack: RunStack, collection: TrainMetrics) -> list[dict]:
+  """``{train_loss, train_accuracy}`` of each run."""
+  return [{f"train_{k}": float(v) for k, v in run.compute().items()}
+          for run in stack.split_host(collection)]
+
+
+def _progress_fields(per_run: list[dict]) -> dict:
+  if len(per_run) == 1:
+    return {"loss": per_run[0]["train_loss"], "acc": per_run[0]["train_accuracy"]}
+  return {name: "/".join(f"{r[key]:.4g}" for r in per_run)
+          for name, key in (("loss", "train_loss"), ("acc", "train_accuracy"))}
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.model`` on ``config.data``; checkpoints, metrics and config in ``workdir``.
 
   Resumes from the newest checkpoint in the workdir. Returns the final evaluation metrics.
+  With two or more ``config.seeds``, trains one run per seed as one vmapped program
+  (``stack.RunStack``), each in ``workdir/seed{s}`` as if trained alone, and returns
+  ``{seed: final metrics}``.
   """
   is_main = jax.process_index() == 0
+  seeds = tuple(config.seeds) or (config.seed,)
+  workdirs = stack_lib.run_workdirs(seeds, workdir)
+  configs = [run_config(config, s) for s in seeds] if config.seeds else [config]
   if is_main:
-    checkpoint.guard_config(workdir, config)
+    for w, c in zip(workdirs, configs):
+      checkpoint.guard_config(w, c)
   mesh = make_mesh()
+  stack = RunStack(seeds, mesh)
   tc = config.train
   check_divisible(tc.batch_size, mesh, "train.batch_size")
   feed = make_feed(config, mesh)
   model = models.build(config.model, feed.num_classes)
   tx, schedule = optim.make_optimizer(config.optim, tc.num_steps)
-  state = create_train_state(model, tx, config.seed, feed.input_shape, mesh)
-  manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep)
-  restored = checkpoint.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
-    say(f"resumed from {workdir} at step {int(state.step)}")
-  writer = writers.create_writer(workdir, enabled=is_main)
+  managers = [checkpoint.make_manager(w, config.checkpoint.max_to_keep) for w in workdirs]
+  state = stack.init(lambda seed: create_train_state_unsharded(model, tx, seed, feed.input_shape))
+  restored, resumed_at = _restore(managers, stack.split(state), workdirs)
+  if resumed_at is not None:
+    state = stack.join(restored)
+  if resumed_at is not None:
+    say(f"resumed from {workdir} at step {resumed_at}")
+  run_writers = [writers.create_writer(w, enabled=is_main) for w in workdirs]
+  if stack.stacked:
+    say(f"training seeds {', '.join(map(str, seeds))} as one program, in "
+        + ", ".join(workdirs))
+
+  def write(step: int, per_run: list[dict]) -> None:
+    for writer, scalars in zip(run_writers, per_run):
+      writer.write_scalars(step, scalars)
 
   def log_compile(what: str, seconds: float) -> None:
-    writer.write_scalars(int(state.step), {f"compile_s_{what}": seconds})
+    write(step, [{f"compile_s_{what}": seconds}] * len(stack))
     say(f"compiled {what} in {seconds:.1f}s")
 
+  sample_gates = gates_lib.make_sampler(config.gates, model.layout, tc.batch_size)
+  # vmapped over runs, a block's cond would be a select over both branches: the multiply
+  # form computes the same (tests/test_skip.py) without the conds.
+  skip_compute = config.gates.skip_compute and not stack.stacked
   train_on_batch = make_train_on_batch(
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
-      sample_gates=gates_lib.make_sampler(config.gates, model.layout, tc.batch_size),
-      gate_key=jax.random.fold_in(jax.random.key(config.seed), 3),
-      skip_compute=config.gates.skip_compute, conv_groups=tc.conv_groups)
-  feed.start(model, train_on_batch, log_compile)
+      sample_gates=sample_gates, skip_compute=skip_compute, conv_groups=tc.conv_groups)
+  feed.start(model, train_on_batch, log_compile, stack)
   test_gates = gates_lib.eval_gates(config.gates, model.layout)
 
-  def evaluate(state: TrainState) -> dict:
+  def evaluate(state: TrainState) -> list[dict]:
     """The test-time network (scaled by the expected gates when training samples gates), and
-    the unscaled one beside it."""
+    the unscaled one beside it; one dict per run."""
     out = feed.evaluate(state, test_gates)
     if test_gates is not None:
       out.update({f"{k}_unscaled": v for k, v in feed.evaluate(state, None).items()})
-    return out
+    return stack.per_run(out)
 
-  param_norm = jax.jit(optax.tree.norm, out_shardings=replicated(mesh))
-  step = int(state.step)
+  def check_finite(per_run: list[dict], key: str, step: int) -> None:
+    for s, m, values in zip(seeds, managers, per_run):
+      what = "training loss" + (f" of seed {s}" if stack.stacked else "")
+      _check_finite(values[key], what, step, m)
+
+  def save(step: int, state: TrainState) -> None:
+    for m, s in zip(managers, stack.split(state)):
+      if m.latest_step() != step:
+        checkpoint.save(m, step, s)
+
+  param_norm = jax.jit(stack.vmap(optax.tree.norm, 0), out_shardings=replicated(mesh))
+  step = int(resumed_at or 0)
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
-  report_progress = writers.report_progress(tc.num_steps, writer)
+  report_progress = [writers.report_progress(tc.num_steps, w) for w in run_writers]
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), step
-  final: dict = {}
+  finals: list[dict] = []
   with StopRequest() as stop:
     while step < tc.num_steps and not stop.received:
       k = min(tc.steps_per_call, tc.num_steps - step)
       previous = step
       state, batch_metrics = feed.train(state, k)
       step += k
-      report_progress(step, t=time.time())
+      for report in report_progress:
+        report(step, t=time.time())
       accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
       done = step == tc.num_steps
       if _crossed(step, previous, tc.log_every) or done:
-        scalars = {f"train_{k_}": float(v) for k_, v in accumulated.compute().items()}
-        _check_finite(scalars["train_loss"], "training loss", step, manager)
+        per_run = _train_scalars(stack, accumulated)
+        check_finite(per_run, "train_loss", step)
         now = time.perf_counter()
-        scalars["steps_per_s"] = (step - last_log_step) / (now - last_log_time)
-        scalars["learning_rate"] = float(schedule(step - 1))
-        scalars["param_norm"] = float(param_norm(state.params))
-        writer.write_scalars(step, scalars)
-        progress.update(step, force=True, loss=scalars["train_loss"],
-                        acc=scalars["train_accuracy"])
+        shared = {"steps_per_s": (step - last_log_step) / (now - last_log_time),
+                  "learning_rate": float(schedule(step - 1))}
+        norms = stack.per_run({"param_norm": param_norm(state.params)})
+        write(step, [{**r, **shared, **n} for r, n in zip(per_run, norms)])
+        progress.update(step, force=True, **_progress_fields(per_run))
         accumulated, last_log_time, last_log_step = None, now, step
       if _crossed(step, previous, tc.eval_every) or done:
-        final = evaluate(state)
-        writer.write_scalars(step, final)
-        say(f"eval at step {step}: " + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()))
+        finals = evaluate(state)
+        write(step, finals)
+        for s, final in zip(seeds, finals):
+          say(f"eval at step {step}{f' (seed {s})' if stack.stacked else ''}: "
+              + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()))
       if _crossed(step, previous, config.checkpoint.every) or done:
-        checkpoint.save(manager, step, state)
+        save(step, state)
     if stop.received:
       if accumulated is not None:
-        _check_finite(float(accumulated.compute()["loss"]), "training loss", step, manager)
-      if manager.latest_step() != step:
-        checkpoint.save(manager, step, state)
-      manager.wait_until_finished()
-      say(f"{stop.received}: saved a checkpoint at step {step} in {workdir}; rerun the same "
-          "command to resume")
+        check_finite(_train_scalars(stack, accumulated), "train_loss", step)
+      save(step, state)
+      for m in managers:
+        m.wait_until_finished()
+      say(f"{stop.received}: saved a checkpoint at step {step} in {', '.join(workdirs)}; "
+          "rerun the same command to resume")
       return {"stopped_at": step}
-  manager.wait_until_finished()
-  writer.flush()
-  if not final:  # resumed a finished run
-    final = evaluate(state)
-  results.write_json(workdir, "final_metrics.json", {"step": step, **final})
-  return final
+  for m in managers:
+    m.wait_until_finished()
+  for writer in run_writers:
+    writer.flush()
+  if not finals:  # resumed a finished run
+    finals = evaluate(state)
+  for w, final in zip(workdirs, finals):
+    results.write_json(w, "final_metrics.json", {"step": step, **final})
+  return dict(zip(seeds, finals)) if stack.stacked else finals[0]

@@ -1,6 +1,7 @@
 """Subprocess helper for tests: train a tiny config, save the final params as .npz.
 
-Usage: python tests/_train_probe.py WORKDIR OUT.npz [key=value ...]  (XLA_FLAGS set by caller)
+Usage: python tests/_train_probe.py WORKDIR OUT.npz [key=value ...]  (XLA_FLAGS set by caller;
+values are JSON, lists become tuples: seeds=[0,1] trains a stack)
 """
 
 import json
@@ -12,13 +13,14 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from tests.conftest import tiny_config  # noqa: E402
-from resnet_ensemble import train  # noqa: E402
+from resnet_ensemble import stack, train  # noqa: E402
 
 
 def main():
   workdir, out = sys.argv[1], sys.argv[2]
   overrides = dict(kv.split("=", 1) for kv in sys.argv[3:])
-  config = tiny_config(**{k: json.loads(v) for k, v in overrides.items()})
+  config = tiny_config(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in ((k, json.loads(v)) for k, v in overrides.items())})
   from resnet_ensemble import sharding
   sharding.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS etc. when set
   final = train.train_and_evaluate(config, workdir)
@@ -28,10 +30,15 @@ def main():
   if jax.process_count() > 1:  # process 0 wrote the metrics; params are compared through them
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), **final}))
     return
-  state = train.checkpoint.restore_latest(
-      train.checkpoint.make_manager(workdir), None)
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  np.savez(out, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+  arrays = {}
+  for seed, run_dir in zip(config.seeds or (config.seed,),
+                           stack.run_workdirs(config.seeds or (config.seed,), workdir)):
+    state = train.checkpoint.restore_latest(train.checkpoint.make_manager(run_dir), None)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    prefix = f"seed{seed}" if config.seeds else ""  # a stack's runs: seed0['params']...
+    arrays.update({prefix + jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+  np.savez(out, **arrays)
+  final = {str(k): v for k, v in final.items()}
   print(json.dumps({"devices": jax.device_count(), **final}))
 
 

@@ -29,13 +29,13 @@ def _run(model, sampler: str, groups: int, steps: int = 3):
   labels = jnp.arange(16) % 10
   state = train.create_train_state(model, tx, 0, (8, 8, 3), mesh)
   step = jax.jit(train.make_train_on_batch(model, tx, (128.0,) * 3, (64.0,) * 3, 0.0, mesh,
-                                           sample_gates=sample, gate_key=jax.random.key(3),
+                                           sample_gates=sample,
                                            skip_compute=sampler.endswith("skip"),
                                            conv_groups=groups),
                  out_shardings=(replicated(mesh),) * 2)
   losses = []
   for _ in range(steps):
-    state, m = step(state, images, labels)
+    state, m = step(state, images, labels, jax.random.key(3))
     losses.append(float(m.compute()["loss"]))
   return state, losses
 

@@ -4,6 +4,7 @@ gpu.sh's command, and the multi-process CPU launcher. Needs neither gcloud nor a
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -429,3 +430,36 @@ def test_a_gpu_run_is_packed_then_published_or_kept_to_resume(tmp_path):
   assert "step 10 of 20, not finished" in out
   assert (tmp_path / ".gpu" / "resume" / "qs2.tar.part-aa").exists()
   assert not (tmp_path / "results" / "qs2").exists()
+
+
+def test_a_seed_stack_is_packed_run_by_run_and_resumed_from_the_packs(tmp_path):
+  """device_train.sh with --config.seeds packs each run apart (NAME_seed{s}); carried back in
+  .gpu/resume/, the packs are unpacked into the stack's runs, which resume together."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, OUT=str(tmp_path / "out"),
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  config = os.path.join(REPO, "configs", "quickstart.py")
+  overrides = ["--config.seeds=(1,2)", "--config.model.depth=8", "--config.train.eval_every=5",
+               "--config.checkpoint.every=5", "--config.train.log_every=5"]
+
+  def train(steps: int) -> str:
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "device_train.sh"), config, "runs/st", "200",
+         *overrides, f"--config.train.num_steps={steps}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+  train(5)
+  for seed in (1, 2):
+    with tarfile.open(tmp_path / "out" / f"st_seed{seed}.tar.part-aa") as tar:
+      assert {"config.json", "train.log", "checkpoints/5"} <= set(tar.getnames())
+  assert not (tmp_path / "out" / "st.tar.part-aa").exists()
+  shutil.rmtree(tmp_path / "runs")  # a fresh machine: only the carried packs
+  (tmp_path / ".gpu").mkdir()
+  shutil.move(tmp_path / "out", tmp_path / ".gpu" / "resume")
+  out = train(10)
+  assert out.count("unpacked 5 from .gpu/resume/st_seed") == 2
+  assert "resumed from runs/st at step 5" in out
+  for seed in (1, 2):
+    with tarfile.open(tmp_path / "out" / f"st_seed{seed}.tar.part-aa") as tar:
+      assert "checkpoints/10" in tar.getnames()

@@ -251,12 +251,12 @@ def test_training_with_skip_follows_the_multiply_trajectory_and_compiles_once():
   runs = {}
   for skip in (False, True):
     step = jax.jit(train.make_train_on_batch(model, tx, (128.0,) * 3, (64.0,) * 3, 0.0, mesh,
-                                             sample_gates=sampler, gate_key=jax.random.key(3),
+                                             sample_gates=sampler,
                                              skip_compute=skip),
                    out_shardings=(replicated(mesh),) * 2)
     state, losses = state0, []
     for _ in range(20):
-      state, m = step(state, images, labels)
+      state, m = step(state, images, labels, jax.random.key(3))
       losses.append(float(m.compute()["loss"]))
     assert step._cache_size() == 1
     runs[skip] = state, losses

@@ -89,6 +89,7 @@ def run_mode(mode: str, config, workdir: str) -> None:
     written = report.write_report(workdir, vgg_workdir=r.vgg_workdir or None,
                                   sd_workdir=r.sd_workdir or None,
                                   effective_workdir=r.effective_workdir or None,
+                                  seed_workdirs=[w for w in r.seed_workdirs.split(",") if w],
                                   out_dir=r.out_dir or None)
     say(f"report: {written[-1]} and {len(written) - 1} figures")
 

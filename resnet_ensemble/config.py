@@ -94,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.report.vgg_workdir = ""          # a trained plain network's workdir (Fig. 3, VGG panel)
   c.report.sd_workdir = ""           # stochastic-depth model's workdir (Fig. 8)
   c.report.effective_workdir = ""    # effective-paths model's workdir (E8 row)
+  c.report.seed_workdirs = ""        # more seeds of the main run, comma-separated workdirs
+                                     # (test error's mean ± std over seeds)
   c.report.out_dir = ""              # where report.md and the figures go ("" = the workdir)
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from typing import Sequence
 
 import matplotlib
@@ -602,10 +603,22 @@ def _run_lines(workdir: str, lesion, pj, final, vgg, sd, eff_final) -> list[str]
   return lines or ["- No results found."]
 
 
+def _seed_cell(workdir: str, final: dict, others: Sequence[tuple[str, dict | None]]) -> str:
+  """The main run's test error over its seeds: mean ± standard deviation (n - 1), each run."""
+  runs = [(workdir, final)] + [(wd, f) for wd, f in others if f and "eval_error" in f]
+  errors = np.asarray([f["eval_error"] for _, f in runs], np.float64)
+  each = ", ".join(f"seed {(_load(wd, 'config.json') or {}).get('seed', '?')} {_pct(e)}"
+                   for (wd, _), e in zip(runs, errors))
+  return (f"{_pct(errors.mean())} ± {_pct(errors.std(ddof=1))} over {len(runs)} seeds "
+          f"({each})")
+
+
 def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: str | None = None,
-                 effective_workdir: str | None = None, out_dir: str | None = None) -> list[str]:
+                 effective_workdir: str | None = None, seed_workdirs: Sequence[str] = (),
+                 out_dir: str | None = None) -> list[str]:
   """Reads the results in workdir (and the comparison workdirs), writes PNGs and report.md
-  into ``out_dir`` (default: workdir).
+  into ``out_dir`` (default: workdir). ``seed_workdirs``: more seeds of the main run (their
+  final_metrics.json), for its test error's mean and spread.
 
   Returns the paths of the files written (figures first, report.md last).
   """
@@ -618,6 +631,7 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   sd = _load(sd_workdir, "lesion.json")
   eff_final = _load(effective_workdir, "final_metrics.json")
   jpeg = _load(workdir, "jpeg_gap.json")
+  seeds = [(wd, _load(wd, "final_metrics.json")) for wd in seed_workdirs]
   w = _Writer(out_dir)
 
   n, n_from = _n_blocks(pj, lesion, workdir)
@@ -645,6 +659,8 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
     rows.append(("ImageNet top-1 validation error", ours, "— (Fig. 4: ResNet-200)"))
   else:
     rows.append(("ResNet-110 test error", ours, PAPER_RESNET_ERROR))
+  if final and final.get("eval_error") is not None and any(f for _, f in seeds):
+    rows.append(("test error over seeds", _seed_cell(workdir, final, seeds), "—"))
   if effective_workdir is not None:
     e = (eff_final or {}).get("eval_error")
     extra = [f"{key} {_pct(v)}" for key, v in sorted((eff_final or {}).items())
@@ -705,6 +721,11 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   if pj is None or not pj.get("gradient"):
     w.miss("E6, E7 (paths.json: gradient per path length, effective paths)",
            _cmd(main_cfg, workdir, "paths"))
+  for wd, f in seeds:
+    if f is None:
+      seed = re.search(r"seed(\d+)/*$", wd)
+      w.miss(f"another seed's training results (final_metrics.json in {wd})",
+             _cmd(main_cfg, wd) + (f" --config.seed={seed.group(1)}" if seed else ""))
   if n_from.startswith("no run data"):
     w.miss("E5, E9 use the paper's n = 54 (no lesion.json or paths.json gives our n)")
   for key, wd, res, what, fname in (

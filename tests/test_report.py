@@ -187,3 +187,17 @@ def test_corrupt_json_is_an_error(tmp_path):
     f.write("{not json")
   with pytest.raises(ValueError, match="lesion.json"):
     report.write_report(main)
+
+
+def test_more_seeds_give_the_error_spread_and_a_missing_seed_its_command(tmp_path):
+  main, seed1, seed2 = (str(tmp_path / d) for d in ("r_seed0", "r_seed1", "r_seed2"))
+  for wd, seed, error in ((main, 0, 0.0612), (seed1, 1, 0.0650)):
+    _write(wd, "final_metrics.json", {"step": 640, "eval_error": error, "eval_loss": 0.3})
+    _write(wd, "config.json", {"seed": seed})
+  report.write_report(main, seed_workdirs=[seed1, seed2])
+  md = open(os.path.join(main, "report.md")).read()
+  rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+  spread = float(np.std([0.0612, 0.0650], ddof=1))
+  assert (f"6.31 % ± {100 * spread:.2f} % over 2 seeds (seed 0 6.12 %, seed 1 6.50 %)"
+          in rows["test error over seeds"])
+  assert f"--workdir={seed2} --config.seed=2" in md.split("## Missing experiments")[1]

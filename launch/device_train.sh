@@ -36,7 +36,7 @@ pack() {  # RUN_DIR PACK_NAME: the newest finished checkpoint, the run's files a
   local latest files
   latest=$(ls "$1/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
   files=$(cd "$1" && ls -d config.json metrics.jsonl final_metrics.json 2>/dev/null)
-  tar -C "$1" -cf - ${latest:+"checkpoints/$latest"} $files -C "$PWD/$workdir" train.log \
+  tar -C "$1" -cf - ${latest:+"checkpoints/$latest"} $files -C "$(cd "$workdir" && pwd)" train.log \
     | split -b 15M - "$OUT/$2.tar.part-"
   echo "packed ${latest:+checkpoint step $latest, }"$files" train.log into $OUT/$2.tar.part-*"
 }

@@ -10,11 +10,14 @@
 #     session.log
 #   call 2, issue 7 (timeout_s = what is left - 20):  bash launch/sessions/next_gpu.sh rest S
 #     optional EXTRA_STEPS first (bench steps, e.g. EXTRA_STEPS="train128_x4 train128_2proc",
-#     EXTRA_BUDGET_S=180), optional LESION=1 (the lesion study of $R, resumable), then
-#     ResNet-110 with effective paths only (E8) for the rest of S seconds (resumes from
-#     .gpu/resume/r110_eff_s0.tar.part-aa); SECOND_RUN=runs/r110_sd_s0 trains a second run
-#     (SECOND_CONFIG, default stochastic depth; SECOND_O: its own extra overrides, e.g.
-#     --config.seed=1) in a second process at the same time, each with 0.45 of the memory.
+#     EXTRA_BUDGET_S=180), optional LESION=1 (the lesion study of $R, resumable), then the
+#     training QUEUE for the rest of S seconds: one job per line, CONFIG WORKDIR [overrides],
+#     each resumed (from .gpu/resume/ packs) and given all the time left; the next job starts
+#     only when one finishes with more than 90 s to spare. Default: E8 (effective paths), then
+#     stochastic depth (E10's model, multiply form), then seeds 1 and 2 of the paper's recipe
+#     as one stack. SECOND_RUN=runs/r110_sd_s0 trains a second run (SECOND_CONFIG, default
+#     stochastic depth; SECOND_O: its own extra overrides, e.g. --config.seed=1) in a second
+#     process beside the queue, each with 0.45 of the memory (drop that job from QUEUE).
 #
 # CPU smoke: SMOKE=1 bash launch/sessions/next_gpu.sh bench 600
 #            SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py LESION=1 \
@@ -29,6 +32,9 @@ CONFIG_R=${CONFIG_R:-configs/cifar10_resnet110.py}
 CONFIG_E=${CONFIG_E:-configs/cifar10_resnet110_effective.py}
 E_RUN=${E_RUN:-runs/r110_eff_s0}  # E8's workdir (resumed from .gpu/resume/<its name>.tar.part-*)
 SECOND_CONFIG=${SECOND_CONFIG:-configs/cifar10_resnet110_sd.py}  # with SECOND_RUN: at once
+QUEUE=${QUEUE-"$CONFIG_E $E_RUN
+configs/cifar10_resnet110_sd.py runs/r110_sd_s0 --config.gates.skip_compute=False
+configs/cifar10_resnet110.py runs/r110_seeds --config.seeds=(1,2)"}
 # XLA_FLAGS of the training runs only (the bench steps set their own), e.g. command buffers
 # over conditionals: "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
 TRAIN_XLA_FLAGS=${TRAIN_XLA_FLAGS-$XLA_FLAGS}
@@ -71,16 +77,21 @@ case $STAGE in
     if [ -n "$SECOND_RUN" ] && [ "$left" -gt 60 ]; then
       # A second run trained at the same time, in a second process (0.45 of the memory each):
       # worth it where bench's train128_2proc shows the two fill each other's gaps.
-      stamp "$SECOND_RUN ($SECOND_CONFIG) alongside E8, budget ${left}s"
+      stamp "$SECOND_RUN ($SECOND_CONFIG) alongside the queue, budget ${left}s"
       XLA_FLAGS="$TRAIN_XLA_FLAGS" XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 \
         bash launch/device_train.sh "$SECOND_CONFIG" \
         "$SECOND_RUN" "$left" $O $E_O $SECOND_O > /tmp/second_run.log 2>&1 &
       second=$!
       export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
     fi
-    stamp "E8: effective-path training, budget ${left}s"
-    [ "$left" -gt 60 ] && XLA_FLAGS="$TRAIN_XLA_FLAGS" bash launch/device_train.sh "$CONFIG_E" \
-      "$E_RUN" "$left" $O $E_O 2>&1 | quiet | tail -15 | tee -a "$OUT/session.log"
+    while read -r cfg wd extra; do
+      [ -n "$cfg" ] || continue
+      left=$((TOTAL - SECONDS - 15))
+      if [ "$left" -le 90 ]; then stamp "no time left for $wd"; break; fi
+      stamp "train $wd ($cfg $extra), budget ${left}s"
+      XLA_FLAGS="$TRAIN_XLA_FLAGS" bash launch/device_train.sh "$cfg" "$wd" "$left" $O $E_O \
+        $extra < /dev/null 2>&1 | quiet | tail -15 | tee -a "$OUT/session.log"
+    done <<< "$QUEUE"
     if [ -n "${second:-}" ]; then
       wait "$second"
       stamp "$SECOND_RUN:"

@@ -14,6 +14,7 @@ analysed or published alone. One seed is not a stack: nothing is vmapped.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -56,7 +57,7 @@ class RunStack:
   def __len__(self) -> int:
     return len(self.seeds)
 
-  @property
+  @functools.cached_property
   def seed_arg(self) -> jax.Array:
     """The seed(s) as a program argument: (K,) for a stack, a scalar otherwise."""
     return jnp.asarray(self.seeds if self.stacked else self.seeds[0], jnp.uint32)

@@ -22,10 +22,10 @@ import optax
 from clu import metrics
 
 from resnet_ensemble import (checkpoint, data as data_lib, gates as gates_lib, models, optim,
-                             results, stack as stack_lib, writers)
+                             results, writers)
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress, say
-from resnet_ensemble.stack import RunStack
+from resnet_ensemble.stack import RunStack, run_workdirs
 from resnet_ensemble.trained import padded_test_batches
 from resnet_ensemble.sharding import (check_divisible, make_mesh, on_host, put, put_tree,
                                      replicated, sharded)
@@ -160,9 +160,10 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
 
   With ``sample_gates`` (gates.make_sampler), step t trains the network gated by
   ``sample_gates(fold_in(gate_key, t))`` (``gate_key``: ``run_keys(seed).gates``): the gate
-  sequence is a function of (seed, step), so a resumed run samples the same gates. ``skip_compute`` (``gates.skip_compute``): a block gated
-  off for the whole batch is not computed (the same loss, gradients and BN statistics: a speed
-  choice). ``conv_groups``: see ``grouped_apply``."""
+  sequence is a function of (seed, step), so a resumed run samples the same gates.
+  ``skip_compute`` (``gates.skip_compute``): a block gated off for the whole batch is not
+  computed (the same loss, gradients and BN statistics: a speed choice). ``conv_groups``: see
+  ``grouped_apply``."""
   skip_compute = skip_compute and sample_gates is not None
   apply = grouped_apply(model, conv_groups, train=True)
 
@@ -419,7 +420,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   is_main = jax.process_index() == 0
   seeds = tuple(config.seeds) or (config.seed,)
-  workdirs = stack_lib.run_workdirs(seeds, workdir)
+  workdirs = run_workdirs(seeds, workdir)
   configs = [run_config(config, s) for s in seeds] if config.seeds else [config]
   if is_main:
     for w, c in zip(workdirs, configs):
@@ -436,7 +437,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   restored, resumed_at = _restore(managers, stack.split(state), workdirs)
   if resumed_at is not None:
     state = stack.join(restored)
-  if resumed_at is not None:
     say(f"resumed from {workdir} at step {resumed_at}")
   run_writers = [writers.create_writer(w, enabled=is_main) for w in workdirs]
   if stack.stacked:

@@ -7,13 +7,21 @@
 # A seed stack (--config.seeds="(1,2)") trains its runs in WORKDIR/seed{s}: each is packed
 # apart, as $OUT/NAME_seed{s}.tar.part-aa (publish_run.sh takes that name like any run's).
 # If .gpu/resume/NAME.tar.part-* (or NAME_seed{s}.tar.part-*) exists (a previous call's $OUT,
-# carried), it is unpacked into WORKDIR (WORKDIR/seed{s}) first. Interrupting with SIGINT never
+# carried), it is unpacked into WORKDIR (WORKDIR/seed{s}) first; a run publish_run.sh has
+# published is skipped. Interrupting with SIGINT never
 # loses a finished checkpoint: orbax writes to a temporary directory and renames it when
 # complete.
 set -o pipefail
 config=$1; workdir=$2; budget=$3; shift 3
 name=$(basename "$workdir")
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$workdir"
+# publish_run.sh leaves NAME.finished (NAME_seed{s}.finished) in .gpu/resume/ for a run it
+# published: its pack is gone from there, so training it again would start it from step 0.
+if compgen -G ".gpu/resume/$name.finished" >/dev/null \
+    || compgen -G ".gpu/resume/${name}_seed*.finished" >/dev/null; then
+  echo "$name: finished and published (.gpu/resume/$name*.finished): nothing to train"
+  exit 0
+fi
 unpack() {  # RUN_DIR PACK_NAME
   if [ ! -d "$1/checkpoints" ] && ls .gpu/resume/"$2".tar.part-* >/dev/null 2>&1; then
     mkdir -p "$1"

@@ -2,6 +2,7 @@
 # Brings a GPU run home from the device tool's files: unpacks NAME.tar.part-* (the one file
 # launch/device_train.sh packs) into runs/NAME; an unfinished run's parts go to .gpu/resume/
 # so the next call resumes it; once the run has reached its last step it exports its variables and
+# marks it finished (.gpu/resume/NAME.finished, which device_train.sh skips), and
 # publishes config.json, metrics.jsonl, final_metrics.json, train.log and variables.msgpack in
 # DEST (the checkpoint, with its optimizer state, stays in runs/NAME: it is not published).
 #
@@ -33,6 +34,7 @@ if [ "$step" != "$total" ]; then
   exit 0
 fi
 echo "$name: finished (step $step)"
+touch .gpu/resume/"$name".finished  # device_train.sh will not train it again
 files="config.json metrics.jsonl final_metrics.json train.log"
 if [ "${VARIABLES:-1}" != 0 ]; then
   python3 -m resnet_ensemble --mode=export --config="$config" --workdir="$run" "$@" \

@@ -404,7 +404,11 @@ def test_a_gpu_run_is_packed_then_published_or_kept_to_resume(tmp_path):
   published = tmp_path / "results" / "qs"
   assert {"config.json", "final_metrics.json", "variables.msgpack"} <= {
       p.name for p in published.iterdir()}
-  assert not list((tmp_path / ".gpu" / "resume").iterdir())
+  # Marked finished, its parts not kept: device_train.sh will not train it (again from 0).
+  assert [p.name for p in (tmp_path / ".gpu" / "resume").iterdir()] == ["qs.finished"]
+  assert "qs: finished and published" in sh(
+      os.path.join(REPO, "launch", "device_train.sh"), config, "fresh/qs", "120", *overrides)
+  assert not (tmp_path / "fresh" / "qs" / "checkpoints").exists()
   from resnet_ensemble import models, trained
   c = json.loads((published / "config.json").read_text())
   model = models.build(_config_dict(c["model"]), 10)

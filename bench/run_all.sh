@@ -17,7 +17,8 @@
 # Step names: torch_eager torch_compile (GPU only) train128 train1024 eval lesion paths
 # train_effective train_sd (issue 6's table: ~7.8 min on an H100) lesion_shared (E1/E3 with
 # shared weights, beside the per-variant form of 'lesion')
-# train128_g8 train1024_g8 (train.conv_groups=8) train128_x4 (4 models at once, vmapped)
+# train128_g8 train1024_g8 (train.conv_groups=8) train128_x4 train128_x2 (4 or 2 models at
+# once, vmapped: a seed stack) train128_stream32 (model.stream_dtype=float32)
 # train128_2proc (2 processes at once, concurrent.sh) paths_unpaired paths_chunk200
 # train128_cmdbuf_off train128_cmdbuf_while train_effective_cmdbuf_while (GPU only)
 # train_effective_multiply train_sd_multiply.
@@ -156,6 +157,11 @@ step train1024_g8 80 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_
   --config.train.conv_groups=8 --variant=g8
 step train128_x4 90 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
   --replicas=4
+step train128_x2 80 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
+  --replicas=2
+# bf16 branches, the identity path between blocks in float32 (model.stream_dtype).
+step train128_stream32 70 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
+  --config.model.stream_dtype=float32 --variant=stream32
 if [ "$SMOKE" != 1 ]; then
   # Is the batch-128 step bound by kernel launches? Command buffers (CUDA graphs) off, then
   # extended to the scan's while loop and conditionals (one graph per 50-step call).

@@ -39,7 +39,7 @@ def check_config(workdir: str, config, keys=("model", "data")) -> None:
 
 
 # Fields that change how a run executes, not what network or data it is about.
-_RUNTIME_FIELDS = ("dir", "source", "unroll", "dtype")
+_RUNTIME_FIELDS = ("dir", "source", "unroll", "dtype", "stream_dtype")
 
 
 def guard_config(workdir: str, config) -> None:

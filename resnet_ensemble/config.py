@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.shortcut = "projection"    # projection | zero_pad (option A)
   c.model.plain_stages = (5, 4, 4)   # plain net: gated layers per stage
   c.model.dtype = "float32"          # compute dtype; params and BN statistics stay float32
+  c.model.stream_dtype = ""          # residual nets: the identity path's dtype between blocks
+                                     # ("" = dtype; float32 with bf16 compute: exact sums)
   c.model.unroll = 1                 # scan unroll over a stage's blocks; 0 = fully unrolled
 
   c.data = ml_collections.ConfigDict()

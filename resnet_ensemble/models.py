@@ -92,8 +92,11 @@ def _gated_block(block: nn.Module, x: Array, gate: Array, skip_compute: bool) ->
   when the gate is zero for every example, so under jit the residual branch's work is skipped.
   Not at init: the skipped branch does not create f's variables."""
   if skip_compute and not block.is_initializing():
-    return nn.cond(jnp.all(gate == 0), _skipped, _computed, block, x, gate)
-  return _computed(block, x, gate)
+    y = nn.cond(jnp.all(gate == 0), _skipped, _computed, block, x, gate)
+  else:
+    y = _computed(block, x, gate)
+  stream = getattr(block, "stream_dtype", None)
+  return y if stream is None else y.astype(stream)
 
 
 def _branch_norm(norm: ModuleDef, name: str, x: Array, live: Array | None) -> Array:
@@ -123,6 +126,7 @@ class _ResidualBlock(nn.Module):
   shortcut: str = "projection"  # or "zero_pad" (option A)
   norm: ModuleDef = BatchNorm
   dtype: Any = jnp.float32
+  stream_dtype: Any = None    # the output's dtype (ResNet.stream_dtype); None: as computed
 
   def __call__(self, x: Array, gate: Array, skip_compute: bool = False) -> Array:
     return _gated_block(self, x, gate, skip_compute)
@@ -278,6 +282,9 @@ class ResNet(nn.Module):
   shortcut: str = "projection"         # "projection" | "zero_pad"
   num_classes: int = 10
   dtype: Any = jnp.float32
+  # The identity path's dtype, between blocks: None = ``dtype``. With bf16 compute, float32
+  # keeps the sum of 54 residuals at full precision while every branch still runs in bf16.
+  stream_dtype: Any = None
   unroll: int = 1                      # scan unroll factor; <= 0 means fully unrolled
   expansion: int | None = None         # bottleneck output / inner width (4; wide ResNets: 2)
   norm_axis_name: str | None = None    # BatchNorm statistics also over this vmap/pmap axis
@@ -324,9 +331,11 @@ class ResNet(nn.Module):
     if self.stem == "imagenet":
       x = _conv(stem_width, 7, 2, "stem_conv", self.dtype)(x)
       x = nn.relu(norm(name="stem_bn")(x))
-      return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      return x.astype(self.stream_dtype or self.dtype)
     x = _conv(stem_width, 3, 1, "stem_conv", self.dtype)(x)
-    return x if self.preact else nn.relu(norm(name="stem_bn")(x))
+    x = x if self.preact else nn.relu(norm(name="stem_bn")(x))
+    return x.astype(self.stream_dtype or self.dtype)
 
   @nn.nowrap
   def stage_blocks(self, norm: ModuleDef):
@@ -335,7 +344,8 @@ class ResNet(nn.Module):
     extra = {"expansion": self._expansion} if self.block == "bottleneck" else {}
     for s, (width, stride) in enumerate(zip(self.widths, self._stage_strides())):
       block = functools.partial(block_cls, features=width, preact=self.preact,
-                                shortcut=self.shortcut, norm=norm, dtype=self.dtype, **extra)
+                                shortcut=self.shortcut, norm=norm, dtype=self.dtype,
+                                stream_dtype=self.stream_dtype, **extra)
       down = functools.partial(block, stride=stride, down=True)
       yield s, down if self.layout.first_is_down[s] else None, block
 
@@ -487,8 +497,10 @@ def build(model_config, num_classes: int) -> nn.Module:
                     num_classes=num_classes, dtype=dtype, unroll=c.unroll)
   _choice(c.block_form, ("preact", "postact"), "block form")
   _choice(c.shortcut, ("projection", "zero_pad"), "shortcut")
+  stream = _DTYPES[_choice(c.stream_dtype, tuple(_DTYPES), "model stream_dtype")] \
+      if c.get("stream_dtype") else None
   common = dict(preact=c.block_form == "preact", shortcut=c.shortcut, num_classes=num_classes,
-                dtype=dtype, unroll=c.unroll)
+                dtype=dtype, stream_dtype=stream, unroll=c.unroll)
   if name == "cifar_resnet":
     if c.depth < 8 or (c.depth - 2) % 6:
       raise ValueError(f"a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, 56, 110, ...); got {c.depth}")

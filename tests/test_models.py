@@ -201,3 +201,37 @@ def test_unknown_names_are_clear_errors():
     models.build(_model_config(depth=100), 10)
   with pytest.raises(ValueError, match="unknown ImageNet ResNet depth 77"):
     models.build(_model_config(name="imagenet_resnet", depth=77), 10)
+
+
+@pytest.mark.parametrize("form", [("preact", "projection"), ("postact", "zero_pad")])
+def test_a_float32_stream_keeps_the_identity_path_exact_under_bf16_compute(form):
+  """model.stream_dtype: every block's output (the identity path) is float32 while the
+  branches compute in bf16, which brings a deep net's logits closer to the float32 net's;
+  with float32 compute it changes nothing."""
+  block_form, shortcut = form
+  config = ml_collections.ConfigDict(dict(
+      name="cifar_resnet", depth=56, width=4, block_form=block_form, shortcut=shortcut,
+      dtype="float32", stream_dtype="", unroll=1))
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
+  nets = {}
+  for dtype, stream in (("float32", ""), ("float32", "float32"), ("bfloat16", ""),
+                        ("bfloat16", "float32")):
+    config.dtype, config.stream_dtype = dtype, stream
+    nets[dtype, stream] = models.build(config, 10)
+  variables = nets["float32", ""].init(jax.random.key(0), x)
+  # Training mode: BN normalises each branch with the batch's statistics (at init, eval mode's
+  # unit running variances would let activations grow block after block).
+  logits = {k: net.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+            for k, net in nets.items()}
+  np.testing.assert_array_equal(logits["float32", "float32"], logits["float32", ""])
+  ref = logits["float32", ""]
+  error = {k: float(jnp.linalg.norm(v - ref) / jnp.linalg.norm(ref)) for k, v in logits.items()}
+  assert error["bfloat16", "float32"] < 0.95 * error["bfloat16", ""], error
+  # The downsampling blocks' outputs (the stacked blocks' scan carries the same dtype, or
+  # nn.scan would refuse it) are float32; their branches ran in bf16.
+  _, inter = nets["bfloat16", "float32"].apply(variables, x, capture_intermediates=True,
+                                               mutable=["intermediates"])
+  for stage in ("stage1_down", "stage2_down"):
+    block = inter["intermediates"][stage]
+    assert block["__call__"][0].dtype == jnp.float32
+    assert block["conv2"]["__call__"][0].dtype == jnp.bfloat16

@@ -565,6 +565,46 @@ def _n_blocks(pj: dict | None, lesion: dict | None, workdir: str) -> tuple[int, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Training curves: every trained run the report is given.
+
+def _history(workdir: str | None) -> list[dict]:
+  """The run's metrics.jsonl (empty where it has none)."""
+  path = results.path(workdir, "metrics.jsonl") if workdir else None
+  if path is None or not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fig_training(w: _Writer, runs: Sequence[tuple[str, str | None]]) -> None:
+  """Test error (and training error, dashed) against the step for each (label, workdir)."""
+  curves = []
+  for label, workdir in runs:
+    history = _history(workdir)
+    test = [(r["step"], r["eval_error"]) for r in history if "eval_error" in r]
+    train = [(r["step"], 1.0 - r["train_accuracy"]) for r in history if "train_accuracy" in r]
+    if test:
+      curves.append((label, np.asarray(test, np.float64), np.asarray(train, np.float64)))
+  if not curves:
+    return
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  text = []
+  for i, (label, test, train) in enumerate(curves):
+    color = f"C{i}"
+    ax.plot(test[:, 0], 100 * test[:, 1], "o-", ms=3, lw=1.2, color=color, label=label)
+    if len(train):
+      ax.plot(train[:, 0], 100 * train[:, 1], "--", lw=0.8, color=color, alpha=0.7)
+    best = int(np.argmin(test[:, 1]))
+    text.append(f"{label}: test error {_pct(test[-1, 1])} at step {int(test[-1, 0])} (lowest "
+                f"{_pct(test[best, 1])}, step {int(test[best, 0])}).")
+  ax.set_ylim(0, min(100.0, max(40.0, 100 * min(float(c[1][0, 1]) for c in curves) + 5)))
+  ax.set_title("Training curves (solid: test error, dashed: training error)")
+  ax.set_xlabel("step")
+  ax.set_ylabel("error (%)")
+  ax.legend(fontsize=8)
+  w.section("Training curves", w.save(fig, "fig_training_curves.png"), text)
+
+
+# ---------------------------------------------------------------------------------------------
 # The report.
 
 def _run_lines(workdir: str, lesion, pj, final, vgg, sd, eff_final) -> list[str]:
@@ -603,12 +643,15 @@ def _run_lines(workdir: str, lesion, pj, final, vgg, sd, eff_final) -> list[str]
   return lines or ["- No results found."]
 
 
+def _seed_of(workdir: str | None) -> str:
+  return str((_load(workdir, "config.json") or {}).get("seed", "?"))
+
+
 def _seed_cell(workdir: str, final: dict, others: Sequence[tuple[str, dict | None]]) -> str:
   """The main run's test error over its seeds: mean ± standard deviation (n - 1), each run."""
   runs = [(workdir, final)] + [(wd, f) for wd, f in others if f and "eval_error" in f]
   errors = np.asarray([f["eval_error"] for _, f in runs], np.float64)
-  each = ", ".join(f"seed {(_load(wd, 'config.json') or {}).get('seed', '?')} {_pct(e)}"
-                   for (wd, _), e in zip(runs, errors))
+  each = ", ".join(f"seed {_seed_of(wd)} {_pct(e)}" for (wd, _), e in zip(runs, errors))
   return (f"{_pct(errors.mean())} ± {_pct(errors.std(ddof=1))} over {len(runs)} seeds "
           f"({each})")
 
@@ -644,6 +687,11 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   _fig_total_gradient(w, n, eff)
   _fig_deletion_paths(w, n, eff)
   _fig_stochastic_depth(w, lesion, sd)
+  name = _model_label(lesion)
+  _fig_training(w, [(f"{name} (seed {_seed_of(wd)})", wd) for wd in [workdir, *seed_workdirs]]
+                + [(_model_label(vgg, "plain net"), vgg_workdir),
+                   (f"{name}, effective paths (E8)", effective_workdir),
+                   (f"{name}, stochastic depth (E10)", sd_workdir)])
 
   # Ours vs paper.
   imagenet = _data_name(lesion or pj) == "imagenet2012"

@@ -201,3 +201,22 @@ def test_more_seeds_give_the_error_spread_and_a_missing_seed_its_command(tmp_pat
   assert (f"6.31 % ± {100 * spread:.2f} % over 2 seeds (seed 0 6.12 %, seed 1 6.50 %)"
           in rows["test error over seeds"])
   assert f"--workdir={seed2} --config.seed=2" in md.split("## Missing experiments")[1]
+
+
+def test_training_curves_draw_every_run_with_metrics(tmp_path):
+  main, eff, vgg = (str(tmp_path / d) for d in ("main", "eff", "vgg"))
+  for wd, errors in ((main, (0.30, 0.12, 0.08)), (eff, (0.32, 0.11, 0.09))):
+    os.makedirs(wd)
+    with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+      for step, error in zip((100, 200, 300), errors):
+        f.write(json.dumps({"step": step, "train_accuracy": 1 - error / 2}) + "\n")
+        f.write(json.dumps({"step": step, "eval_error": error}) + "\n")
+  names = {os.path.basename(f) for f in report.write_report(
+      main, effective_workdir=eff, vgg_workdir=vgg)}  # vgg: no metrics, no curve
+  assert "fig_training_curves.png" in names
+  _assert_png(os.path.join(main, "fig_training_curves.png"))
+  md = open(os.path.join(main, "report.md")).read()
+  section = md.split("## Training curves")[1].split("##")[0]
+  assert "ResNet (seed ?): test error 8.00 % at step 300 (lowest 8.00 %, step 300)" in section
+  assert "effective paths (E8): test error 9.00 % at step 300 (lowest 9.00 %, step 300)" in section
+  assert "plain" not in section

@@ -81,11 +81,12 @@ class RunStack:
 
   def split(self, tree: Any) -> list[Any]:
     """One stacked pytree -> per-run pytrees (each replicated, as a single run's)."""
-    if not self.stacked:
-      return [tree]
-    take = jax.jit(lambda t: [jax.tree.map(lambda a: a[i], t) for i in range(len(self))],
+    return self._split(tree) if self.stacked else [tree]
+
+  @functools.cached_property
+  def _split(self) -> Callable:  # one compiled program, reused at every checkpoint
+    return jax.jit(lambda t: [jax.tree.map(lambda a: a[i], t) for i in range(len(self))],
                    out_shardings=replicated(self.mesh))
-    return take(tree)
 
   def split_host(self, tree: Any) -> list[Any]:
     """A small stacked pytree (metrics) fetched to the host, one per run."""

@@ -201,6 +201,8 @@ def test_unknown_names_are_clear_errors():
     models.build(_model_config(depth=100), 10)
   with pytest.raises(ValueError, match="unknown ImageNet ResNet depth 77"):
     models.build(_model_config(name="imagenet_resnet", depth=77), 10)
+  with pytest.raises(ValueError, match="unknown model stream_dtype 'fp32'; valid: float32"):
+    models.build(_model_config(stream_dtype="fp32"), 10)
 
 
 @pytest.mark.parametrize("form", [("preact", "projection"), ("postact", "zero_pad")])

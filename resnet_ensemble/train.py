@@ -383,18 +383,56 @@ def run_config(config, seed: int):
   return c
 
 
-def _restore(managers, initial: list, workdirs: list[str]) -> tuple[list | None, int | None]:
-  """Every run's newest checkpoint and their step, or (None, None) when no run has one; a
-  stack whose runs stand at different steps is refused (its runs share one step counter)."""
-  restored = [checkpoint.restore_latest(m, s) for m, s in zip(managers, initial)]
-  steps = [None if r is None else int(r.step) for r in restored]
-  if len(set(steps)) > 1:
-    where = ", ".join(f"{w}: {'no checkpoint' if s is None else f'step {s}'}"
-                      for w, s in zip(workdirs, steps))
-    raise ValueError(f"the runs of this seed stack stand at different steps ({where}); a stack "
-                     "resumes only when all its runs are at one step: train the others alone "
-                     "to that step, or start the stack in a new workdir")
-  return (None, None) if steps[0] is None else (restored, steps[0])
+class _Runs:
+  """The per-run side of a job (one run, or each run of a seed stack): its workdir, checkpoint
+  manager and metric writer; the state and metrics arrive stacked and leave per run."""
+
+  def __init__(self, config, workdir: str, stack: RunStack):
+    self.stack = stack
+    self.workdirs = run_workdirs(stack.seeds, workdir)
+    if jax.process_index() == 0:
+      configs = [run_config(config, s) for s in stack.seeds] if config.seeds else [config]
+      for w, c in zip(self.workdirs, configs):
+        checkpoint.guard_config(w, c)
+    self.managers = [checkpoint.make_manager(w, config.checkpoint.max_to_keep)
+                     for w in self.workdirs]
+    self.writers = [writers.create_writer(w, enabled=jax.process_index() == 0)
+                    for w in self.workdirs]
+
+  def restore(self, state: TrainState) -> tuple[TrainState, int | None]:
+    """Every run's newest checkpoint (and their step), or ``state`` (and None) when no run has
+    one; a stack whose runs stand at different steps is refused (they share one step)."""
+    restored = [checkpoint.restore_latest(m, s)
+                for m, s in zip(self.managers, self.stack.split(state))]
+    steps = [None if r is None else int(r.step) for r in restored]
+    if len(set(steps)) > 1:
+      where = ", ".join(f"{w}: {'no checkpoint' if s is None else f'step {s}'}"
+                        for w, s in zip(self.workdirs, steps))
+      raise ValueError(f"the runs of this seed stack stand at different steps ({where}); a "
+                       "stack resumes only when all its runs are at one step: train the others "
+                       "alone to that step, or start the stack in a new workdir")
+    return (state, None) if steps[0] is None else (self.stack.join(restored), steps[0])
+
+  def write(self, step: int, per_run: list[dict]) -> None:
+    for writer, scalars in zip(self.writers, per_run):
+      writer.write_scalars(step, scalars)
+
+  def check_finite(self, per_run: list[dict], step: int) -> None:
+    for s, m, values in zip(self.stack.seeds, self.managers, per_run):
+      what = "training loss" + (f" of seed {s}" if self.stack.stacked else "")
+      _check_finite(values["train_loss"], what, step, m)
+
+  def save(self, step: int, state: TrainState) -> None:
+    """Each run's checkpoint at ``step``, where it has none yet."""
+    for m, s in zip(self.managers, self.stack.split(state)):
+      if m.latest_step() != step:
+        checkpoint.save(m, step, s)
+
+  def wait(self) -> None:
+    for m in self.managers:
+      m.wait_until_finished()
+    for w in self.writers:
+      w.flush()
 
 
 def _train_scalars(stack: RunStack, collection: TrainMetrics) -> list[dict]:
@@ -418,46 +456,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
   (``stack.RunStack``), each in ``workdir/seed{s}`` as if trained alone, and returns
   ``{seed: final metrics}``.
   """
-  is_main = jax.process_index() == 0
-  seeds = tuple(config.seeds) or (config.seed,)
-  workdirs = run_workdirs(seeds, workdir)
-  configs = [run_config(config, s) for s in seeds] if config.seeds else [config]
-  if is_main:
-    for w, c in zip(workdirs, configs):
-      checkpoint.guard_config(w, c)
   mesh = make_mesh()
-  stack = RunStack(seeds, mesh)
+  stack = RunStack(tuple(config.seeds) or (config.seed,), mesh)
+  runs = _Runs(config, workdir, stack)
   tc = config.train
   check_divisible(tc.batch_size, mesh, "train.batch_size")
   feed = make_feed(config, mesh)
   model = models.build(config.model, feed.num_classes)
   tx, schedule = optim.make_optimizer(config.optim, tc.num_steps)
-  managers = [checkpoint.make_manager(w, config.checkpoint.max_to_keep) for w in workdirs]
-  state = stack.init(lambda seed: create_train_state_unsharded(model, tx, seed, feed.input_shape))
-  restored, resumed_at = _restore(managers, stack.split(state), workdirs)
+  state, resumed_at = runs.restore(stack.init(
+      lambda seed: create_train_state_unsharded(model, tx, seed, feed.input_shape)))
+  step = resumed_at or 0
   if resumed_at is not None:
-    state = stack.join(restored)
-    say(f"resumed from {workdir} at step {resumed_at}")
-  run_writers = [writers.create_writer(w, enabled=is_main) for w in workdirs]
+    say(f"resumed from {workdir} at step {step}")
   if stack.stacked:
-    say(f"training seeds {', '.join(map(str, seeds))} as one program, in "
-        + ", ".join(workdirs))
-
-  def write(step: int, per_run: list[dict]) -> None:
-    for writer, scalars in zip(run_writers, per_run):
-      writer.write_scalars(step, scalars)
+    say(f"training seeds {', '.join(map(str, stack.seeds))} as one program, in "
+        + ", ".join(runs.workdirs))
 
   def log_compile(what: str, seconds: float) -> None:
-    write(step, [{f"compile_s_{what}": seconds}] * len(stack))
+    runs.write(step, [{f"compile_s_{what}": seconds}] * len(stack))
     say(f"compiled {what} in {seconds:.1f}s")
 
-  sample_gates = gates_lib.make_sampler(config.gates, model.layout, tc.batch_size)
-  # vmapped over runs, a block's cond would be a select over both branches: the multiply
+  # Vmapped over runs, a block's cond would be a select over both branches: the multiply
   # form computes the same (tests/test_skip.py) without the conds.
-  skip_compute = config.gates.skip_compute and not stack.stacked
   train_on_batch = make_train_on_batch(
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
-      sample_gates=sample_gates, skip_compute=skip_compute, conv_groups=tc.conv_groups)
+      sample_gates=gates_lib.make_sampler(config.gates, model.layout, tc.batch_size),
+      skip_compute=config.gates.skip_compute and not stack.stacked, conv_groups=tc.conv_groups)
   feed.start(model, train_on_batch, log_compile, stack)
   test_gates = gates_lib.eval_gates(config.gates, model.layout)
 
@@ -469,20 +494,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       out.update({f"{k}_unscaled": v for k, v in feed.evaluate(state, None).items()})
     return stack.per_run(out)
 
-  def check_finite(per_run: list[dict], key: str, step: int) -> None:
-    for s, m, values in zip(seeds, managers, per_run):
-      what = "training loss" + (f" of seed {s}" if stack.stacked else "")
-      _check_finite(values[key], what, step, m)
-
-  def save(step: int, state: TrainState) -> None:
-    for m, s in zip(managers, stack.split(state)):
-      if m.latest_step() != step:
-        checkpoint.save(m, step, s)
-
   param_norm = jax.jit(stack.vmap(optax.tree.norm, 0), out_shardings=replicated(mesh))
-  step = int(resumed_at or 0)
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
-  report_progress = [writers.report_progress(tc.num_steps, w) for w in run_writers]
+  report_progress = [writers.report_progress(tc.num_steps, w) for w in runs.writers]
   accumulated, last_log_time, last_log_step = None, time.perf_counter(), step
   finals: list[dict] = []
   with StopRequest() as stop:
@@ -497,37 +511,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
       done = step == tc.num_steps
       if _crossed(step, previous, tc.log_every) or done:
         per_run = _train_scalars(stack, accumulated)
-        check_finite(per_run, "train_loss", step)
+        runs.check_finite(per_run, step)
         now = time.perf_counter()
         shared = {"steps_per_s": (step - last_log_step) / (now - last_log_time),
                   "learning_rate": float(schedule(step - 1))}
         norms = stack.per_run({"param_norm": param_norm(state.params)})
-        write(step, [{**r, **shared, **n} for r, n in zip(per_run, norms)])
+        runs.write(step, [{**r, **shared, **n} for r, n in zip(per_run, norms)])
         progress.update(step, force=True, **_progress_fields(per_run))
         accumulated, last_log_time, last_log_step = None, now, step
       if _crossed(step, previous, tc.eval_every) or done:
         finals = evaluate(state)
-        write(step, finals)
-        for s, final in zip(seeds, finals):
+        runs.write(step, finals)
+        for s, final in zip(stack.seeds, finals):
           say(f"eval at step {step}{f' (seed {s})' if stack.stacked else ''}: "
               + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()))
       if _crossed(step, previous, config.checkpoint.every) or done:
-        save(step, state)
+        runs.save(step, state)
     if stop.received:
       if accumulated is not None:
-        check_finite(_train_scalars(stack, accumulated), "train_loss", step)
-      save(step, state)
-      for m in managers:
-        m.wait_until_finished()
-      say(f"{stop.received}: saved a checkpoint at step {step} in {', '.join(workdirs)}; "
+        runs.check_finite(_train_scalars(stack, accumulated), step)
+      runs.save(step, state)
+      runs.wait()
+      say(f"{stop.received}: saved a checkpoint at step {step} in {', '.join(runs.workdirs)}; "
           "rerun the same command to resume")
       return {"stopped_at": step}
-  for m in managers:
-    m.wait_until_finished()
-  for writer in run_writers:
-    writer.flush()
+  runs.wait()
   if not finals:  # resumed a finished run
     finals = evaluate(state)
-  for w, final in zip(workdirs, finals):
+  for w, final in zip(runs.workdirs, finals):
     results.write_json(w, "final_metrics.json", {"step": step, **final})
-  return dict(zip(seeds, finals)) if stack.stacked else finals[0]
+  return dict(zip(stack.seeds, finals)) if stack.stacked else finals[0]

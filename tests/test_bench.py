@@ -320,3 +320,11 @@ def test_trace_summary_reads_device_lines_not_named_streams():
       e["args"]["name"] = "Compute 13"
   s = trace_summary.summarize(events)
   assert s["kernels"] == 2 and s["kernel_lines"] == ["Compute 13"]  # "XLA Ops" left out
+
+
+def test_precision_probe_compares_each_setting_with_float32():
+  rows = run(["bench/precision.py", "--depth=8", "--width=4", "--batch=4", "--size=8"])
+  assert [(r["dtype"], r["stream_dtype"]) for r in rows] == [
+      ("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32")]
+  assert rows[0]["grad_rel_error"] == 0.0 and abs(rows[0]["grad_cosine"] - 1.0) < 1e-5
+  assert all(0.0 < r["grad_rel_error"] for r in rows[1:])

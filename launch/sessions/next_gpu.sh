@@ -15,7 +15,8 @@
 #     each resumed (from .gpu/resume/ packs) and given all the time left; the next job starts
 #     only when one finishes with more than 90 s to spare. Default: E8 (effective paths), then
 #     stochastic depth (E10's model, multiply form), then seeds 1 and 2 of the paper's recipe
-#     as one stack, their identity path in float32 (the bf16 question of the ResNet-110 gap). SECOND_RUN=runs/r110_sd_s0 trains a second run (SECOND_CONFIG, default
+#     as one stack, in float32 (the paper's precision: the bf16 question of the ResNet-110 gap;
+#     the later --config.model.dtype wins over $O's bfloat16). SECOND_RUN=runs/r110_sd_s0 trains a second run (SECOND_CONFIG, default
 #     stochastic depth; SECOND_O: its own extra overrides, e.g. --config.seed=1) in a second
 #     process beside the queue, each with 0.45 of the memory (drop that job from QUEUE).
 #
@@ -34,7 +35,7 @@ E_RUN=${E_RUN:-runs/r110_eff_s0}  # E8's workdir (resumed from .gpu/resume/<its 
 SECOND_CONFIG=${SECOND_CONFIG:-configs/cifar10_resnet110_sd.py}  # with SECOND_RUN: at once
 QUEUE=${QUEUE-"$CONFIG_E $E_RUN
 configs/cifar10_resnet110_sd.py runs/r110_sd_s0 --config.gates.skip_compute=False
-configs/cifar10_resnet110.py runs/r110_seeds --config.seeds=(1,2) --config.model.stream_dtype=float32"}
+configs/cifar10_resnet110.py runs/r110_seeds --config.seeds=(1,2) --config.model.dtype=float32"}
 # XLA_FLAGS of the training runs only (the bench steps set their own), e.g. command buffers
 # over conditionals: "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
 TRAIN_XLA_FLAGS=${TRAIN_XLA_FLAGS-$XLA_FLAGS}

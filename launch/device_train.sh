@@ -8,9 +8,8 @@
 # apart, as $OUT/NAME_seed{s}.tar.part-aa (publish_run.sh takes that name like any run's).
 # If .gpu/resume/NAME.tar.part-* (or NAME_seed{s}.tar.part-*) exists (a previous call's $OUT,
 # carried), it is unpacked into WORKDIR (WORKDIR/seed{s}) first; a run publish_run.sh has
-# published is skipped. Interrupting with SIGINT never
-# loses a finished checkpoint: orbax writes to a temporary directory and renames it when
-# complete.
+# published is skipped. Interrupting with SIGINT never loses a finished checkpoint: orbax
+# writes to a temporary directory and renames it when complete.
 set -o pipefail
 config=$1; workdir=$2; budget=$3; shift 3
 name=$(basename "$workdir")

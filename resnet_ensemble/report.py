@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from resnet_ensemble import paths, results  # noqa: E402
+from resnet_ensemble import paths, results, writers  # noqa: E402
 
 DPI = 120
 
@@ -570,9 +570,7 @@ def _n_blocks(pj: dict | None, lesion: dict | None, workdir: str) -> tuple[int, 
 def _history(workdir: str | None) -> list[dict]:
   """The run's metrics.jsonl (empty where it has none)."""
   path = results.path(workdir, "metrics.jsonl") if workdir else None
-  if path is None or not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return writers.read_jsonl(str(path)) if path is not None and path.exists() else []
 
 
 def _fig_training(w: _Writer, runs: Sequence[tuple[str, str | None]]) -> None:

@@ -27,8 +27,7 @@ from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress, say
 from resnet_ensemble.stack import RunStack, run_workdirs
 from resnet_ensemble.trained import padded_test_batches
-from resnet_ensemble.sharding import (check_divisible, make_mesh, on_host, put, put_tree,
-                                     replicated, sharded)
+from resnet_ensemble.sharding import check_divisible, make_mesh, put, replicated, sharded
 
 
 @flax.struct.dataclass
@@ -236,9 +235,10 @@ def create_train_state_unsharded(model: nn.Module, tx, seed: int | jax.Array,
 
 
 def create_train_state(model: nn.Module, tx, seed: int, input_shape, mesh) -> TrainState:
-  """The initial state replicated over ``mesh``, initialised on the host (``on_host``)."""
-  init = functools.partial(create_train_state_unsharded, model, tx, seed, input_shape)
-  return put_tree(on_host(init), replicated(mesh))
+  """The initial state replicated over ``mesh``, initialised on the host (``RunStack.init``:
+  the one way a run's state is made, alone or in a stack)."""
+  return RunStack((seed,), mesh).init(
+      lambda s: create_train_state_unsharded(model, tx, s, input_shape))
 
 
 class StopRequest:

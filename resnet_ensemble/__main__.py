@@ -6,14 +6,14 @@ Any config field can be overridden with ``--config.a.b=value``; a mistyped field
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-from resnet_ensemble import checkpoint
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -22,8 +22,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and res
 flags.DEFINE_enum(
     "mode", "train", ["train", "lesion", "paths", "report", "all", "export"],
     "train: train (resuming); lesion: E1-E4 on the newest checkpoint; paths: E6/E7 routed "
-    "gradients; report: report.md + figures from the results; all: train if no checkpoint "
-    "(never with --config.weights, pretrained weights), then lesion, paths and report; "
+    "gradients; report: report.md + figures from the results; all: train (or resume) to "
+    "train.num_steps unless finished (never with --config.weights, pretrained weights), then "
+    "lesion, paths and report; "
     "export: write variables.msgpack (params and BatchNorm statistics of the newest "
     "checkpoint), which lesion/paths/report read when a workdir has no checkpoints.")
 flags.DEFINE_bool("distributed", os.environ.get("RESNET_ENSEMBLE_DISTRIBUTED") == "1",
@@ -33,37 +34,87 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
                     "outside Cloud TPU; or env JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (or env JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process's id, 0..n-1 (or env JAX_PROCESS_ID).")
+flags.DEFINE_bool("allow_unfinished", False,
+                  "Analyse (lesion, paths, export, all) a run that has not reached "
+                  "train.num_steps; the results and the report say so. Without it such a run "
+                  "is refused.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Errors that are the user's to fix: print the message, not a traceback.
-USER_ERRORS = (FileNotFoundError, checkpoint.ConfigMismatchError, FloatingPointError,
-               ValueError, IndexError, ImportError)
+# Exit codes: 0 done; 2 a user error (one line on stderr, no traceback); 128 + signal number
+# (143 SIGTERM, 130 SIGINT) a training stopped by that signal after saving its checkpoint.
+EXIT_USER_ERROR = 2
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every problem (a mistyped config field, a missing or broken
+  config file, a value of the wrong type) as one line instead of a traceback."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get("seed")  # a config file that failed to load raises here, not at first use
+    return rest
+  except Exception as e:  # noqa: BLE001 (flags and ml_collections raise many types)
+    print(f"resnet_ensemble: error: {_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _flag_error(e: Exception, argv: list[str]) -> str:
+  lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
+  if "Failed loading config file" in str(e) or "Configuration is not available" in str(e):
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+    return f"cannot load the config file --config={path}: {lines[-1] if lines else e}"
+  if isinstance(e, (AttributeError, KeyError)):
+    name = lines[0].strip("'\\\"") if lines else str(e)
+    given = [a for a in argv if a.startswith("--config.") and
+             name in a.split("=", 1)[0].split(".")]
+    hint = " ".join(lines[1:]).strip("'\\\"")
+    return (f"unknown config field {name!r}" + (f" in {given[0]}" if given else "")
+            + (f": {hint}" if hint else " (every field is in resnet_ensemble/config.py)"))
+  return " ".join(" ".join(lines).split()) or repr(e)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from resnet_ensemble import checkpoint  # after flag parsing: jax reads XLA_FLAGS at import
+  from resnet_ensemble import sharding, train, trained, workdir
   if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from resnet_ensemble import sharding  # after flag parsing: jax reads XLA_FLAGS at import
+    checkpoint.quiet_orbax()  # orbax logs every file it writes, and pages of tracebacks
+  user_errors = (ValueError, IndexError, ImportError, OSError, FloatingPointError,
+                 workdir.WorkdirError, checkpoint.CheckpointError,
+                 trained.UnfinishedRunError)
   try:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, auto=FLAGS.distributed)
-    run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-  except USER_ERRORS as e:
+    run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_unfinished)
+  except train.Stopped as e:
+    print(f"resnet_ensemble: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except user_errors as e:
     logging.debug("user error", exc_info=True)
     print(f"resnet_ensemble: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USER_ERROR)
 
 
-def run_mode(mode: str, config, workdir: str) -> None:
+def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False) -> None:
+  """Runs ``mode`` on ``workdir``: validated first, then with the workdir locked."""
+  from resnet_ensemble import config as config_lib, train, workdir as workdir_lib
+  config_lib.validate(config)
+  if mode != "report" and not config.get("weights"):
+    train.check_config(config)  # model and gates too, before the workdir is touched
+  writes_workdir = not (mode == "report" and config.report.out_dir)
+  if writes_workdir:
+    workdir_lib.check_path(workdir)
+  with workdir_lib.lock(workdir) if writes_workdir else contextlib.nullcontext():
+    _run_mode(mode, config, workdir, allow_unfinished)
+
+
+def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool) -> None:
   from resnet_ensemble import lesion, report, results, routing, stack, train, trained
   from resnet_ensemble.progress import format_duration, is_main_process, say
-  steps = {"train": [train.train_and_evaluate], "lesion": [lesion.run_study],
-           "paths": [routing.run_study], "report": [], "all": [],
-           "export": [trained.export_variables]}[mode]
-  checkpoints = results.path(workdir, "checkpoints")
-  has_checkpoint = checkpoints.is_dir() and any(d.name.isdigit() for d in checkpoints.iterdir())
+  analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
+  steps = {"train": [train.train_and_evaluate], "lesion": [analyse(lesion.run_study)],
+           "paths": [analyse(routing.run_study)], "report": [], "all": [],
+           "export": [analyse(trained.export_variables)]}[mode]
   exported = results.path(workdir, trained.VARIABLES_FILE).exists()
   imported = bool(config.get("weights"))  # pretrained weights: nothing to train
   if "weights" in config and not imported and mode != "report":
@@ -73,15 +124,21 @@ def run_mode(mode: str, config, workdir: str) -> None:
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")
   stack.check_mode(tuple(config.get("seeds", ())), mode, workdir)
-  if mode == "train" and exported and not has_checkpoint:
+  latest = _latest_step(workdir)
+  if mode == "train" and exported and latest is None:
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "
                      f"({trained.VARIABLES_FILE}) and no checkpoints; train in a new workdir")
   if mode == "all":
-    steps = ([] if has_checkpoint or exported or imported else [train.train_and_evaluate]) + [
-        lesion.run_study, routing.run_study]
+    # Train (or resume) unless the run is finished: a stopped training raises train.Stopped
+    # before any analysis, so an unfinished network is never analysed as the trained one.
+    finished = (latest is not None and latest >= config.train.num_steps) or (
+        latest is None and exported) or imported
+    steps = ([] if finished else [train.train_and_evaluate]) + [
+        analyse(lesion.run_study), analyse(routing.run_study)]
   for i, step in enumerate(steps):
     t0 = time.perf_counter()
-    say(f"== {mode}: {step.__module__.split('.')[-1]} ({i + 1}/{len(steps)})")
+    fn = getattr(step, "func", step)
+    say(f"== {mode}: {fn.__module__.split('.')[-1]} ({i + 1}/{len(steps)})")
     step(config, workdir)
     say(f"== done in {format_duration(time.perf_counter() - t0)}")
   if mode in ("report", "all") and is_main_process():
@@ -94,8 +151,17 @@ def run_mode(mode: str, config, workdir: str) -> None:
     say(f"report: {written[-1]} and {len(written) - 1} figures")
 
 
+def _latest_step(workdir: str) -> int | None:
+  """The newest checkpoint step in ``workdir`` (by name; None: none)."""
+  from resnet_ensemble import results
+  directory = results.path(workdir, "checkpoints")
+  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()] \
+      if directory.is_dir() else []
+  return max(steps, default=None)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

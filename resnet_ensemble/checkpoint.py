@@ -1,80 +1,167 @@
-"""Orbax checkpoints in ``workdir/checkpoints``, resumed automatically, with a config guard."""
+"""Orbax checkpoints in ``workdir/checkpoints``: saved atomically, restored with care.
+
+Orbax commits a checkpoint by renaming its finished temporary directory, so a crash mid-save
+leaves the previous ones intact. What restoring adds:
+
+- a checkpoint with another structure than the state asked for (another model, optimizer or
+  code) is a ``CheckpointMismatchError`` naming the differing entries; nothing is renamed;
+- a read that fails is retried (storage hiccups) before the checkpoint counts as unreadable;
+- an unreadable checkpoint is called corrupt, and set aside as ``<step>.unreadable-<n>`` (kept,
+  never deleted), only when an older checkpoint of the same run restores with the same code;
+  when none restores, the workdir is refused with each step's error and nothing is renamed
+  (the cause is more likely the environment than every file at once);
+- set-aside checkpoints are named at every later start.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from resnet_ensemble import results
+from resnet_ensemble.progress import say
+
+READ_ATTEMPTS = 3
+RETRY_DELAYS_S = (0.5, 2.0)
+ASIDE = ".unreadable"
 
 
-class ConfigMismatchError(ValueError):
-  """The workdir was made by a run whose model/data config differs from this one."""
+class CheckpointError(RuntimeError):
+  """Checkpoints that exist but cannot be read, or a checkpoint that cannot be written."""
 
 
-def _as_dict(config) -> dict:
-  return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+class CheckpointMismatchError(ValueError):
+  """A checkpoint holds another structure than the state it is restored into."""
 
 
-def check_config(workdir: str, config, keys=("model", "data")) -> None:
-  """Refuses a config whose model or data section differs from the one the workdir was made
-  with: a checkpoint restored into another architecture would fail with an opaque shape error
-  (or, worse, load)."""
-  old = results.read_json(workdir, "config.json")
-  if old is None:
-    return
-  new = _as_dict(config)
-  diffs = [f"{k}.{field}: workdir has {old.get(k, {}).get(field)!r}, config has {v!r}"
-           for k in keys for field, v in new.get(k, {}).items()
-           if field not in _RUNTIME_FIELDS and old.get(k, {}).get(field) != v]
-  if diffs:
-    raise ConfigMismatchError(
-        f"the workdir {workdir} holds a run with another model/data config; use a new workdir "
-        "or the original config. Differences:\n  " + "\n  ".join(diffs))
-
-
-# Fields that change how a run executes, not what network or data it is about.
-_RUNTIME_FIELDS = ("dir", "source", "unroll", "dtype", "stream_dtype")
-
-
-def guard_config(workdir: str, config) -> None:
-  """``check_config``, then (re)writes ``workdir/config.json`` atomically."""
-  check_config(workdir, config)
-  results.write_text(workdir, "config.json",
-                     json.dumps(_as_dict(config), indent=2, sort_keys=True))
+def quiet_orbax() -> None:
+  """Orbax logs every file it writes (INFO) and a traceback per coroutine of a failed read or
+  write (ERROR, hundreds of lines); the errors this module raises say it in one line."""
+  for name in ("orbax", "orbax.checkpoint", "absl"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.FATAL)
+  except ImportError:
+    pass
 
 
 def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   directory = workdir if "://" in workdir else os.path.abspath(workdir)
-  return ocp.CheckpointManager(results.path(directory, "checkpoints"), options=options)
+  manager = ocp.CheckpointManager(epath.Path(directory) / "checkpoints", options=options)
+  aside = set_aside(manager)
+  if aside:
+    say(f"note: {len(aside)} unreadable checkpoint(s) were set aside in {manager.directory}: "
+        f"{', '.join(aside)} (kept for inspection; delete them when no longer needed)")
+  return manager
+
+
+def set_aside(manager: ocp.CheckpointManager) -> list[str]:
+  """The names of the checkpoints set aside as unreadable in ``manager``'s directory."""
+  directory = epath.Path(manager.directory)
+  if not directory.is_dir():
+    return []
+  return sorted(d.name for d in directory.iterdir() if ASIDE in d.name)
+
+
+def _path_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+  """``{"params/stem_conv/kernel": shape}``: container kinds ignored (orbax stores tuples as
+  lists and dataclasses as dicts)."""
+  return {"/".join(_path_name(e) for e in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def structure_differences(manager: ocp.CheckpointManager, step: int,
+                          abstract_state: Any) -> list[str] | None:
+  """What differs between checkpoint ``step`` and ``abstract_state`` (entries missing, extra or
+  of another shape); None when the checkpoint's metadata cannot be read."""
+  try:
+    saved = _shapes(manager.item_metadata(step).tree)
+  except Exception:  # noqa: BLE001 (orbax raises many types for unreadable metadata)
+    return None
+  wanted = _shapes(abstract_state)
+  diffs = [f"{k}: in the checkpoint, not in this run's state" for k in sorted(set(saved) - set(wanted))]
+  diffs += [f"{k}: in this run's state, not in the checkpoint" for k in sorted(set(wanted) - set(saved))]
+  diffs += [f"{k}: shape {saved[k]} in the checkpoint, {wanted[k]} in this run's state"
+            for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+  return diffs
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  args = ocp.args.StandardRestore(abstract_state)
+  for attempt in range(READ_ATTEMPTS):
+    try:
+      return manager.restore(step, args=args)
+    except Exception:  # noqa: BLE001
+      if attempt == READ_ATTEMPTS - 1:
+        raise
+      time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
+      manager.reload()
+
+
+def _summary(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:240]}{'...' if len(text) > 240 else ''}"
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
-  """The newest readable checkpoint restored into ``abstract_state``'s structure, or None.
+  """The newest checkpoint that restores into ``abstract_state`` (None: no checkpoint at all).
 
-  A newest checkpoint that cannot be read (a partial write, a corrupt file) is skipped with a
-  message and renamed ``<step>.unreadable-<n>`` (kept, never deleted, and out of the way of the
-  save that will recreate that step); the previous good one is used."""
+  ``abstract_state`` None restores whatever was saved (tests, inspection), unchecked."""
+  failures: list[tuple[int, BaseException]] = []
   for step in sorted(manager.all_steps(), reverse=True):
+    if abstract_state is not None:
+      diffs = structure_differences(manager, step, abstract_state)
+      if diffs:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {manager.directory} holds another state than this run "
+            f"makes ({len(diffs)} entries differ; another model, optimizer or code version?); "
+            "nothing was changed. Use the run's own config, or a new workdir. Differences:\n  "
+            + "\n  ".join(diffs[:12]) + ("\n  ..." if len(diffs) > 12 else ""))
     try:
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # orbax raises many types for unreadable data
-      path = epath.Path(manager.directory) / str(step)
-      if jax.process_index() == 0:
-        aside = _unused(str(path) + ".unreadable")
-        path.rename(aside)
-        print(f"checkpoint step {step} in {manager.directory} is unreadable "
-              f"({type(e).__name__}: {str(e)[:200]}); kept as {aside}, trying the previous one",
-              flush=True)
-      _sync(f"skip-{step}")
-      manager.reload()
+      state = _restore(manager, step, abstract_state)
+    except Exception as e:  # noqa: BLE001 (orbax raises many types for unreadable data)
+      failures.append((step, e))
+      continue
+    if failures:
+      _set_aside(manager, failures, step)
+    return state
+  if failures:
+    raise CheckpointError(
+        f"none of the {len(failures)} checkpoints in {manager.directory} could be read "
+        f"({READ_ATTEMPTS} attempts each), so the run cannot resume; nothing was renamed or "
+        "deleted. If the storage was unavailable, rerun; if the files are damaged, move them "
+        "away to start again. Errors: "
+        + "; ".join(f"step {s}: {_summary(e)}" for s, e in failures))
   return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, failures: list[tuple[int, BaseException]],
+               restored: int) -> None:
+  """Renames the unreadable checkpoints newer than ``restored`` out of the way of the saves
+  that will recreate their steps."""
+  for step, e in failures:
+    path = epath.Path(manager.directory) / str(step)
+    if jax.process_index() == 0:
+      aside = _unused(str(path) + ASIDE)
+      path.rename(aside)
+      say(f"checkpoint step {step} in {manager.directory} is unreadable ({_summary(e)}) while "
+          f"step {restored} reads: kept as {aside}")
+    _sync(f"skip-{step}")
+  manager.reload()
 
 
 def _unused(prefix: str) -> str:
@@ -86,9 +173,24 @@ def _unused(prefix: str) -> str:
 
 def _sync(tag: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # only multi-process runs need it
     multihost_utils.sync_global_devices(f"resnet_ensemble-{tag}")
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  manager.save(int(step), args=ocp.args.StandardSave(state))
+  """Starts writing checkpoint ``step`` (asynchronously); a failure, here or in an earlier
+  save still being written, is one CheckpointError naming the directory."""
+  try:
+    manager.save(int(step), args=ocp.args.StandardSave(state))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"could not write checkpoint step {step} in {manager.directory}: "
+                          f"{_summary(e)}") from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written; a failure is one CheckpointError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"could not finish writing a checkpoint in {manager.directory}: "
+                          f"{_summary(e)}") from e

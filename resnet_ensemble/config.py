@@ -104,3 +104,70 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 4_000
   c.checkpoint.max_to_keep = 3
   return c
+
+
+# The fields a resumed training may change: how the run executes, logs and is analysed, never
+# what it computes. Every other field (seed, model, data, optim, gates, batch size, ...) must
+# equal the one the workdir's run was started with (``workdir.guard_resume``). A name stands for
+# its whole section ("eval") or one field ("train.log_every").
+RESUME_MAY_CHANGE = (
+    "seeds",                 # the stack a run trains in: each run's own seed is guarded
+    "train.num_steps",       # extends (or ends) a run; cosine schedules follow the new length
+    "train.steps_per_call",  # steps per compiled call: the same steps
+    "train.conv_groups",     # grouped convolutions: the same function
+    "train.log_every", "train.eval_every", "train.progress_every_s",
+    "model.unroll",          # scan unrolling: the same function
+    "data.dir", "data.source",  # where the same dataset is read from
+    "gates.skip_compute",    # speed only: the same numbers (tests/test_skip.py)
+    "eval", "lesion", "paths", "report", "checkpoint",
+)
+
+# The fields an analysis must share with the run it analyses: what the network and its data
+# are. Its compute dtype, unrolling and data location may differ (E6 in float32 on a network
+# trained in bf16, say).
+ANALYSIS_MUST_MATCH = ("model", "data")
+ANALYSIS_MAY_CHANGE = ("model.dtype", "model.stream_dtype", "model.unroll", "data.dir",
+                       "data.source")
+
+
+def flatten(config) -> dict[str, object]:
+  """``{"train.batch_size": 128, ...}`` from a ConfigDict (or its JSON dict)."""
+  tree = config.to_dict() if hasattr(config, "to_dict") else config
+  out: dict[str, object] = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+
+  walk(tree, "")
+  return out
+
+
+def covered(field: str, names) -> bool:
+  """Is ``field`` one of ``names`` or inside a section named there?"""
+  return any(field == n or field.startswith(n + ".") for n in names)
+
+
+def validate(config) -> None:
+  """Refuses values no run can use, before anything is loaded or written (each a ValueError
+  that names the field). Model, gates and data are checked where they are built."""
+  positive = ["train.batch_size", "train.num_steps", "train.steps_per_call",
+              "train.conv_groups", "eval.batch_size", "eval.conv_groups",
+              "checkpoint.max_to_keep", "lesion.chunk", "paths.samples_per_k",
+              "paths.batch_size", "paths.chunk"]
+  at_least_zero = ["seed", "train.log_every", "train.eval_every", "checkpoint.every",
+                   "eval.max_images", "lesion.max_k", "lesion.draws",
+                   "lesion.reorder_max_swaps", "lesion.reorder_draws", "data.crop_padding"]
+  values = flatten(config)
+  for field in positive + at_least_zero:
+    if field not in values:
+      continue
+    value, least = values[field], 1 if field in positive else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ValueError(f"--config.{field}={value!r}: must be an integer >= {least}")
+  for s in values.get("seeds", []):
+    if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+      raise ValueError(f"--config.seeds={tuple(values['seeds'])!r}: seeds are integers >= 0")

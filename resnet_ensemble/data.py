@@ -161,3 +161,13 @@ def load(data_config) -> ImageDataset:
     tfds_error = "tensorflow_datasets not installed"
   raise FileNotFoundError(f"CIFAR-10 not found. Looked for the binary release in {root} and "
                           f"for TFDS cifar10 ({tfds_error}). Set --config.data.dir.")
+
+
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet2012": 1000}
+
+
+def num_classes(name: str) -> int:
+  """Classes of dataset ``name``, known before (and without) loading it."""
+  if name not in NUM_CLASSES:
+    raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(NUM_CLASSES)}")
+  return NUM_CLASSES[name]

@@ -310,7 +310,7 @@ def _finished_experiments(workdir: str, out: dict) -> dict:
   return done
 
 
-def run_study(config, workdir: str) -> dict:
+def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   """E1–E4 on the newest checkpoint of ``workdir``; writes and returns ``lesion.json``.
 
   After each experiment the results so far go to ``lesion.partial.json``, so a study cut
@@ -320,7 +320,7 @@ def run_study(config, workdir: str) -> dict:
   (their draws are still made, so later experiments see the same random stream)."""
   from resnet_ensemble import results, trained
   from resnet_ensemble.sharding import make_mesh
-  t = trained.load_trained(config, workdir)
+  t = trained.load_trained(config, workdir, allow_unfinished)
   layout, lc = t.layout, config.lesion
   n = layout.n_blocks
   if lc.max_k > n:
@@ -333,7 +333,7 @@ def run_study(config, workdir: str) -> dict:
                           desc="baseline and E1 (delete one block)")
   baseline, single = float(first[0]), first[1:]
   out = {
-      "config": results.config_dict(config), "checkpoint_step": t.step,
+      "config": results.config_dict(config), **t.describe(),
       "data_source": t.dataset.source, "test_images": engine.images, "seed": config.seed,
       "layout": layout.describe(),
       "model_kind": "plain" if config.model.name == "plain" else "resnet",

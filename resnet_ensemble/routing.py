@@ -204,14 +204,14 @@ def _on_every_process(flag: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def run_study(config, workdir: str) -> dict:
+def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``paths.json``."""
   from resnet_ensemble import augment, gates as gates_lib, imagenet, models, paths, results
   from resnet_ensemble import trained
   from resnet_ensemble.progress import Progress
   from resnet_ensemble.sharding import (check_divisible, make_mesh, put, put_tree, replicated,
                                        sharded)
-  t = trained.load_trained(config, workdir)
+  t = trained.load_trained(config, workdir, allow_unfinished)
   pc, n = config.paths, t.layout.n_blocks
   mesh = make_mesh()
   chunk = mesh.size * math.ceil(pc.chunk / 2 / mesh.size)  # pairs per call
@@ -249,7 +249,7 @@ def run_study(config, workdir: str) -> dict:
   total = paths.total_gradient(n, mean_norm)
   lo, hi = paths.effective_interval(total, 0.9)
   out = {
-      "n": n, "checkpoint_step": t.step, "config": results.config_dict(config),
+      "n": n, **t.describe(), "config": results.config_dict(config),
       "data_source": t.dataset.source,
       "batches_from": "validation" if streamed else "train (un-augmented)",
       "gradient": {"k": list(range(n + 1)), "samples_per_k": pc.samples_per_k,

@@ -21,8 +21,9 @@ import numpy as np
 import optax
 from clu import metrics
 
-from resnet_ensemble import (checkpoint, data as data_lib, gates as gates_lib, models, optim,
-                             results, writers)
+from resnet_ensemble import (checkpoint, config as config_lib, data as data_lib,
+                             gates as gates_lib, models, optim, results, workdir as workdir_lib,
+                             writers)
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress, say
 from resnet_ensemble.stack import RunStack, run_workdirs
@@ -247,7 +248,7 @@ class StopRequest:
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received: str | None = None
+    self.received: signal.Signals | None = None
     self._previous = {}
 
   def __enter__(self):
@@ -257,22 +258,43 @@ class StopRequest:
     return self
 
   def _handle(self, signum, frame):
-    self.received = signal.Signals(signum).name
+    self.received = signal.Signals(signum)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
 
+class Stopped(Exception):
+  """Training stopped by a signal, its state saved: an unfinished run, never a result.
+
+  ``exit_code`` is the shell's for a process killed by that signal (143 for SIGTERM, 130 for
+  SIGINT), so a scheduler tells a preempted run from a finished one."""
+
+  def __init__(self, signal_: signal.Signals, step: int, num_steps: int, workdirs: list[str]):
+    self.signal, self.step, self.exit_code = signal_, step, 128 + int(signal_)
+    super().__init__(
+        f"{signal_.name}: saved a checkpoint at step {step} of {num_steps} in "
+        f"{', '.join(workdirs)}; rerun the same command to resume")
+
+
 def _crossed(step: int, previous: int, every: int) -> bool:
   return every > 0 and step // every != previous // every
 
 
-def _check_finite(value: float, what: str, step: int, manager) -> None:
-  if not math.isfinite(value):
-    raise FloatingPointError(
-        f"non-finite {what} ({value}) at step {step}; stopping. The last good checkpoint is "
-        f"step {manager.latest_step()} (lower the learning rate or check the data).")
+def _all_finite(tree) -> jax.Array:
+  """One device-side reduction: is every floating-point entry of ``tree`` finite?"""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _diverged(what: str, step: int, manager) -> FloatingPointError:
+  last = manager.latest_step()
+  where = (f"The last finite checkpoint is step {last} (every checkpoint is checked finite "
+           "before it is saved)" if last is not None else "No checkpoint was saved")
+  return FloatingPointError(f"non-finite {what} at step {step}; stopping. {where}: lower the "
+                            "learning rate or check the data.")
 
 
 class ResidentFeed:
@@ -390,18 +412,19 @@ class _Runs:
   def __init__(self, config, workdir: str, stack: RunStack):
     self.stack = stack
     self.workdirs = run_workdirs(stack.seeds, workdir)
+    self.configs = [run_config(config, s) for s in stack.seeds]
     if jax.process_index() == 0:
-      configs = [run_config(config, s) for s in stack.seeds] if config.seeds else [config]
-      for w, c in zip(self.workdirs, configs):
-        checkpoint.guard_config(w, c)
+      for w, c in zip(self.workdirs, self.configs):
+        workdir_lib.guard_resume(w, c)
     self.managers = [checkpoint.make_manager(w, config.checkpoint.max_to_keep)
                      for w in self.workdirs]
-    self.writers = [writers.create_writer(w, enabled=jax.process_index() == 0)
-                    for w in self.workdirs]
+    self.writers: list[writers.MultiWriter] = []
+    self._finite = jax.jit(stack.vmap(_all_finite, 0))
 
   def restore(self, state: TrainState) -> tuple[TrainState, int | None]:
     """Every run's newest checkpoint (and their step), or ``state`` (and None) when no run has
-    one; a stack whose runs stand at different steps is refused (they share one step)."""
+    one; a stack whose runs stand at different steps is refused (they share one step). Then
+    each run's metrics log loses the rows after that step, and its writer opens."""
     restored = [checkpoint.restore_latest(m, s)
                 for m, s in zip(self.managers, self.stack.split(state))]
     steps = [None if r is None else int(r.step) for r in restored]
@@ -411,6 +434,13 @@ class _Runs:
       raise ValueError(f"the runs of this seed stack stand at different steps ({where}); a "
                        "stack resumes only when all its runs are at one step: train the others "
                        "alone to that step, or start the stack in a new workdir")
+    main = jax.process_index() == 0
+    for w in self.workdirs:
+      dropped = workdir_lib.trim_metrics(w, -1 if steps[0] is None else steps[0]) if main else 0
+      if dropped:
+        say(f"{w}/metrics.jsonl: dropped {dropped} rows written after step {steps[0] or 0} "
+            "(they are written again)")
+    self.writers = [writers.create_writer(w, enabled=main) for w in self.workdirs]
     return (state, None) if steps[0] is None else (self.stack.join(restored), steps[0])
 
   def write(self, step: int, per_run: list[dict]) -> None:
@@ -419,18 +449,25 @@ class _Runs:
 
   def check_finite(self, per_run: list[dict], step: int) -> None:
     for s, m, values in zip(self.stack.seeds, self.managers, per_run):
-      what = "training loss" + (f" of seed {s}" if self.stack.stacked else "")
-      _check_finite(values["train_loss"], what, step, m)
+      if not math.isfinite(values["train_loss"]):
+        what = f"training loss ({values['train_loss']})"
+        raise _diverged(what + (f" of seed {s}" if self.stack.stacked else ""), step, m)
 
   def save(self, step: int, state: TrainState) -> None:
-    """Each run's checkpoint at ``step``, where it has none yet."""
+    """Each run's checkpoint at ``step``, where it has none yet; a run whose parameters, BN
+    statistics or optimizer state are not all finite is never saved (it would be resumed)."""
+    finite = np.atleast_1d(np.asarray(self._finite(state)))
+    for s, m, ok in zip(self.stack.seeds, self.managers, finite):
+      if not ok:
+        what = "parameters or statistics" + (f" of seed {s}" if self.stack.stacked else "")
+        raise _diverged(what, step, m)
     for m, s in zip(self.managers, self.stack.split(state)):
       if m.latest_step() != step:
         checkpoint.save(m, step, s)
 
   def wait(self) -> None:
     for m in self.managers:
-      m.wait_until_finished()
+      checkpoint.wait(m)
     for w in self.writers:
       w.flush()
 
@@ -448,21 +485,45 @@ def _progress_fields(per_run: list[dict]) -> dict:
           for name, key in (("loss", "train_loss"), ("acc", "train_accuracy"))}
 
 
+def check_config(config) -> nn.Module:
+  """Every check of a training config that needs no data and writes nothing (fields, model,
+  gates), so a mistake costs seconds, not a data load; returns the model."""
+  config_lib.validate(config)
+  model = models.build(config.model, data_lib.num_classes(config.data.name))
+  gates_lib.make_sampler(config.gates, model.layout, config.train.batch_size)
+  return model
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.model`` on ``config.data``; checkpoints, metrics and config in ``workdir``.
 
   Resumes from the newest checkpoint in the workdir. Returns the final evaluation metrics.
   With two or more ``config.seeds``, trains one run per seed as one vmapped program
   (``stack.RunStack``), each in ``workdir/seed{s}`` as if trained alone, and returns
-  ``{seed: final metrics}``.
+  ``{seed: final metrics}``. Raises ``Stopped`` after saving when SIGTERM or SIGINT arrives.
+
+  Everything the config names (fields, model, gates, data) is checked before anything is
+  written; then the workdir is locked (``workdir.lock``) for the whole run.
   """
+  model = check_config(config)
   mesh = make_mesh()
   stack = RunStack(tuple(config.seeds) or (config.seed,), mesh)
-  runs = _Runs(config, workdir, stack)
   tc = config.train
   check_divisible(tc.batch_size, mesh, "train.batch_size")
+  sample_gates = gates_lib.make_sampler(config.gates, model.layout, tc.batch_size)
+  test_gates = gates_lib.eval_gates(config.gates, model.layout)
   feed = make_feed(config, mesh)
-  model = models.build(config.model, feed.num_classes)
+  workdir_lib.check_path(workdir)
+  run_dirs = run_workdirs(stack.seeds, workdir)
+  with workdir_lib.lock(workdir, *run_dirs):
+    return _train(config, workdir, stack, model, feed, sample_gates, test_gates)
+
+
+def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed, sample_gates,
+           test_gates) -> dict:
+  """The training loop of ``train_and_evaluate``, in a validated and locked workdir."""
+  mesh, tc = stack.mesh, config.train
+  runs = _Runs(config, workdir, stack)
   tx, schedule = optim.make_optimizer(config.optim, tc.num_steps)
   state, resumed_at = runs.restore(stack.init(
       lambda seed: create_train_state_unsharded(model, tx, seed, feed.input_shape)))
@@ -481,10 +542,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # form computes the same (tests/test_skip.py) without the conds.
   train_on_batch = make_train_on_batch(
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
-      sample_gates=gates_lib.make_sampler(config.gates, model.layout, tc.batch_size),
+      sample_gates=sample_gates,
       skip_compute=config.gates.skip_compute and not stack.stacked, conv_groups=tc.conv_groups)
   feed.start(model, train_on_batch, log_compile, stack)
-  test_gates = gates_lib.eval_gates(config.gates, model.layout)
 
   def evaluate(state: TrainState) -> list[dict]:
     """The test-time network (scaled by the expected gates when training samples gates), and
@@ -532,9 +592,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         runs.check_finite(_train_scalars(stack, accumulated), step)
       runs.save(step, state)
       runs.wait()
-      say(f"{stop.received}: saved a checkpoint at step {step} in {', '.join(runs.workdirs)}; "
-          "rerun the same command to resume")
-      return {"stopped_at": step}
+      raise Stopped(stop.received, step, tc.num_steps, runs.workdirs)
   runs.wait()
   if not finals:  # resumed a finished run
     finals = evaluate(state)

@@ -9,8 +9,9 @@ from flax import serialization
 import jax
 import numpy as np
 
-from resnet_ensemble import checkpoint, data as data_lib, models, optim
+from resnet_ensemble import checkpoint, data as data_lib, models, optim, workdir as workdir_lib
 from resnet_ensemble.layout import BlockLayout
+from resnet_ensemble.progress import say
 
 
 @dataclasses.dataclass
@@ -19,6 +20,16 @@ class Trained:
   variables: dict            # params + batch_stats, on the host/default device
   step: int                  # checkpoint step the variables come from (0: imported weights)
   dataset: data_lib.ImageDataset  # or, for ImageNet, an imagenet.StreamedValidation
+  num_steps: int = 0         # the run's length (0: imported weights, nothing to train)
+
+  @property
+  def finished(self) -> bool:
+    return self.step >= self.num_steps
+
+  def describe(self) -> dict:
+    """What the analyses record of the network they ran on (the report reads it)."""
+    return {"checkpoint_step": self.step, "num_steps": self.num_steps,
+            "finished": self.finished}
 
   @property
   def layout(self) -> BlockLayout:
@@ -28,10 +39,18 @@ class Trained:
 VARIABLES_FILE = "variables.msgpack"
 
 
-def load_trained(config, workdir: str) -> Trained:
+class UnfinishedRunError(RuntimeError):
+  """An analysis asked of a run whose training has not reached ``train.num_steps``."""
+
+
+def load_trained(config, workdir: str, allow_unfinished: bool = False) -> Trained:
   """The newest checkpoint of ``workdir`` for ``config`` (model/data must match), or, in a
   workdir without checkpoints, its exported ``variables.msgpack`` (a published result). With
-  ``config.weights`` set, the imported pretrained weights instead (``load_pretrained``)."""
+  ``config.weights`` set, the imported pretrained weights instead (``load_pretrained``).
+
+  A run that has not reached ``config.train.num_steps`` (stopped, preempted, or still
+  training) is refused: its numbers would pass for the trained network's. ``allow_unfinished``
+  analyses it anyway, and the results say so (``Trained.describe``)."""
   from resnet_ensemble import results
   if config.get("weights"):
     return load_pretrained(config)
@@ -39,28 +58,39 @@ def load_trained(config, workdir: str) -> Trained:
   manager = (checkpoint.make_manager(workdir)
              if results.path(workdir, "checkpoints").is_dir() else None)
   exported = results.path(workdir, VARIABLES_FILE)
-  has_checkpoint = manager is not None and manager.latest_step() is not None
+  has_checkpoint = manager is not None and bool(manager.all_steps())
   if not has_checkpoint and not exported.exists():
     raise FileNotFoundError(
         f"no trained checkpoint in workdir {workdir} (nor an exported {VARIABLES_FILE}): "
         f"train first with --mode=train (or --mode=all) and the same --workdir")
-  checkpoint.check_config(workdir, config)
+  workdir_lib.check_analysis(workdir, config)
   dataset = eval_dataset(config.data)
   model = models.build(config.model, dataset.num_classes)
   if not has_checkpoint:
     variables, step = read_variables(str(exported), model, dataset.input_shape)
     variables = jax.device_put(variables, replicated(make_mesh()))
-    return Trained(model=model, variables=variables, step=step, dataset=dataset)
-  from resnet_ensemble import train  # late: train imports this module's users
-  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-  rep = replicated(make_mesh())
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-      jax.eval_shape(lambda: train.create_train_state_unsharded(
-          model, tx, config.seed, dataset.input_shape)))
-  state = checkpoint.restore_latest(manager, abstract)
-  return Trained(model=model, variables={"params": state.params, "batch_stats": state.batch_stats},
-                 step=int(state.step), dataset=dataset)
+    t = Trained(model=model, variables=variables, step=step, dataset=dataset,
+                num_steps=config.train.num_steps)
+  else:
+    from resnet_ensemble import train  # late: train imports this module's users
+    tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+    rep = replicated(make_mesh())
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+        jax.eval_shape(lambda: train.create_train_state_unsharded(
+            model, tx, config.seed, dataset.input_shape)))
+    state = checkpoint.restore_latest(manager, abstract)
+    t = Trained(model=model, variables={"params": state.params, "batch_stats": state.batch_stats},
+                step=int(state.step), dataset=dataset, num_steps=config.train.num_steps)
+  if not t.finished:
+    if not allow_unfinished:
+      raise UnfinishedRunError(
+          f"the run in {workdir} is unfinished: its newest checkpoint is step {t.step} of "
+          f"train.num_steps={t.num_steps}. Resume it with --mode=train (or --mode=all) and the "
+          "same command, or analyse it as it is with --allow_unfinished")
+    say(f"warning: analysing an unfinished run (step {t.step} of {t.num_steps}, "
+        "--allow_unfinished)")
+  return t
 
 
 def eval_dataset(data_config):
@@ -90,11 +120,11 @@ def load_pretrained(config) -> Trained:
                  dataset=dataset)
 
 
-def export_variables(config, workdir: str) -> str:
+def export_variables(config, workdir: str, allow_unfinished: bool = False) -> str:
   """Writes the newest checkpoint's params and BatchNorm statistics (no optimizer state: half
   the size) as ``workdir/variables.msgpack``, the file a published result carries."""
   from resnet_ensemble import results
-  t = load_trained(config, workdir)
+  t = load_trained(config, workdir, allow_unfinished)
   payload = {"step": t.step, "variables": jax.tree.map(np.asarray, t.variables)}
   target = results.path(workdir, VARIABLES_FILE)
   if results.is_main_process():

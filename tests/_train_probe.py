@@ -23,7 +23,11 @@ def main():
                           for k, v in ((k, json.loads(v)) for k, v in overrides.items())})
   from resnet_ensemble import sharding
   sharding.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS etc. when set
-  final = train.train_and_evaluate(config, workdir)
+  try:
+    final = train.train_and_evaluate(config, workdir)
+  except train.Stopped as e:  # SIGTERM: a checkpoint is saved, the run is not finished
+    print(json.dumps({"stopped_at": e.step}), flush=True)
+    sys.exit(e.exit_code)
   if os.environ.get("PROBE_LESION") == "1":  # then E1-E4 on the result (lesion.json)
     from resnet_ensemble import lesion
     lesion.run_study(config, workdir)

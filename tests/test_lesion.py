@@ -12,6 +12,7 @@ from resnet_ensemble import lesion, train, trained
 from resnet_ensemble.layout import BlockLayout, check_order
 from resnet_ensemble.sharding import make_mesh
 from resnet_ensemble.surgery import permute_blocks
+from resnet_ensemble.workdir import ConfigMismatchError
 from tests.conftest import tiny_config
 
 LAYOUT = BlockLayout((3, 3, 3), (False, True, True))  # ResNet-20: downsampling 3 and 6
@@ -201,7 +202,7 @@ def test_lesion_errors_name_the_problem(trained_tiny, tmp_path):
   config, workdir = trained_tiny
   with pytest.raises(FileNotFoundError, match=f"no trained checkpoint in workdir .*{tmp_path.name}"):
     lesion.run_study(config, str(tmp_path))
-  with pytest.raises(train.checkpoint.ConfigMismatchError, match="model.depth"):
+  with pytest.raises(ConfigMismatchError, match="model.depth"):
     lesion.run_study(tiny_config(**{"model.depth": 14}), workdir)
   with pytest.raises(ValueError, match="lesion.max_k=10 is larger than the number of blocks"):
     lesion.run_study(tiny_config(**{"model.depth": 20, "lesion.max_k": 10}), workdir)

@@ -15,18 +15,22 @@
 # VARIABLES=0 publishes the metrics without variables.msgpack (extra seeds: results/ stays
 # under its 40 MB; the checkpoint in runs/NAME still has them).
 set -eo pipefail
+# shellcheck source=launch/unpack.sh
+source "$(dirname "${BASH_SOURCE[0]}")/unpack.sh"
 files_at=${1:?usage: publish_run.sh FILES_AT NAME CONFIG DEST [overrides]}
 name=${2:?NAME}; config=${3:?CONFIG}; dest=${4:?DEST}
 shift 4
 parts=("$files_at/$name".tar.part-*)
 [ -e "${parts[0]}" ] || { echo "no $files_at/$name.tar.part-* to publish" >&2; exit 1; }
 run=runs/$name
-mkdir -p "$run" .gpu/resume
-rm -rf "$run/checkpoints"  # the parts hold the newest finished checkpoint
-cat "${parts[@]}" | tar -C "$run" -xf -
+mkdir -p .gpu/resume
+# The parts hold the newest finished checkpoint: it replaces runs/NAME/checkpoints only once
+# the whole pack has been unpacked (a corrupt pack keeps the old ones).
+unpack_run "$run" "${parts[@]}"
 rm -f .gpu/resume/"$name".tar.part-*
-step=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
-total=$(python3 -c "import json; print(json.load(open('$run/config.json'))['train']['num_steps'])")
+step=$(newest_step "$run")
+total=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["train"]["num_steps"])' \
+  "$run/config.json")
 if [ "$step" != "$total" ]; then
   cp "${parts[@]}" .gpu/resume/
   echo "$name: checkpoint step $step of $total, not finished: nothing published; the parts are"
@@ -35,14 +39,15 @@ if [ "$step" != "$total" ]; then
 fi
 echo "$name: finished (step $step)"
 touch .gpu/resume/"$name".finished  # device_train.sh will not train it again
-files="config.json metrics.jsonl final_metrics.json train.log"
+files=(config.json metrics.jsonl final_metrics.json train.log)
 if [ "${VARIABLES:-1}" != 0 ]; then
   python3 -m resnet_ensemble --mode=export --config="$config" --workdir="$run" "$@" \
     2>&1 | grep -v "^I1\|^W1\|^I0000\|^WARNING: All log"
-  files="$files variables.msgpack"
+  files+=(variables.msgpack)
 fi
 mkdir -p "$dest"
-for f in $files; do
-  [ -e "$run/$f" ] && cp "$run/$f" "$dest/"
+published=()
+for f in "${files[@]}"; do
+  if [ -e "$run/$f" ]; then cp "$run/$f" "$dest/"; published+=("$f"); fi
 done
-echo "published $(ls "$dest" | tr '\n' ' ')in $dest"
+echo "published ${published[*]} in $dest"

@@ -146,8 +146,10 @@ run() {
 common=(--zone="$zone")
 [ -z "$project" ] || common+=(--project="$project")
 
-remote_dir='~/resnet-ensemble'   # expanded by the worker's shell
+# shellcheck disable=SC2088  # the ~ is for the worker's shell to expand, not this one
+remote_dir='~/resnet-ensemble'
 tarball_remote='resnet-ensemble.tar.gz'
+# shellcheck disable=SC2088
 log='~/resnet-ensemble.log'
 
 # --- 1. create ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 CIFAR10_RECORD = 1 + 32 * 32 * 3  # label byte, then 1024 R, 1024 G, 1024 B (row-major)
+CIFAR10_RECORDS_PER_FILE = 10_000  # each of the six official batch files, train and test
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch.bin"
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -64,20 +65,33 @@ def _bin_dir(directory: str) -> str:
   return nested if os.path.isdir(nested) else directory
 
 
-def _read_records(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_records(path: str, records: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """One batch file; a cut-off or foreign file is an error naming it, since a silently short
+  split or out-of-range label would only show up later as a wrong error rate."""
   raw = np.fromfile(path, dtype=np.uint8)
   if raw.size == 0 or raw.size % CIFAR10_RECORD:
     raise ValueError(f"{path} has {raw.size} bytes, not a whole number of {CIFAR10_RECORD}-byte "
                      "CIFAR-10 records: the file is truncated or not CIFAR-10 binary")
-  records = raw.reshape(-1, CIFAR10_RECORD)
-  images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  return np.ascontiguousarray(images), records[:, 0].astype(np.int32)
+  rows = raw.reshape(-1, CIFAR10_RECORD)
+  if records is not None and len(rows) != records:
+    raise ValueError(f"{path} holds {len(rows)} records, not {records}: each official CIFAR-10 "
+                     f"batch file holds {records} records of {CIFAR10_RECORD} bytes, so the file "
+                     "is truncated or not one of them")
+  labels = rows[:, 0].astype(np.int32)
+  bad = np.flatnonzero(labels >= len(CIFAR10_LABELS))
+  if bad.size:
+    raise ValueError(f"{path}: {bad.size} labels outside 0-9 (first: record {bad[0]}, label "
+                     f"{labels[bad[0]]}): not a CIFAR-10 batch file")
+  images = rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), labels
 
 
-def read_cifar10_bin(directory: str):
+def read_cifar10_bin(directory: str, records_per_file: int | None = CIFAR10_RECORDS_PER_FILE):
   """(train_images, train_labels, test_images, test_labels) from the official binary layout.
 
-  ``directory`` is ``cifar-10-batches-bin/`` itself or the folder that contains it."""
+  ``directory`` is ``cifar-10-batches-bin/`` itself or the folder that contains it. Every file
+  must hold ``records_per_file`` records (None: any whole number, for the small copies that
+  ``write_cifar10_bin`` makes in tests) with labels 0-9."""
   root = _bin_dir(directory)
   paths = [os.path.join(root, f) for f in CIFAR10_TRAIN_FILES + (CIFAR10_TEST_FILE,)]
   missing = [p for p in paths if not os.path.isfile(p)]
@@ -86,8 +100,8 @@ def read_cifar10_bin(directory: str):
         "CIFAR-10 binary files not found: " + ", ".join(missing) + ". Set --config.data.dir to "
         "the folder holding cifar-10-batches-bin/ (the official 'CIFAR-10 binary version', or "
         "make one offline with ../shared/data/cifar10/make_cifar10_bin.py DIR).")
-  train = [_read_records(p) for p in paths[:-1]]
-  test_x, test_y = _read_records(paths[-1])
+  train = [_read_records(p, records_per_file) for p in paths[:-1]]
+  test_x, test_y = _read_records(paths[-1], records_per_file)
   return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
           test_x, test_y)
 

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import re
+import shlex
 from typing import Sequence
 
 import matplotlib
@@ -38,7 +39,8 @@ PAPER_E5_INTERVAL = (19, 35)  # the paper's interval for n = 54 (98.0 %)
 E7_MASS = 0.9                 # "ours": the shortest interval holding 90 % of total gradient
 E9_DELETED = (1, 10, 20)      # Fig. 7 curves for n = 54
 
-# Config files named in the "missing" commands; adjust here if the configs are renamed.
+# Config files named in the "missing" commands when write_report is not told the run's own
+# (config_file), and for the comparison runs; adjust here if the configs are renamed.
 CONFIGS = {
   "resnet": "configs/cifar10_resnet110.py",
   "imagenet": "configs/imagenet_resnet200.py",
@@ -199,9 +201,10 @@ class _Writer:
     self.missing.append((what, list(commands)))
 
 
-def _cmd(config: str, workdir: str, mode: str | None = None) -> str:
-  mode_flag = f" --mode={mode}" if mode else ""
-  return f"python -m resnet_ensemble --config={config} --workdir={workdir}{mode_flag}"
+def _cmd(config: str, workdir: str, mode: str | None = None, flags: Sequence[str] = ()) -> str:
+  """A command line to paste: each word shell-quoted, so a path with a space stays one word."""
+  argv = ["python", "-m", "resnet_ensemble", f"--config={config}", f"--workdir={workdir}"]
+  return shlex.join(argv + ([f"--mode={mode}"] if mode else []) + list(flags))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,10 +659,12 @@ def _seed_cell(workdir: str, final: dict, others: Sequence[tuple[str, dict | Non
 
 def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: str | None = None,
                  effective_workdir: str | None = None, seed_workdirs: Sequence[str] = (),
-                 out_dir: str | None = None) -> list[str]:
+                 out_dir: str | None = None, config_file: str | None = None) -> list[str]:
   """Reads the results in workdir (and the comparison workdirs), writes PNGs and report.md
   into ``out_dir`` (default: workdir). ``seed_workdirs``: more seeds of the main run (their
-  final_metrics.json), for its test error's mean and spread.
+  final_metrics.json), for its test error's mean and spread. ``config_file``: the config the
+  run was launched with, named in the commands for its missing experiments (None: the
+  per-experiment default in CONFIGS), so they rerun this run and not the paper's.
 
   Returns the paths of the files written (figures first, report.md last).
   """
@@ -746,16 +751,18 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
                  f"{_pct(_chance_error(vgg))})", PAPER_VGG))
 
   # Missing experiments and the commands that produce them.
-  main_cfg = CONFIGS["imagenet" if imagenet else "resnet"]
+  main_cfg = config_file or CONFIGS["imagenet" if imagenet else "resnet"]
+  main_flags: list[str] = []
   cfg = _config(lesion) or _config(pj)
   if cfg.get("weights"):  # imported pretrained weights: the same flags again, no training
-    main_cfg = (f"configs/imagenet_pretrained.py --config.weights={cfg['weights']} "
-                f"--config.arch={cfg.get('arch')}")
+    main_cfg = config_file or "configs/imagenet_pretrained.py"
+    main_flags = [f"--config.weights={cfg['weights']}", f"--config.arch={cfg.get('arch')}"]
   if final is None and not cfg.get("weights"):
-    w.miss(f"training results (final_metrics.json in {workdir})", _cmd(main_cfg, workdir))
+    w.miss(f"training results (final_metrics.json in {workdir})",
+           _cmd(main_cfg, workdir, flags=main_flags))
   if lesion is None:
     w.miss("E1, E3, E4 (lesion.json: single-block deletion, k random deletions, reordering)",
-           _cmd(main_cfg, workdir, "lesion"))
+           _cmd(main_cfg, workdir, "lesion", main_flags))
   else:
     for key, what in (("single", "E1"), ("random", "E3"),
                       ("random_no_downsampling", "E3 variant without downsampling blocks"),
@@ -763,15 +770,16 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
       entry = lesion.get(key)
       if not entry or (key.startswith("random") and len(entry.get("k", ())) < 2):
         w.miss(f"{what} (lesion.json has no '{key}'" + (" with k > 0)" if entry else ")"),
-               _cmd(main_cfg, workdir, "lesion"))
+               _cmd(main_cfg, workdir, "lesion", main_flags))
   if pj is None or not pj.get("gradient"):
     w.miss("E6, E7 (paths.json: gradient per path length, effective paths)",
-           _cmd(main_cfg, workdir, "paths"))
+           _cmd(main_cfg, workdir, "paths", main_flags))
   for wd, f in seeds:
     if f is None:
       seed = re.search(r"seed(\d+)/*$", wd)
       w.miss(f"another seed's training results (final_metrics.json in {wd})",
-             _cmd(main_cfg, wd) + (f" --config.seed={seed.group(1)}" if seed else ""))
+             _cmd(main_cfg, wd, flags=main_flags
+                  + ([f"--config.seed={seed.group(1)}"] if seed else [])))
   if n_from.startswith("no run data"):
     w.miss("E5, E9 use the paper's n = 54 (no lesion.json or paths.json gives our n)")
   for key, wd, res, what, fname in (

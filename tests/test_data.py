@@ -1,5 +1,6 @@
 """Data sources: the official CIFAR-10 binary layout, the embedded digits, clear errors."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,12 +21,19 @@ def _config(**kw):
   return c
 
 
+@pytest.fixture
+def small_copies(monkeypatch):
+  """data.load reads the few-record copies of these tests (the official files hold 10,000)."""
+  monkeypatch.setattr(data, "read_cifar10_bin",
+                      functools.partial(data.read_cifar10_bin, records_per_file=None))
+
+
 def _random_split(rng, n):
   return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
           rng.integers(0, 10, n).astype(np.int32))
 
 
-def test_binary_reader_round_trips_and_accepts_both_directory_forms(tmp_path):
+def test_binary_reader_round_trips_and_accepts_both_directory_forms(tmp_path, small_copies):
   rng = np.random.default_rng(0)
   train_x, train_y = _random_split(rng, 25)
   test_x, test_y = _random_split(rng, 7)
@@ -51,14 +59,14 @@ def test_binary_reader_follows_the_official_record_layout(tmp_path):
   record[1 + 2048 + 32 * 31 + 31] = 33  # B at (row 31, col 31)
   for name in data.CIFAR10_TRAIN_FILES + (data.CIFAR10_TEST_FILE,):
     record.tofile(root / name)
-  train_x, train_y, test_x, test_y = data.read_cifar10_bin(str(tmp_path))
+  train_x, train_y, test_x, test_y = data.read_cifar10_bin(str(tmp_path), records_per_file=1)
   assert train_x.shape == (5, 32, 32, 3) and test_x.shape == (1, 32, 32, 3)
   image = test_x[0]
   assert test_y[0] == 7 and image[0, 0, 0] == 11 and image[2, 5, 1] == 22
   assert image[31, 31, 2] == 33 and image.sum() == 11 + 22 + 33
 
 
-def test_missing_and_truncated_files_are_clear_errors(tmp_path):
+def test_missing_and_truncated_files_are_clear_errors(tmp_path, small_copies):
   missing = tmp_path / "nowhere"
   with pytest.raises(FileNotFoundError, match=str(missing)):
     data.load(_config(dir=str(missing)))
@@ -68,6 +76,50 @@ def test_missing_and_truncated_files_are_clear_errors(tmp_path):
     f.write(b"\0" * 10)
   with pytest.raises(ValueError, match="data_batch_3.bin.*truncated"):
     data.load(_config(dir=str(tmp_path)))
+
+
+def _write_records(path, labels, extra_bytes=0):
+  """Batch-file bytes by hand: one label byte and 3,072 pixel bytes per record."""
+  records = np.zeros((len(labels), data.CIFAR10_RECORD), np.uint8)
+  records[:, 0] = labels
+  with open(path, "wb") as f:
+    f.write(records.tobytes() + b"\0" * extra_bytes)
+
+
+def _full_copy(root, n_records=10_000):
+  """Every batch file of the official size (10,000 zero records, labels 0..9 in turn)."""
+  os.makedirs(root, exist_ok=True)
+  labels = np.arange(n_records) % 10
+  for name in data.CIFAR10_TRAIN_FILES + (data.CIFAR10_TEST_FILE,):
+    _write_records(os.path.join(root, name), labels)
+  return labels
+
+
+def test_a_short_batch_file_is_an_error_naming_it(tmp_path):
+  """Whole records, but fewer than the 10,000 of every official file: a cut-off download."""
+  root = tmp_path / "cifar-10-batches-bin"
+  _full_copy(root)
+  _write_records(root / "data_batch_4.bin", np.zeros(9_998, np.uint8))
+  with pytest.raises(ValueError, match=r"data_batch_4\.bin holds 9998 records, not 10000"):
+    data.read_cifar10_bin(str(tmp_path))
+  _write_records(root / "data_batch_4.bin", np.zeros(10_001, np.uint8))
+  with pytest.raises(ValueError, match=r"data_batch_4\.bin holds 10001 records, not 10000"):
+    data.load(_config(dir=str(tmp_path)))
+
+
+def test_a_label_outside_0_to_9_is_an_error_naming_the_file_and_record(tmp_path):
+  root = tmp_path / "cifar-10-batches-bin"
+  labels = _full_copy(root)
+  bad = labels.copy()
+  bad[[17, 400]] = (10, 255)
+  _write_records(root / data.CIFAR10_TEST_FILE, bad)
+  with pytest.raises(ValueError, match=r"test_batch\.bin: 2 labels outside 0-9 \(first: record "
+                     r"17, label 10\)"):
+    data.load(_config(dir=str(tmp_path)))
+  # The official size read whole: the checks pass a good copy.
+  _write_records(root / data.CIFAR10_TEST_FILE, labels)
+  train_x, train_y, test_x, test_y = data.read_cifar10_bin(str(root))
+  assert train_x.shape == (50_000, 32, 32, 3) and test_y.tolist() == labels.tolist()
 
 
 def test_auto_source_lists_where_it_looked(tmp_path):

@@ -467,3 +467,95 @@ def test_a_seed_stack_is_packed_run_by_run_and_resumed_from_the_packs(tmp_path):
   for seed in (1, 2):
     with tarfile.open(tmp_path / "out" / f"st_seed{seed}.tar.part-aa") as tar:
       assert "checkpoints/10" in tar.getnames()
+
+
+def _truncated_pack(path, tmp_path):
+  """A pack cut off mid-way, as a failed copy leaves it: a newer checkpoint that tar starts
+  extracting, then hits the end of the file."""
+  src = tmp_path / "pack_src"
+  (src / "checkpoints" / "10").mkdir(parents=True)
+  (src / "checkpoints" / "10" / "state").write_bytes(os.urandom(200_000))
+  (src / "config.json").write_text(json.dumps({"train": {"num_steps": 10}}))
+  whole = tmp_path / "whole.tar"
+  with tarfile.open(whole, "w") as tar:
+    for name in ("config.json", "checkpoints"):
+      tar.add(src / name, arcname=name)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(whole.read_bytes()[:120_000])
+
+
+def _old_run(run_dir):
+  """A run directory holding checkpoint 5, the one a bad pack must not cost."""
+  (run_dir / "checkpoints" / "5").mkdir(parents=True)
+  (run_dir / "checkpoints" / "5" / "state").write_text("step 5")
+  (run_dir / "config.json").write_text(json.dumps({"train": {"num_steps": 10}}))
+
+
+def test_a_corrupt_pack_leaves_the_runs_checkpoints_in_place(tmp_path):
+  """publish_run.sh replaces runs/NAME/checkpoints only once the whole pack has unpacked."""
+  home = tmp_path / "my home"
+  _old_run(home / "runs" / "r")
+  _truncated_pack(tmp_path / "files at" / "r.tar.part-aa", tmp_path)
+  proc = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "publish_run.sh"), str(tmp_path / "files at"), "r",
+       os.path.join(REPO, "configs", "quickstart.py"), "results/r"],
+      cwd=home, capture_output=True, text=True, timeout=60)
+  assert proc.returncode != 0, proc.stdout
+  assert "r.tar.part-aa" in proc.stderr and "runs/r left as it was" in proc.stderr
+  assert (home / "runs" / "r" / "checkpoints" / "5" / "state").read_text() == "step 5"
+  assert [p.name for p in (home / "runs" / "r" / "checkpoints").iterdir()] == ["5"]
+  assert json.loads((home / "runs" / "r" / "config.json").read_text())["train"]["num_steps"] == 10
+  assert sorted(os.listdir(home / "runs")) == ["r"]  # no half-unpacked directory left behind
+  assert not (home / "results").exists()
+
+
+def test_a_corrupt_resume_pack_stops_device_train_before_training(tmp_path):
+  """Unpacked half-way, a resume pack would leave no usable checkpoint and the run would
+  train again from step 0: device_train.sh stops with an error instead, the run dir as it was."""
+  home = tmp_path / "my home"
+  _truncated_pack(home / ".gpu" / "resume" / "r.tar.part-aa", tmp_path)
+  stub = tmp_path / "stub bin"
+  stub.mkdir()
+  (stub / "python3").write_text(f"#!/bin/sh\ntouch {shlex.quote(str(tmp_path / 'trained'))}\n")
+  (stub / "python3").chmod(0o755)
+  proc = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "device_train.sh"), "configs/quickstart.py",
+       "runs/r", "60"], cwd=home, capture_output=True, text=True, timeout=60,
+      env=dict(os.environ, OUT=str(tmp_path / "out"),
+               PATH=f"{stub}{os.pathsep}{os.environ['PATH']}"))
+  assert proc.returncode != 0, proc.stdout
+  assert ".gpu/resume/r.tar.part-aa" in proc.stderr
+  assert not (tmp_path / "trained").exists()
+  assert os.listdir(home / "runs") == ["r"] and os.listdir(home / "runs" / "r") == []
+
+
+def test_a_seed_stack_trains_packs_and_publishes_under_paths_with_spaces(tmp_path):
+  """device_train.sh and publish_run.sh with a space in the working directory, the workdir
+  (so the run names), $OUT, FILES_AT and DEST."""
+  home = tmp_path / "my home"
+  home.mkdir()
+  out = tmp_path / "out dir"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, OUT=str(out), VARIABLES="0",
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  config = os.path.join(REPO, "configs", "quickstart.py")
+
+  def sh(script, *args):
+    proc = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], cwd=home,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+  sh("device_train.sh", config, "runs/my run", "200", "--config.seeds=(1,2)",
+     "--config.model.depth=8", "--config.train.num_steps=5", "--config.train.eval_every=5",
+     "--config.checkpoint.every=5", "--config.train.log_every=5")
+  for seed in (1, 2):
+    with tarfile.open(out / f"my run_seed{seed}.tar.part-aa") as tar:
+      assert {"config.json", "train.log", "checkpoints/5"} <= set(tar.getnames())
+  out_files = tmp_path / "files at"
+  shutil.copytree(out, out_files)
+  published = sh("publish_run.sh", str(out_files), "my run_seed1", config, "results/q s1")
+  assert "my run_seed1: finished (step 5)" in published
+  assert {p.name for p in (home / "results" / "q s1").iterdir()} == {
+      "config.json", "metrics.jsonl", "final_metrics.json", "train.log"}
+  assert (home / ".gpu" / "resume" / "my run_seed1.finished").exists()
+  assert "my run: finished and published" in sh("device_train.sh", config, "runs/my run", "200")

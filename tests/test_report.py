@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -220,3 +221,63 @@ def test_training_curves_draw_every_run_with_metrics(tmp_path):
   assert "ResNet (seed ?): test error 8.00 % at step 300 (lowest 8.00 %, step 300)" in section
   assert "effective paths (E8): test error 9.00 % at step 300 (lowest 9.00 %, step 300)" in section
   assert "plain" not in section
+
+
+def _missing_commands(md: str) -> dict[str, list[list[str]]]:
+  """The "Missing experiments" section as {what: [argv, ...]}, each command parsed as a shell
+  would (shlex), so a path that needs quoting and lacks it shows up as a wrong argv."""
+  out: dict[str, list[list[str]]] = {}
+  what = None
+  for line in md.split("## Missing experiments")[1].splitlines():
+    if line.startswith("- "):
+      what = line[2:]
+      out[what] = []
+    elif line.startswith("  - `"):
+      out[what].append(shlex.split(line.strip()[3:-1]))
+  return out
+
+
+def test_missing_commands_name_the_runs_config_file_and_survive_spaces(tmp_path):
+  main, seed1, vgg = (str(tmp_path / "my runs" / d) for d in ("q seed0", "q_seed1", "v g g"))
+  _write(main, "final_metrics.json", {"step": 600, "eval_error": 0.05, "eval_loss": 0.2})
+  report.write_report(main, seed_workdirs=[seed1], vgg_workdir=vgg,
+                      config_file="configs/quickstart.py")
+  md = open(os.path.join(main, "report.md")).read()
+  cmds = _missing_commands(md)
+  run = ["python", "-m", "resnet_ensemble", "--config=configs/quickstart.py", f"--workdir={main}"]
+  lesion = next(v for k, v in cmds.items() if k.startswith("E1, E3, E4"))
+  assert lesion == [run + ["--mode=lesion"]]
+  assert next(v for k, v in cmds.items() if k.startswith("E6, E7")) == [run + ["--mode=paths"]]
+  seed = next(v for k, v in cmds.items() if k.startswith("another seed"))
+  assert seed == [run[:4] + [f"--workdir={seed1}", "--config.seed=1"]]
+  # The comparison runs have their own configs; their workdirs are quoted too.
+  vgg_cmds = next(v for k, v in cmds.items() if k.startswith("VGG-15"))
+  assert vgg_cmds == [run[:3] + ["--config=configs/cifar10_vgg15.py", f"--workdir={vgg}"],
+                      run[:3] + ["--config=configs/cifar10_vgg15.py", f"--workdir={vgg}",
+                                 "--mode=lesion"]]
+  assert "cifar10_resnet110.py" not in md
+
+
+def test_missing_training_command_of_a_run_without_results(tmp_path):
+  """No results at all: training is the first command, with the run's config and workdir."""
+  main = str(tmp_path / "it's here")
+  report.write_report(main, config_file="configs/my config.py")
+  cmds = _missing_commands(open(os.path.join(main, "report.md")).read())
+  training = next(v for k, v in cmds.items() if k.startswith("training results"))
+  assert training == [["python", "-m", "resnet_ensemble", "--config=configs/my config.py",
+                       f"--workdir={main}"]]
+
+
+def test_missing_commands_of_imported_weights_repeat_their_flags(tmp_path):
+  rng = np.random.default_rng(2)
+  main = str(tmp_path / "pre trained")
+  lesion = _lesion(rng, data="imagenet2012")
+  lesion["config"].update(weights="/my weights/resnet18.safetensors", arch="resnet18")
+  _write(main, "lesion.json", lesion)
+  report.write_report(main, config_file="configs/imagenet_pretrained.py")
+  cmds = _missing_commands(open(os.path.join(main, "report.md")).read())
+  paths_cmd = next(v for k, v in cmds.items() if k.startswith("E6, E7"))
+  assert paths_cmd == [["python", "-m", "resnet_ensemble",
+                        "--config=configs/imagenet_pretrained.py", f"--workdir={main}",
+                        "--mode=paths", "--config.weights=/my weights/resnet18.safetensors",
+                        "--config.arch=resnet18"]]

@@ -11,7 +11,8 @@
 # 400 on the GPU), STEPS (a space-separated subset of the step names below, run in this order),
 # PYTHON (default python3), TORCH_REF (default .gpu/torch_ref.py), TORCH_COMPILE_MIN_S (60),
 # JAX_COMPILATION_CACHE_DIR (default: a fresh temporary one; empty: no cache),
-# KEEP=1 to append to an existing bench.jsonl, PROFILE_DIR=/tmp/prof to add a 'profile' row
+# STEP_CAP_S (seconds: replaces every step's own timeout; tests set it high, so a loaded machine
+# cannot cut a step), KEEP=1 to append to an existing bench.jsonl, PROFILE_DIR=/tmp/prof to add a 'profile' row
 # (bench/trace_summary.py: device kernels by time, busy vs idle) after each JAX measurement;
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager torch_compile (GPU only) train128 train1024 eval lesion paths
@@ -93,7 +94,7 @@ status_row() {  # NAME STATUS RC WALL_S TIMEOUT_S
 
 step() {  # step NAME CAP_S COMMAND...: runs COMMAND --out=$JSONL under min(CAP_S, budget left),
   # or skips it when that is under STEP_MIN_S (default MIN_S) seconds
-  local name=$1 cap=$2
+  local name=$1 cap=${STEP_CAP_S:-$2}
   shift 2
   if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
   local left=$((BUDGET_S - ($(date +%s) - start)))

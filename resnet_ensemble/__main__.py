@@ -85,7 +85,8 @@ def main(argv):
   try:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, auto=FLAGS.distributed)
-    run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_unfinished)
+    run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_unfinished,
+             config_file=config_flags.get_config_filename(FLAGS["config"]))
   except train.Stopped as e:
     print(f"resnet_ensemble: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
@@ -95,8 +96,10 @@ def main(argv):
     sys.exit(EXIT_USER_ERROR)
 
 
-def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False) -> None:
-  """Runs ``mode`` on ``workdir``: validated first, then with the workdir locked."""
+def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
+             config_file: str | None = None) -> None:
+  """Runs ``mode`` on ``workdir``: validated first, then with the workdir locked.
+  ``config_file``: the config's file, named in the report's commands for missing results."""
   from resnet_ensemble import config as config_lib, train, workdir as workdir_lib
   config_lib.validate(config)
   if mode != "report" and not config.get("weights"):
@@ -105,10 +108,11 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False) ->
   if writes_workdir:
     workdir_lib.check_path(workdir)
   with workdir_lib.lock(workdir) if writes_workdir else contextlib.nullcontext():
-    _run_mode(mode, config, workdir, allow_unfinished)
+    _run_mode(mode, config, workdir, allow_unfinished, config_file)
 
 
-def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool) -> None:
+def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
+              config_file: str | None) -> None:
   from resnet_ensemble import lesion, report, results, routing, stack, train, trained
   from resnet_ensemble.progress import format_duration, is_main_process, say
   analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
@@ -147,7 +151,8 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool) -> None:
                                   sd_workdir=r.sd_workdir or None,
                                   effective_workdir=r.effective_workdir or None,
                                   seed_workdirs=[w for w in r.seed_workdirs.split(",") if w],
-                                  out_dir=r.out_dir or None)
+                                  out_dir=r.out_dir or None,
+                                  config_file=config_file)
     say(f"report: {written[-1]} and {len(written) - 1} figures")
 
 

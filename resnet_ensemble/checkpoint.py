@@ -54,7 +54,9 @@ def quiet_orbax() -> None:
 def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   directory = workdir if "://" in workdir else os.path.abspath(workdir)
-  manager = ocp.CheckpointManager(epath.Path(directory) / "checkpoints", options=options)
+  # One item, handled as it was saved, so its metadata reads before any save of this process.
+  manager = ocp.CheckpointManager(epath.Path(directory) / "checkpoints", options=options,
+                                  item_handlers=ocp.StandardCheckpointHandler())
   aside = set_aside(manager)
   if aside:
     say(f"note: {len(aside)} unreadable checkpoint(s) were set aside in {manager.directory}: "

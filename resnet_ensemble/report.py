@@ -657,6 +657,17 @@ def _seed_cell(workdir: str, final: dict, others: Sequence[tuple[str, dict | Non
           f"({each})")
 
 
+def _unfinished_banner(studies: list[tuple[str | None, dict | None]]) -> list[str]:
+  """The report's first line when any analysis ran on an unfinished run
+  (``--allow_unfinished``): its numbers are not the trained network's."""
+  notes = sorted({f"{wd} at step {r['checkpoint_step']} of {r['num_steps']}"
+                  for wd, r in studies if r and r.get("finished") is False})
+  if not notes:
+    return []
+  return [f"> **UNFINISHED RUN: analysed before the end of training** ({'; '.join(notes)}; "
+          "--allow_unfinished). These numbers are not those of the trained network.", ""]
+
+
 def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: str | None = None,
                  effective_workdir: str | None = None, seed_workdirs: Sequence[str] = (),
                  out_dir: str | None = None, config_file: str | None = None) -> list[str]:
@@ -797,8 +808,10 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
     w.miss(f"{what} ({note})", *cmds)
 
   # report.md
-  md = ["# Residual networks behave like ensembles of relatively shallow networks — "
-        "reproduction report", "",
+  md = _unfinished_banner([(workdir, lesion), (workdir, pj), (vgg_workdir, vgg),
+                           (sd_workdir, sd)])
+  md += ["# Residual networks behave like ensembles of relatively shallow networks — "
+         "reproduction report", "",
         "Veit, Wilber, Belongie (NeurIPS 2016). Errors are test-set error rates.", "",
         "## What was run", ""]
   md += _run_lines(workdir, lesion, pj, final, vgg, sd, eff_final)

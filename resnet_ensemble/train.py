@@ -450,6 +450,7 @@ class _Runs:
   def check_finite(self, per_run: list[dict], step: int) -> None:
     for s, m, values in zip(self.stack.seeds, self.managers, per_run):
       if not math.isfinite(values["train_loss"]):
+        self.wait()  # the checkpoint it names is committed
         what = f"training loss ({values['train_loss']})"
         raise _diverged(what + (f" of seed {s}" if self.stack.stacked else ""), step, m)
 
@@ -459,6 +460,7 @@ class _Runs:
     finite = np.atleast_1d(np.asarray(self._finite(state)))
     for s, m, ok in zip(self.stack.seeds, self.managers, finite):
       if not ok:
+        self.wait()  # the checkpoint it names is committed
         what = "parameters or statistics" + (f" of seed {s}" if self.stack.stacked else "")
         raise _diverged(what, step, m)
     for m, s in zip(self.managers, self.stack.split(state)):

@@ -37,9 +37,10 @@ def test_quickstart_all_trains_analyses_and_reports(tmp_path):
     assert (workdir / name).stat().st_size > 1000, name
   report = (workdir / "report.md").read_text()
   assert all(f in report for f in FIGURES)
-  # A second --mode=all finds the checkpoint and does not train again.
-  again = cli("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=report")
-  assert again.returncode == 0 and "train " not in again.stdout
+  # A second --mode=all finds the finished run and does not train again.
+  again = cli("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=all")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "== all: lesion (1/2)" in again.stdout and "train " not in again.stdout
 
 
 def test_analyses_without_a_checkpoint_name_the_workdir(tmp_path):
@@ -48,17 +49,39 @@ def test_analyses_without_a_checkpoint_name_the_workdir(tmp_path):
   assert "no trained checkpoint in workdir" in proc.stderr and "empty" in proc.stderr
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.batchsize=3", "batchsize"),
-    ("--config.model.name=resnet", "unknown model name 'resnet'"),
-    ("--config.data.name=mnist", "mnist"),
-    ("--config.model.depth=100", "6n+2"),
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.batchsize=3"], "unknown config field 'batchsize' in "
+                                     "--config.train.batchsize=3: Did you mean \"batch_size\""),
+    (["--config.model.name=resnet"], "unknown model name 'resnet'"),
+    (["--config.data.name=mnist"], "unknown dataset 'mnist'"),
+    (["--config.model.depth=100"], "6n+2"),
+    (["--config.train.batch_size=0"], "--config.train.batch_size=0: must be an integer >= 1"),
+    (["--config.train.steps_per_call=0"], "--config.train.steps_per_call=0: must be"),
+    (["--config.train.batch_size=abc"], "--config.train.batch_size=abc"),
+    (["--config=configs/no_such_file.py"], "cannot load the config file "
+                                           "--config=configs/no_such_file.py"),
+    (["--workdir="], "--workdir is empty"),
+    # Gate settings are checked before the data is looked for (none is at that path).
+    (["--config=configs/cifar10_resnet110.py", "--config.data.dir=/nonexistent",
+      "--config.gates.sampler=effective", "--config.gates.k=99"], "gates.k=99"),
 ])
-def test_bad_config_is_a_clear_error(tmp_path, override, message):
-  proc = cli("--config=configs/quickstart.py", f"--workdir={tmp_path}", override)
-  assert proc.returncode != 0
-  assert message in proc.stderr
-  assert "Traceback" not in proc.stderr or "batchsize" in message
+def test_bad_input_is_one_line_naming_the_problem_and_writes_nothing(tmp_path, args, message):
+  workdir = tmp_path / "w"
+  config = [a for a in args if a.startswith("--config=")] or ["--config=configs/quickstart.py"]
+  proc = cli(*config, f"--workdir={workdir}", *[a for a in args if not a.startswith("--config=")])
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("resnet_ensemble: error: "), lines
+  assert message in lines[0]
+  assert not workdir.exists()
+
+
+def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  proc = cli("--config=configs/quickstart.py", f"--workdir={tmp_path / 'a_file' / 'w'}")
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "cannot create the workdir" in lines[0], lines
 
 
 def test_missing_data_names_the_path(tmp_path):

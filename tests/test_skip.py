@@ -7,7 +7,6 @@ mostly-skipped network is measurably faster.
 """
 
 import collections
-import time
 
 import jax
 import jax.numpy as jnp
@@ -210,29 +209,9 @@ def test_only_the_taken_branch_runs(x, monkeypatch):
     assert (runs["computed"], runs["skipped"]) == (sum(g), 6 - sum(g)), (g, runs)
 
 
-def test_skipping_all_but_one_block_is_much_faster():
-  """The measurable proxy for "no FLOPs": ResNet-20 (9 blocks) with 8 skipped runs its
-  gradient step several times faster than with all 9 computed (theory ~0.15; CPU, generous)."""
-  model = models.ResNet(stage_sizes=(3, 3, 3), widths=(8, 16, 32))
-  x = jax.random.normal(jax.random.key(0), (16, 12, 12, 3))
-  v = _variables(model, x)
-  step = _make_step(model)
-
-  def seconds(g, skip):
-    g = jnp.asarray(g, jnp.float32)
-    jax.block_until_ready(step(v, x, g, skip))
-    times = []
-    for _ in range(3):
-      t0 = time.perf_counter()
-      jax.block_until_ready(step(v, x, g, skip))
-      times.append(time.perf_counter() - t0)
-    return min(times)
-
-  one = [1] + [0] * 8
-  skipped, computed = seconds(one, True), seconds([1] * 9, True)
-  multiplied = seconds(one, False)
-  assert skipped < 0.5 * computed, (skipped, computed)
-  assert skipped < 0.5 * multiplied, (skipped, multiplied)
+# How much faster a skipped block makes a step is a speed question, measured in bench/
+# (run_all.sh steps train_effective vs train_effective_multiply), not timed here: the two tests
+# above show the skipped branch holds no convolution and only the taken branch runs.
 
 
 def test_training_with_skip_follows_the_multiply_trajectory_and_compiles_once():

@@ -114,9 +114,9 @@ def test_paths_computed_together_equal_paths_computed_apart():
   v, x, labels = _setup(model)
   fn = jax.jit(routing.make_path_gradient_fn(lambda v: models.unroll(model, v)))
   sel = routing.sample_selections(np.random.default_rng(0), 6, 3, 5)
-  together = fn(v, x, labels, sel)
+  together = [norms.float64() for norms in fn(v, x, labels, sel)]
   for i in range(5):
-    apart = fn(v, x, labels, sel[i:i + 1])
+    apart = [norms.float64() for norms in fn(v, x, labels, sel[i:i + 1])]
     np.testing.assert_allclose(together[0][i], apart[0][0], rtol=1e-5)
     np.testing.assert_allclose(together[1][i], apart[1][0], rtol=1e-5)
 
@@ -156,6 +156,7 @@ def test_paired_norms_are_the_norms_of_the_paths_and_their_complements():
   paired = jax.jit(routing.make_path_gradient_fn(unroll, paired=True))(v, x, labels, sel)
   single = jax.jit(routing.make_path_gradient_fn(unroll))(v, x, labels,
                                                           np.concatenate([sel, 1 - sel]))
+  paired, single = ([norms.float64() for norms in out] for out in (paired, single))
   for got, want in zip(paired, single):
     assert got.shape == (8,)
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -262,6 +263,21 @@ def test_every_path_length_keeps_its_norm_in_float32(deep, paired):
   for got, want in ((y0, want_y0), (image, want_image)):
     np.testing.assert_allclose(got.float64(), want, rtol=1e-4)
     np.testing.assert_allclose(got.log10(), np.log10(want), atol=1e-4 / math.log(10))
+
+
+@pytest.mark.parametrize("stream", [None, jnp.float32])
+def test_every_path_length_keeps_its_norm_in_bfloat16(deep, stream):
+  # bf16 has float32's exponent range, so the same underflow; its 8-bit mantissa makes the
+  # network another function (paths differ from float64 by up to 0.37 decades, measured), so
+  # this compares magnitudes over the 80 decades, not digits. stream=float32: bf16 branches on
+  # a float32 identity path (model.stream_dtype), where s + f is float32 and f is bf16.
+  model = DEEP.clone(dtype=jnp.bfloat16, stream_dtype=stream)
+  fn = routing.make_path_gradient_fn(lambda v: models.unroll(model, v), scales=DEEP_SCALES,
+                                     paired=True)
+  y0, image = jax.jit(fn)(deep["v"], deep["x"], deep["labels"], deep["paired"])
+  for got, want in zip((y0, image), deep["want"][True]):
+    assert np.all(got.float64() > 0)
+    np.testing.assert_allclose(got.log10(), np.log10(want), atol=0.5)
 
 
 def _scaled_resnet110_workdir(tmp_path):

@@ -309,6 +309,13 @@ def run_study(config, workdir: str) -> dict:
   chunk = mesh.size * math.ceil(pc.chunk / 2 / mesh.size)  # pairs per call
   rng = np.random.default_rng(config.seed)
   selections, lengths = paired_selections(rng, n, pc.samples_per_k)
+  # Pairs in random order: a chunk (one batch) then holds paths of many lengths, and a
+  # length's samples come from about as many batches as it has samples; in length order they
+  # would share one or two batches, and the batch-to-batch spread of the loss gradient would
+  # move whole lengths together.
+  order = rng.permutation(len(selections))
+  selections, lengths = selections[order], np.concatenate(
+      [lengths[:len(order)][order], lengths[len(order):][order]])
   mean, std = t.dataset.mean, t.dataset.std
   fn = make_path_gradient_fn(lambda v: models.unroll(t.model, v),
                              scales=gates_lib.eval_gates(config.gates, t.layout), paired=True)

@@ -324,3 +324,13 @@ def _check_every_length(out, n):
       + np.asarray(g["log10_mean_norm"]), atol=1e-9)
   lo, hi = out["effective_interval"]
   assert 0 <= lo <= hi <= n
+
+
+def test_a_length_s_samples_come_from_different_batches(tmp_path):
+  # The empty path is one path: its samples differ only by their batch. In length order
+  # its 4 pairs would fill the first chunk (one batch) and their norms would be equal.
+  config = tiny_config(**{"paths.samples_per_k": 4, "paths.chunk": 8, "paths.batch_size": 8})
+  from resnet_ensemble import train
+  train.train_and_evaluate(config, str(tmp_path))
+  g = routing.run_study(config, str(tmp_path))["gradient"]
+  assert g["std_norm"][0] > 0.01 * g["mean_norm"][0]

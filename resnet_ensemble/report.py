@@ -599,7 +599,9 @@ def _fig_total_gradient(w: _Writer, n: int, eff: tuple | None) -> None:
   peak = int(np.argmax(total))
   text = [f"{E7_MASS * 100:.0f} % of the total gradient comes from paths of length {lo}–{hi} "
           f"({2 * lo}–{2 * hi} layers for basic blocks), which are {_pct(share)} of all "
-          f"paths; the total peaks at length {peak}, against a typical path length of {n / 2:g}."]
+          f"paths; the total peaks at length {peak} (which alone holds "
+          f"{_pct(total[peak] / total.sum(), 1)} of it), against a typical path length of "
+          f"{n / 2:g}."]
   w.section("E7 / Fig. 6c — total gradient per path length",
             w.save(fig, "fig6c_total_gradient.png"), text)
 

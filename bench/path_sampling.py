@@ -82,7 +82,7 @@ def main(_):
   dispatched = ((start, compiled(*args(c_, start)))
                 for c_, start in enumerate(range(0, rows, chunk)))
   for start, (y0, image) in routing.one_ahead(dispatched):  # as run_study: one chunk ahead
-    np.asarray(y0), np.asarray(image)  # run_study reads every chunk back
+    jax.device_get((y0, image))  # run_study reads every chunk back
     done = min(start + chunk, rows)
     if FLAGS.time_cap_s and time.perf_counter() - t0 >= FLAGS.time_cap_s:
       break

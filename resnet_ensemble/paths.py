@@ -8,6 +8,7 @@ at the end: float64 sums of such terms would silently lose the small tails the p
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from math import comb
 from typing import Sequence
@@ -89,6 +90,43 @@ def total_gradient(n: int, mean_norms: Sequence[float]) -> np.ndarray:
     raise ValueError("mean_norms must be finite")
   counts = np.array([float(c) for c in path_counts(n)], dtype=np.float64)
   return counts * norms
+
+
+def log10_mean_std(log10_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """log10 of the mean and of the (population) standard deviation over the last axis of
+  values given as log10 (-inf for a zero), without leaving the log domain: routed gradient
+  norms can lie below float64's range (a path of 600 blocks). Each row is scaled by its
+  largest value first, so entries more than ~300 decades below it count as 0."""
+  x = np.asarray(log10_values, dtype=np.float64)
+  if np.isnan(x).any() or (x == np.inf).any():
+    raise ValueError("log10 values must be finite or -inf (a zero)")
+  top = x.max(axis=-1, keepdims=True)
+  top = np.where(np.isfinite(top), top, 0.0)  # a row of zeros stays zeros
+  scaled = 10.0 ** (x - top)
+  with np.errstate(divide="ignore"):
+    return (np.log10(scaled.mean(-1)) + top[..., 0], np.log10(scaled.std(-1)) + top[..., 0])
+
+
+def log10_total_gradient(n: int, log10_mean_norms: Sequence[float]) -> np.ndarray:
+  """``total_gradient`` in log10: log10 C(n, k) + log10 mean_norm(k), k = 0..n, at any
+  magnitude (-inf where the mean norm is 0). log10 of the exact integer C(n, k)."""
+  _check_n(n)
+  norms = np.asarray(log10_mean_norms, dtype=np.float64)
+  if norms.shape != (n + 1,):
+    raise ValueError(f"log10_mean_norms must have n+1={n + 1} entries (lengths 0..{n}), "
+                     f"got shape {norms.shape}")
+  if np.isnan(norms).any() or (norms == np.inf).any():
+    raise ValueError("log10_mean_norms must be finite or -inf (a zero mean)")
+  return np.array([math.log10(c) for c in path_counts(n)]) + norms
+
+
+def relative_weights(log10_weights: Sequence[float]) -> np.ndarray:
+  """Weights given as log10, divided by the largest: in (0, 1] for ``effective_interval``,
+  whatever their magnitude (those > 308 decades below the largest become 0)."""
+  w = np.asarray(log10_weights, dtype=np.float64)
+  if w.ndim != 1 or w.size == 0 or not np.isfinite(w.max()):
+    raise ValueError("log10 weights must be a non-empty 1-D sequence with a finite maximum")
+  return 10.0 ** (w - w.max())
 
 
 def effective_interval(weights: Sequence[float], mass: float = 0.9) -> tuple[int, int]:

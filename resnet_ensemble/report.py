@@ -31,6 +31,7 @@ PAPER_RESNET_ERROR = "6.10 %"
 PAPER_EFFECTIVE_ERROR = "5.96 %"
 PAPER_DELETE_10 = "≈ 0.2 (≈ 20 %)"
 PAPER_PATH_SHARE = "> 95 % (98.0 %)"
+PAPER_DECAY = "about exponential decay (1,000 paths per length)"
 PAPER_EFFECTIVE_LENGTHS = "5–17 (10–34 layers)"
 PAPER_EFFECTIVE_SHARE = "0.45 % (0.4537 %)"
 PAPER_VGG = "chance level (≈ 90 %)"
@@ -454,52 +455,131 @@ def _fig_path_lengths(w: _Writer, n: int, n_from: str) -> tuple[int, int, float]
   return lo, hi, share
 
 
-def _fig_gradient(w: _Writer, pj: dict | None) -> None:
-  """Fig. 6b: mean gradient norm per path length, log scale."""
+def _log10_curve(g: dict, key: str) -> np.ndarray | None:
+  """A per-length quantity of paths.json as log10 (-inf for a 0): its ``log10_<key>`` field,
+  or, in files written before E6 kept its range, log10 of the plain values."""
+  if g.get("log10_" + key) is not None:
+    return np.array([-np.inf if v is None else v for v in g["log10_" + key]], np.float64)
+  if g.get(key) is None:
+    return None
+  with np.errstate(divide="ignore"):
+    return np.log10(np.asarray(g[key], dtype=np.float64))
+
+
+def _lengths(k: np.ndarray) -> str:
+  """1, 2, 3, 7 -> '1–3, 7'."""
+  runs, out = [], [int(x) for x in k]
+  for x in out:
+    if runs and x == runs[-1][1] + 1:
+      runs[-1][1] = x
+    else:
+      runs.append([x, x])
+  return ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in runs)
+
+
+def decay_fit(k: Sequence[float], log10_mean: Sequence[float],
+              level: float = 0.95) -> dict[str, float] | None:
+  """E6's exponential decay: a least-squares line through log10 mean norm against path length
+  over every length with a nonzero mean; the factor per extra block is 10**slope, with the
+  slope's two-sided ``level`` t interval (n - 2 degrees of freedom) from the residuals, which
+  hold both the sampling noise of the per-length means and any departure from one exponential.
+  None below three lengths."""
+  from scipy import stats
+  k, y = np.asarray(k, np.float64), np.asarray(log10_mean, np.float64)
+  ok = np.isfinite(y)
+  k, y = k[ok], y[ok]
+  if k.size < 3:
+    return None
+  fit = stats.linregress(k, y)
+  t = stats.t.ppf(0.5 + level / 2, k.size - 2)
+  return {"factor": 10 ** fit.slope, "lo": 10 ** (fit.slope - t * fit.stderr),
+          "hi": 10 ** (fit.slope + t * fit.stderr), "lengths": int(k.size),
+          "first": int(k[0]), "last": int(k[-1]), "level": level}
+
+
+def _fit_text(fit: dict) -> str:
+  return (f"×{fit['factor']:.3f} per extra block ({fit['level'] * 100:.0f} % CI "
+          f"{fit['lo']:.3f}–{fit['hi']:.3f})")
+
+
+def _fig_gradient(w: _Writer, pj: dict | None) -> dict | None:
+  """Fig. 6b: mean gradient norm per path length over every length 0..n, log scale; returns
+  the decay fit."""
   g = (pj or {}).get("gradient")
   if not g:
-    return
+    return None
   k = np.asarray(g["k"], dtype=np.float64)
   fig, ax = plt.subplots(figsize=(6.5, 4))
   curves = [("mean_norm", "std_norm", "at the first block's input (y₀)", "C0"),
             ("mean_norm_image", "std_norm_image", "at the image", "C2")]
-  for mkey, skey, label, color in curves:
-    if g.get(mkey) is None:
+  logs = [(_log10_curve(g, m), _log10_curve(g, s), label, color)
+          for m, s, label, color in curves]
+  lowest = min(float(np.min(m[np.isfinite(m)], initial=0.0)) for m, *_ in logs if m is not None)
+  in_range = lowest > -300  # float64 holds the values: a log axis of the values themselves
+  for m, s, label, color in logs:
+    if m is None:
       continue
-    m = np.asarray(g[mkey], dtype=np.float64)
-    s = np.asarray(g.get(skey) or np.zeros_like(m), dtype=np.float64)
-    pos = m > 0
-    ax.plot(k[pos], m[pos], "o-", ms=3, lw=1, color=color, label=label)
-    lower = np.where(m - s > 0, m - s, m * 1e-3)  # a log axis cannot show <= 0
-    ax.fill_between(k[pos], lower[pos], (m + s)[pos], color=color, alpha=0.2, lw=0)
-  ax.set_yscale("log")
+    pos = np.isfinite(m)
+    if in_range:
+      mean = 10.0 ** m
+      std = 10.0 ** s if s is not None else np.zeros_like(mean)
+      ax.plot(k[pos], mean[pos], "o-", ms=3, lw=1, color=color, label=label)
+      lower = np.where(mean - std > 0, mean - std, mean * 1e-3)  # a log axis cannot show <= 0
+      ax.fill_between(k[pos], lower[pos], (mean + std)[pos], color=color, alpha=0.2, lw=0)
+    else:
+      ax.plot(k[pos], m[pos], "o-", ms=3, lw=1, color=color, label=label)
+  if in_range:
+    ax.set_yscale("log")
   ax.set_title("Gradient magnitude at input given a path length k")
   ax.set_xlabel("path length")
-  ax.set_ylabel("gradient magnitude at input")
+  ax.set_ylabel("gradient magnitude at input" + ("" if in_range else " (log10)"))
   ax.legend(fontsize=8)
-  m = np.asarray(g["mean_norm"], dtype=np.float64)
-  ok = np.isfinite(m) & (m > 0)
+  m = logs[0][0]
+  fit = decay_fit(k, m)
   text = []
-  if ok.sum() >= 2:
-    slope = np.polyfit(k[ok], np.log(m[ok]), 1)[0]
-    text.append(f"The mean gradient norm ({g.get('samples_per_k', 'n/a')} samples per k, batch "
-                f"{g.get('batch_size', 'n/a')}) falls from {m[ok][0]:.3g} at length "
-                f"{int(k[ok][0])} to {m[ok][-1]:.3g} at length {int(k[ok][-1])}: a log-linear "
-                f"fit gives a factor of {math.exp(slope):.3f} per extra block.")
+  zero = k[~np.isfinite(m)]
+  if zero.size and g.get("log10_mean_norm") is None:
+    text.append(f"Lengths {_lengths(zero)} have a mean norm of exactly 0 in this paths.json, "
+                f"written before E6 kept its range: its float32 backward pass underflowed "
+                f"there (left out of the fit); rerun `--mode=paths` to measure them.")
+  elif zero.size:
+    text.append(f"Lengths {_lengths(zero)} have a mean norm of exactly 0 (left out of the "
+                f"fit).")
+  if fit is not None:
+    ok = np.isfinite(m)
+    first, last = int(np.flatnonzero(ok)[0]), int(np.flatnonzero(ok)[-1])
+    text.insert(0, f"The mean gradient norm ({g.get('samples_per_k', 'n/a')} sampled paths per "
+                   f"length, batch {g.get('batch_size', 'n/a')}) falls from "
+                   f"{_sci(m[first])} at length {int(k[first])} to {_sci(m[last])} at length "
+                   f"{int(k[last])}: a log-linear fit over {fit['lengths']} lengths "
+                   f"({_lengths(k[ok])}) gives {_fit_text(fit)}.")
   w.section("E6 / Fig. 6b — gradient magnitude per path length",
             w.save(fig, "fig6b_gradient_per_length.png"), text)
+  return fit
+
+
+def _sci(log10: float) -> str:
+  """10**log10 as 3 significant digits, at any magnitude ('4.81e-32')."""
+  exponent = math.floor(log10)
+  mantissa = 10 ** (log10 - exponent)
+  if round(mantissa, 2) >= 10:
+    mantissa, exponent = mantissa / 10, exponent + 1
+  return f"{mantissa:.2f}e{exponent:+03d}"
 
 
 def _effective(n: int, pj: dict | None) -> tuple[np.ndarray, int, int, float] | None:
-  """E7's total gradient per length, its 90 % interval and that interval's share of paths."""
+  """E7's total gradient per length (relative to its peak: at any magnitude), its 90 %
+  interval and that interval's share of paths."""
   g = (pj or {}).get("gradient")
-  if not g or g.get("mean_norm") is None:
+  if not g:
     return None
-  norms = np.asarray(g["mean_norm"], dtype=np.float64)
-  if norms.size != n + 1:
-    raise ValueError(f"paths.json: gradient.mean_norm has {norms.size} entries, "
+  log10_mean = _log10_curve(g, "mean_norm")
+  if log10_mean is None:
+    return None
+  if log10_mean.size != n + 1:
+    raise ValueError(f"paths.json: gradient.mean_norm has {log10_mean.size} entries, "
                      f"expected n+1 = {n + 1}")
-  total = paths.total_gradient(n, norms)
+  total = paths.relative_weights(paths.log10_total_gradient(n, log10_mean))
   lo, hi = paths.effective_interval(total, mass=E7_MASS)
   return total, lo, hi, float(paths.share_of_paths(n, lo, hi))
 
@@ -517,12 +597,14 @@ def _fig_total_gradient(w: _Writer, n: int, eff: tuple | None) -> None:
                    f"= {_pct(share)} of all paths")
   ax.set_title("Total gradient magnitude per path length")
   ax.set_xlabel("path length")
-  ax.set_ylabel("total gradient magnitude")
+  ax.set_ylabel("total gradient magnitude (relative to its peak)")
   ax.legend(fontsize=8, loc="upper right")
   peak = int(np.argmax(total))
   text = [f"{E7_MASS * 100:.0f} % of the total gradient comes from paths of length {lo}–{hi} "
           f"({2 * lo}–{2 * hi} layers for basic blocks), which are {_pct(share)} of all "
-          f"paths; the total peaks at length {peak}, against a typical path length of {n / 2:g}."]
+          f"paths; the total peaks at length {peak} (which alone holds "
+          f"{_pct(total[peak] / total.sum(), 1)} of it), against a typical path length of "
+          f"{n / 2:g}."]
   w.section("E7 / Fig. 6c — total gradient per path length",
             w.save(fig, "fig6c_total_gradient.png"), text)
 
@@ -631,9 +713,12 @@ def _run_lines(workdir: str, lesion, pj, final, vgg, sd, eff_final) -> list[str]
     lines.append(lesion_line(lesion, "Lesion study (E1, E3, E4)"))
   if pj:
     g = pj.get("gradient") or {}
+    dtype = _config(pj).get("model", {}).get("dtype")
     lines.append(f"- Gradient per path length (E6, E7): n = {pj.get('n')}, checkpoint step "
                  f"{pj.get('checkpoint_step', 'n/a')}, {g.get('samples_per_k', 'n/a')} samples "
-                 f"per k, batch {g.get('batch_size', 'n/a')}.")
+                 f"per k, batch {g.get('batch_size', 'n/a')}"
+                 + (f", {dtype}" if dtype else "")
+                 + (f", paths drawn as {pj['sampler']}" if pj.get("sampler") else "") + ".")
   if vgg:
     lines.append(lesion_line(vgg, "Plain network (E1 comparison)"))
   if sd:
@@ -696,7 +781,7 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   delete_k = _fig_delete_k(w, lesion)
   _fig_reorder(w, lesion)
   e5 = _fig_path_lengths(w, n, n_from)
-  _fig_gradient(w, pj)
+  fit = _fig_gradient(w, pj)
   eff = _effective(n, pj)
   _fig_total_gradient(w, n, eff)
   _fig_deletion_paths(w, n, eff)
@@ -743,6 +828,14 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   lo, hi, share = e5
   rows.append(("share of paths of length 19–35", f"{_pct(share)} (lengths {lo}–{hi}, n = {n})",
                PAPER_PATH_SHARE))
+  if fit is not None:
+    rows.append(("gradient per path length (E6)",
+                 f"exponential decay, {_fit_text(fit)}; log-linear fit over lengths "
+                 f"{fit['first']}–{fit['last']} ({fit['lengths']} lengths), "
+                 f"{pj['gradient'].get('samples_per_k', 'n/a')} sampled paths per length",
+                 PAPER_DECAY))
+  else:
+    rows.append(("gradient per path length (E6)", "missing", PAPER_DECAY))
   if eff is not None:
     rows.append(("effective path lengths",
                  f"{eff[1]}–{eff[2]} ({E7_MASS * 100:.0f} % of total gradient)",

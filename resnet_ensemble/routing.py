@@ -10,13 +10,22 @@ gradients of all 2^n paths sum exactly to the ordinary gradient.
 Paths are routed in complementary pairs (a path of length k and the one that takes every block
 it skips, of length n - k): at each block exactly one of the two goes through f_i, so the pair
 costs one backward through the residual branches instead of two (``routed_backward_pair``).
+
+Range: a path through k residual branches carries roughly r^k of the gradient (r ~ 0.2 per
+block in a trained ResNet-110), so long paths fall far below float32's (and bf16's) range:
+squares of their entries flush to zero from length ~20, the entries themselves from ~30 (on
+GPUs, which flush subnormals, earlier still). The routed backward is linear in its cotangent,
+so each path carries its cotangent as ``value * 2**exponent`` (``Scaled``), renormalised at
+every block boundary by a power of two (exact in any float format) so that max|value| stays in
+[0.5, 1); norms come from those scaled values and are read out on the host as float64 or log10
+(``Scaled.float64``, ``Scaled.log10``), at any path length and depth.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +51,7 @@ def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=N
     s, shortcut_vjp = jax.vjp(lambda y, b=branches: b(y)[0], y)
     f, branch_vjp = jax.vjp(lambda y, b=branches: b(y)[1], y)
     y, merge_vjp = jax.vjp(merge, s + f)
-    block_vjps.append((shortcut_vjp, branch_vjp))
+    block_vjps.append((_taking(shortcut_vjp, s.dtype), _taking(branch_vjp, f.dtype)))
     merge_vjps.append(merge_vjp)
 
   def loss(y_n):
@@ -53,6 +62,13 @@ def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=N
   return g_n, block_vjps, merge_vjps, embed_vjp
 
 
+def _taking(vjp: Callable, dtype) -> Callable:
+  """``vjp`` fed its cotangent in its output's dtype: with ``model.stream_dtype=float32`` under
+  bf16 compute, s + f is float32 while f is bf16, and a vjp takes only its own output's type
+  (the cast is the one ``jax.grad`` makes at that sum)."""
+  return lambda g: vjp(g.astype(dtype))
+
+
 def _scaled(branches: Callable, scale) -> Callable:
   def scaled(y):
     s, f = branches(y)
@@ -60,58 +76,134 @@ def _scaled(branches: Callable, scale) -> Callable:
   return scaled
 
 
-def routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array):
-  """dLoss/dy_0 and dLoss/d(image) along the path ``selection`` (n,) of 0/1."""
-  g = g_n
+class Scaled(NamedTuple):
+  """``value * 2**exponent``: a routed cotangent (or its norm) kept inside its format's range.
+
+  ``exponent`` is int32, one per path (under vmap, one per row); the number itself may lie
+  far below what ``value``'s dtype, or even float64, can hold."""
+
+  value: jax.Array
+  exponent: jax.Array
+
+  def float64(self) -> np.ndarray:
+    """The numbers as float64 on the host (0 only below float64's ~1e-308)."""
+    return np.ldexp(np.asarray(self.value, np.float64), np.asarray(self.exponent))
+
+  def log10(self) -> np.ndarray:
+    """log10 of the numbers on the host, exact at any magnitude (-inf for a 0)."""
+    with np.errstate(divide="ignore"):
+      return (np.log10(np.abs(np.asarray(self.value, np.float64)))
+              + np.asarray(self.exponent, np.float64) * math.log10(2.0))
+
+  def unscaled(self) -> jax.Array:
+    """``value * 2**exponent`` in ``value``'s dtype (underflows where that format must)."""
+    return _times_power_of_two(self.value, self.exponent)
+
+
+def renormalise(g: jax.Array, exponent=0) -> Scaled:
+  """``g * 2**exponent`` rewritten so that max|value| is in [0.5, 1): multiplying by a power of
+  two only changes the float exponent, so this rounds nothing; a zero ``g`` keeps its
+  exponent."""
+  work = _work_dtype(g)
+  peak = jnp.max(jnp.abs(g)).astype(work)
+  _, shift = jnp.frexp(peak)  # peak = m * 2**shift, m in [0.5, 1); peak = 0 gives shift = 0
+  info = jnp.finfo(work)  # 2**-shift must be a normal number of the working format
+  shift = jnp.clip(shift, 1 - info.maxexp, -info.minexp).astype(jnp.int32)
+  return Scaled(_times_power_of_two(g, -shift), jnp.asarray(exponent, jnp.int32) + shift)
+
+
+def _work_dtype(x: jax.Array):
+  """float32, or x's own dtype where that is wider (float64 under x64)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _times_power_of_two(x: jax.Array, exponent: jax.Array) -> jax.Array:
+  """``x * 2**exponent`` in x's dtype, computed in ``_work_dtype`` (exact while the power and
+  the result are normal numbers; a product below x's range underflows as it would anyway)."""
+  work = _work_dtype(x)
+  return (x.astype(work) * jnp.exp2(jnp.asarray(exponent, work))).astype(x.dtype)
+
+
+def routed_backward_scaled(g_n, block_vjps, merge_vjps, embed_vjp,
+                           selection: jax.Array) -> tuple[Scaled, Scaled]:
+  """dLoss/dy_0 and dLoss/d(image) along the path ``selection`` (n,) of 0/1, each as
+  ``Scaled``: the cotangent is renormalised after every block."""
+  g, e = renormalise(g_n)
   for i in reversed(range(len(block_vjps))):
     (g_z,) = merge_vjps[i](g)
     sel = selection[i].astype(g_z.dtype)
     shortcut_vjp, branch_vjp = block_vjps[i]
-    g = shortcut_vjp(g_z * (1 - sel))[0] + branch_vjp(g_z * sel)[0]
+    g, e = renormalise(shortcut_vjp(g_z * (1 - sel))[0] + branch_vjp(g_z * sel)[0], e)
   (g_image,) = embed_vjp(g)
-  return g, g_image
+  return Scaled(g, e), renormalise(g_image, e)
 
 
-def routed_backward_pair(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array):
-  """``routed_backward`` along ``selection`` and along its complement ``1 - selection``, with
-  one backward through each residual branch for the two: at block i the path that selects it
-  hands its cotangent to f_i, the other to s_i, and each takes back the side it chose."""
-  u = v = g_n  # the cotangents of the path and of its complement
+def routed_backward(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array):
+  """dLoss/dy_0 and dLoss/d(image) along the path ``selection`` (n,) of 0/1, as plain arrays
+  (``routed_backward_scaled``, unscaled: entries below the dtype's range are lost)."""
+  g, g_image = routed_backward_scaled(g_n, block_vjps, merge_vjps, embed_vjp, selection)
+  return g.unscaled(), g_image.unscaled()
+
+
+def routed_backward_pair_scaled(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array):
+  """``routed_backward_scaled`` along ``selection`` and along its complement
+  ``1 - selection``, with one backward through each residual branch for the two: at block i
+  the path that selects it hands its cotangent to f_i, the other to s_i, and each takes back
+  the side it chose. Each path keeps its own exponent: a 0/1 selection only swaps whole
+  cotangents between the two vjps, it never adds a path's cotangent to the other's."""
+  (u, eu) = (v, ev) = renormalise(g_n)  # the path and its complement
   for i in reversed(range(len(block_vjps))):
     (u_z,), (v_z,) = merge_vjps[i](u), merge_vjps[i](v)
     sel = selection[i].astype(u_z.dtype)
     shortcut_vjp, branch_vjp = block_vjps[i]
     (through_f,) = branch_vjp(sel * u_z + (1 - sel) * v_z)
     (through_s,) = shortcut_vjp((1 - sel) * u_z + sel * v_z)
-    u = sel * through_f + (1 - sel) * through_s
-    v = (1 - sel) * through_f + sel * through_s
-  return (u, embed_vjp(u)[0]), (v, embed_vjp(v)[0])
+    u, eu = renormalise(sel * through_f + (1 - sel) * through_s, eu)
+    v, ev = renormalise((1 - sel) * through_f + sel * through_s, ev)
+  return ((Scaled(u, eu), renormalise(embed_vjp(u)[0], eu)),
+          (Scaled(v, ev), renormalise(embed_vjp(v)[0], ev)))
 
 
-def _norm(g: jax.Array) -> jax.Array:
-  return jnp.linalg.norm(g.astype(jnp.float32).ravel())
+def routed_backward_pair(g_n, block_vjps, merge_vjps, embed_vjp, selection: jax.Array):
+  """``routed_backward`` along ``selection`` and along its complement, as plain arrays
+  (``routed_backward_pair_scaled``, unscaled)."""
+  pair = routed_backward_pair_scaled(g_n, block_vjps, merge_vjps, embed_vjp, selection)
+  return tuple((g.unscaled(), g_image.unscaled()) for g, g_image in pair)
+
+
+def _norm(g: Scaled) -> Scaled:
+  """||g|| as ``Scaled``, from the renormalised entries (max|value| in [0.5, 1), so the sum
+  of squares is at least 0.25): no square overflows, and the entries whose squares flush to
+  zero (below ~2^-75 of the largest) would add less than 1e-22 per entry to that sum."""
+  return Scaled(jnp.linalg.norm(g.value.astype(_work_dtype(g.value)).ravel()), g.exponent)
+
+
+def _stack(items: list[Scaled]) -> Scaled:
+  return jax.tree.map(lambda *a: jnp.stack(a), *items)
 
 
 def make_path_gradient_fn(unrolled_fn: Callable[[dict], Unrolled], scales=None,
                           paired: bool = False) -> Callable:
   """``fn(variables, images, labels, selections (P, n)) -> (norm_y0, norm_image)``: one
-  forward, P routed backward passes (vmapped), norms (P,). ``paired``: each selection also
+  forward, P routed backward passes (vmapped), norms (P,) as ``Scaled`` (float32 value, int32
+  exponent; read them with ``.float64()`` or ``.log10()``). ``paired``: each selection also
   routes its complement, norms (2P,): the P selections, then their P complements, for about
   the price of P. ``scales``: as in ``linearize``."""
 
   def fn(variables, images, labels, selections):
     g_n, block_vjps, merge_vjps, embed_vjp = linearize(unrolled_fn(variables), images, labels,
                                                        scales)
-    route = routed_backward_pair if paired else routed_backward
+    route = routed_backward_pair_scaled if paired else routed_backward_scaled
 
     def norms(selection):
       out = route(g_n, block_vjps, merge_vjps, embed_vjp, selection)
       pairs = out if paired else (out,)
-      return (jnp.stack([_norm(g0) for g0, _ in pairs]),
-              jnp.stack([_norm(g_image) for _, g_image in pairs]))
+      return (_stack([_norm(g0) for g0, _ in pairs]),
+              _stack([_norm(g_image) for _, g_image in pairs]))
 
-    y0, image = jax.vmap(norms)(selections)  # (P, 1 or 2)
-    return y0.T.reshape(-1), image.T.reshape(-1)
+    y0, image = jax.vmap(norms)(selections)  # (P, 1 or 2) each
+    flat = lambda a: a.T.reshape(-1)  # noqa: E731
+    return jax.tree.map(flat, y0), jax.tree.map(flat, image)
 
   return fn
 
@@ -217,6 +309,13 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   chunk = mesh.size * math.ceil(pc.chunk / 2 / mesh.size)  # pairs per call
   rng = np.random.default_rng(config.seed)
   selections, lengths = paired_selections(rng, n, pc.samples_per_k)
+  # Pairs in random order: a chunk (one batch) then holds paths of many lengths, and a
+  # length's samples come from about as many batches as it has samples; in length order they
+  # would share one or two batches, and the batch-to-batch spread of the loss gradient would
+  # move whole lengths together.
+  order = rng.permutation(len(selections))
+  selections, lengths = selections[order], np.concatenate(
+      [lengths[:len(order)][order], lengths[len(order):][order]])
   mean, std = t.dataset.mean, t.dataset.std
   fn = make_path_gradient_fn(lambda v: models.unroll(t.model, v),
                              scales=gates_lib.eval_gates(config.gates, t.layout), paired=True)
@@ -225,7 +324,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
                    in_shardings=(rep, rep, rep, split), out_shardings=(rep, rep))
   variables = put_tree(t.variables, rep)
   q = len(selections)
-  norms = np.zeros((2, q, 2))  # (selection | complement, pair, y0 | image)
+  log10 = np.zeros((2, q, 2))  # log10 norms: (selection | complement, pair, y0 | image)
   streamed = isinstance(t.dataset, imagenet.StreamedValidation)
   if streamed:
     check_divisible(pc.batch_size, mesh, "paths.batch_size")
@@ -240,26 +339,43 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
     return start, len(sel), jitted(variables, images, labels, put(padded, split))
 
   for start, used, (y0, image) in one_ahead(map(dispatch, range(0, q, chunk))):
-    out = np.stack([np.asarray(y0), np.asarray(image)], 1).reshape(2, chunk, 2)
-    norms[:, start:start + used] = out[:, :used]
+    y0, image = jax.device_get((y0, image))
+    out = np.stack([y0.log10(), image.log10()], 1).reshape(2, chunk, 2)
+    log10[:, start:start + used] = out[:, :used]
     progress.update(2 * min(start + chunk, q))
-  norms = norms.reshape(2 * q, 2)
-  by_k = np.stack([norms[lengths == k][:pc.samples_per_k] for k in range(n + 1)])
-  mean_norm = by_k[..., 0].mean(1)
-  total = paths.total_gradient(n, mean_norm)
-  lo, hi = paths.effective_interval(total, 0.9)
+  log10 = log10.reshape(2 * q, 2)
+  by_k = np.stack([log10[lengths == k][:pc.samples_per_k] for k in range(n + 1)])
+  (mean_y0, std_y0), (mean_image, std_image) = (
+      paths.log10_mean_std(by_k[..., j]) for j in range(2))  # (n + 1,) each
+  log10_total = paths.log10_total_gradient(n, mean_y0)
+  lo, hi = paths.effective_interval(paths.relative_weights(log10_total), 0.9)
   out = {
       "n": n, **t.describe(), "config": results.config_dict(config),
       "data_source": t.dataset.source,
       "batches_from": "validation" if streamed else "train (un-augmented)",
+      "sampler": "complementary pairs",
       "gradient": {"k": list(range(n + 1)), "samples_per_k": pc.samples_per_k,
-                   "batch_size": pc.batch_size, "mean_norm": mean_norm.tolist(),
-                   "std_norm": by_k[..., 0].std(1).tolist(),
-                   "mean_norm_image": by_k[..., 1].mean(1).tolist(),
-                   "std_norm_image": by_k[..., 1].std(1).tolist()},
-      "total_gradient": total.tolist(),
+                   "batch_size": pc.batch_size,
+                   "mean_norm": _json_power(mean_y0), "std_norm": _json_power(std_y0),
+                   "mean_norm_image": _json_power(mean_image),
+                   "std_norm_image": _json_power(std_image),
+                   "log10_mean_norm": _json_log10(mean_y0), "log10_std_norm": _json_log10(std_y0),
+                   "log10_mean_norm_image": _json_log10(mean_image),
+                   "log10_std_norm_image": _json_log10(std_image)},
+      "total_gradient": _json_power(log10_total),
+      "log10_total_gradient": _json_log10(log10_total),
       "effective_interval": [lo, hi],
       "effective_share_of_paths": float(paths.share_of_paths(n, lo, hi)),
   }
   results.write_json(workdir, "paths.json", out)
   return out
+
+
+def _json_power(log10: np.ndarray) -> list[float]:
+  """10**log10 as float64 values (0.0 for a zero, and only below float64's ~1e-308)."""
+  return (10.0 ** np.asarray(log10, np.float64)).tolist()
+
+
+def _json_log10(log10: np.ndarray) -> list[float | None]:
+  """log10 values for JSON: null for a zero (log10 = -inf), which JSON cannot write."""
+  return [float(x) if np.isfinite(x) else None for x in np.asarray(log10, np.float64)]

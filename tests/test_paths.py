@@ -76,6 +76,43 @@ def test_total_gradient_of_geometric_norms():
   assert int(np.argmax(total)) == 20
 
 
+def test_log10_mean_and_std_are_those_of_the_values_at_any_magnitude():
+  rng = np.random.default_rng(0)
+  values = rng.lognormal(size=(5, 7))  # 5 lengths, 7 samples each
+  values[2, 3] = 0.0  # an exact zero counts as one
+  with np.errstate(divide="ignore"):
+    log10 = np.log10(values)
+  mean, std = paths.log10_mean_std(log10)
+  np.testing.assert_allclose(mean, np.log10(values.mean(1)), atol=1e-12)
+  np.testing.assert_allclose(std, np.log10(values.std(1)), atol=1e-12)
+  # The same values 400 decades down (below float64) give the same numbers, 400 lower.
+  shifted_mean, shifted_std = paths.log10_mean_std(log10 - 400)
+  np.testing.assert_allclose(shifted_mean, mean - 400, atol=1e-12)
+  np.testing.assert_allclose(shifted_std, std - 400, atol=1e-12)
+  zeros, spread = paths.log10_mean_std(np.full((1, 3), -np.inf))  # all zero: log10 0 = -inf
+  assert zeros[0] == -np.inf and spread[0] == -np.inf
+  with pytest.raises(ValueError, match="finite or -inf"):
+    paths.log10_mean_std([[0.0, np.nan]])
+
+
+def test_log10_total_gradient_is_the_log_of_the_total_gradient():
+  n, r = 54, 0.2
+  norms = np.array([r**k for k in range(n + 1)])
+  np.testing.assert_allclose(paths.log10_total_gradient(n, np.log10(norms)),
+                             np.log10(paths.total_gradient(n, norms)), atol=1e-12)
+  # Far below float64's range (a 1,000-block network): still finite, the same interval.
+  deep = paths.log10_total_gradient(n, np.log10(norms) - 500)
+  assert np.all(np.isfinite(deep))
+  assert (paths.effective_interval(paths.relative_weights(deep), 0.9)
+          == paths.effective_interval(paths.total_gradient(n, norms), 0.9))
+  weights = paths.relative_weights([-1000.0, -999.0, -np.inf])
+  np.testing.assert_allclose(weights, [0.1, 1.0, 0.0])
+  with pytest.raises(ValueError, match="n\\+1=55 entries"):
+    paths.log10_total_gradient(n, [0.0])
+  with pytest.raises(ValueError, match="finite or -inf"):
+    paths.log10_total_gradient(1, [0.0, np.inf])
+
+
 def _brute_force_interval(w, mass):
   """All intervals, scored (length, -mass, lo) as the spec says."""
   w = np.asarray(w, dtype=np.float64)

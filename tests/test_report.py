@@ -281,3 +281,60 @@ def test_missing_commands_of_imported_weights_repeat_their_flags(tmp_path):
                         "--config=configs/imagenet_pretrained.py", f"--workdir={main}",
                         "--mode=paths", "--config.weights=/my weights/resnet18.safetensors",
                         "--config.arch=resnet18"]]
+
+
+def _section(md, title):
+  return md.split(f"## {title}")[1].split("\n## ")[0]
+
+
+def test_gradient_far_below_float64_is_plotted_and_fitted_at_every_length(tmp_path):
+  # A paths.json whose norms lie 400 decades down (a very deep network): the float64 values
+  # are 0, the log10 fields carry them; decay 10**-0.7 = 0.1995 per block.
+  main = str(tmp_path / "deep")
+  pj = _paths_json()
+  k = np.arange(N + 1)
+  log10 = -400.0 - 0.7 * k
+  g = pj["gradient"]
+  g.update(mean_norm=[0.0] * (N + 1), std_norm=[0.0] * (N + 1),
+           log10_mean_norm=log10.tolist(), log10_std_norm=(log10 - 0.5).tolist(),
+           log10_mean_norm_image=(log10 - 1).tolist(), log10_std_norm_image=[None] * (N + 1))
+  _write(main, "paths.json", pj)
+  names = {os.path.basename(f) for f in report.write_report(main)}
+  assert {"fig6b_gradient_per_length.png", "fig6c_total_gradient.png"} <= names
+  _assert_png(os.path.join(main, "fig6b_gradient_per_length.png"))
+  md = open(os.path.join(main, "report.md")).read()
+  e6 = _section(md, "E6 / Fig. 6b")
+  assert "falls from 1.00e-400 at length 0 to 6.31e-405 at length 6" in e6
+  assert "over 7 lengths (0–6) gives ×0.200 per extra block (95 % CI 0.200–0.200)" in e6
+  rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+  assert "×0.200 per extra block" in rows["gradient per path length (E6)"]
+  assert "50 sampled paths per length" in rows["gradient per path length (E6)"]
+  weights = paths.relative_weights(paths.log10_total_gradient(N, log10))
+  lo, hi = paths.effective_interval(weights, 0.9)
+  assert f"{lo}–{hi} (90 % of total gradient)" in rows["effective path lengths"]
+
+
+def test_zero_means_of_an_underflowed_paths_json_are_named_and_left_out_of_the_fit(tmp_path):
+  main = str(tmp_path / "old")
+  pj = _paths_json()
+  mean = np.asarray(pj["gradient"]["mean_norm"])
+  mean[4:] = 0.0  # as a float32 backward pass left them
+  pj["gradient"]["mean_norm"] = mean.tolist()
+  _write(main, "paths.json", pj)
+  report.write_report(main)
+  e6 = _section(open(os.path.join(main, "report.md")).read(), "E6 / Fig. 6b")
+  assert "Lengths 4–6 have a mean norm of exactly 0" in e6 and "--mode=paths" in e6
+  assert "over 4 lengths (0–3) gives ×0.500 per extra block" in e6
+
+
+def test_decay_fit_interval_holds_the_true_factor():
+  rng = np.random.default_rng(0)
+  k = np.arange(55)
+  covered = 0
+  for _ in range(200):
+    log10 = -5 + np.log10(0.22) * k + 0.3 * rng.standard_normal(k.size)
+    fit = report.decay_fit(k, log10)
+    assert fit["lo"] < fit["factor"] < fit["hi"] and fit["lengths"] == 55
+    covered += fit["lo"] <= 0.22 <= fit["hi"]
+  assert 180 <= covered <= 198  # a 95 % interval: ~190 of 200
+  assert report.decay_fit([0, 1], [0.0, -1.0]) is None  # a line needs three lengths for a CI

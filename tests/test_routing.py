@@ -1,13 +1,19 @@
-"""Routed gradients are exact: all 2^n paths sum to the true gradient."""
+"""Routed gradients are exact: all 2^n paths sum to the true gradient, and a path's norm keeps
+its digits however far below float32's range it lies."""
 
 import itertools
+import json
+import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
-from resnet_ensemble import models, routing
+from resnet_ensemble import augment, data as data_lib, models, routing, trained
+from tests.conftest import REPO, tiny_config
 
 NETS = {
     "preact": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 8)),
@@ -108,9 +114,9 @@ def test_paths_computed_together_equal_paths_computed_apart():
   v, x, labels = _setup(model)
   fn = jax.jit(routing.make_path_gradient_fn(lambda v: models.unroll(model, v)))
   sel = routing.sample_selections(np.random.default_rng(0), 6, 3, 5)
-  together = fn(v, x, labels, sel)
+  together = [norms.float64() for norms in fn(v, x, labels, sel)]
   for i in range(5):
-    apart = fn(v, x, labels, sel[i:i + 1])
+    apart = [norms.float64() for norms in fn(v, x, labels, sel[i:i + 1])]
     np.testing.assert_allclose(together[0][i], apart[0][0], rtol=1e-5)
     np.testing.assert_allclose(together[1][i], apart[1][0], rtol=1e-5)
 
@@ -150,6 +156,7 @@ def test_paired_norms_are_the_norms_of_the_paths_and_their_complements():
   paired = jax.jit(routing.make_path_gradient_fn(unroll, paired=True))(v, x, labels, sel)
   single = jax.jit(routing.make_path_gradient_fn(unroll))(v, x, labels,
                                                           np.concatenate([sel, 1 - sel]))
+  paired, single = ([norms.float64() for norms in out] for out in (paired, single))
   for got, want in zip(paired, single):
     assert got.shape == (8,)
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -177,3 +184,153 @@ def test_one_ahead_hands_out_each_chunk_after_dispatching_the_next():
     events.append(f"read {c}")
   assert events == ["dispatch 0", "dispatch 1", "read 0", "dispatch 2", "read 1", "read 2"]
   assert list(routing.one_ahead([])) == []
+
+
+@pytest.mark.parametrize("kind", list(NETS))
+def test_routed_pairs_of_all_paths_sum_to_the_gradient(kind):
+  model = NETS[kind]
+  v, x, labels = _setup(model)
+  half = np.asarray(list(itertools.product([0.0, 1.0], repeat=5)), np.float32)
+  selections = np.concatenate([np.zeros((32, 1), np.float32), half], 1)  # each pair once
+
+  def routed(selections):
+    g_n, bv, mv, ev = routing.linearize(models.unroll(model, v), x, labels)
+    return jax.vmap(lambda s: routing.routed_backward_pair(g_n, bv, mv, ev, s))(selections)
+
+  (_, path), (_, complement) = jax.jit(routed)(selections)
+  expected = jax.grad(lambda im: _loss(model, v, im, labels))(x)
+  np.testing.assert_allclose(path.sum(0) + complement.sum(0), expected, rtol=1e-4, atol=1e-6)
+
+
+# ResNet-110 (n = 54, width 4) at init with every residual scaled by 1/16 at test time (as
+# stochastic depth or effective paths scale it, only more): a path through k residual branches
+# carries about (1/30)^k of the gradient, ~1e-90 at k = 54, where squaring float32 entries (and
+# soon the entries themselves) underflow to zero.
+DEEP = models.ResNet(stage_sizes=(18, 18, 18), widths=(4, 8, 16))
+DEEP_N = 54
+DEEP_SCALES = np.full(DEEP_N, 1 / 16, np.float32)
+
+
+def _float64_norms(model, variables, x, labels, scales, selections):
+  """The routed gradients' norms the plain way (no rescaling: the chain of the first routed
+  backward), in float64, where the longest paths' ~1e-90 are far inside the range."""
+  with jax.enable_x64(True):
+    m = model.clone(dtype=jnp.float64)
+    v = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+
+    def norms(selections):
+      g_n, bv, mv, ev = routing.linearize(models.unroll(m, v), jnp.asarray(x, jnp.float64),
+                                          labels, jnp.asarray(scales, jnp.float64))
+
+      def one(selection):
+        g = g_n
+        for i in reversed(range(len(bv))):
+          (g_z,) = mv[i](g)
+          shortcut_vjp, branch_vjp = bv[i]
+          g = shortcut_vjp(g_z * (1 - selection[i]))[0] + branch_vjp(g_z * selection[i])[0]
+        return jnp.linalg.norm(g.ravel()), jnp.linalg.norm(ev(g)[0].ravel())
+
+      return jax.vmap(one)(selections)
+
+    y0, image = jax.jit(norms)(jnp.asarray(selections, jnp.float64))
+    return np.asarray(y0, np.float64), np.asarray(image, np.float64)
+
+
+@pytest.fixture(scope="module")
+def deep():
+  v, x, labels = _setup(DEEP)
+  rng = np.random.default_rng(0)
+  single = np.concatenate([routing.sample_selections(rng, DEEP_N, k, 1)
+                           for k in range(DEEP_N + 1)])  # one path of every length
+  paired, _ = routing.paired_selections(rng, DEEP_N, 1)
+  every = np.concatenate([single, paired, 1 - paired])  # what the two forms route
+  y0, image = _float64_norms(DEEP, v, x, labels, DEEP_SCALES, every)
+  return dict(v=v, x=x, labels=labels, single=single, paired=paired,
+              want={False: (y0[:len(single)], image[:len(single)]),
+                    True: (y0[len(single):], image[len(single):])})
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_every_path_length_keeps_its_norm_in_float32(deep, paired):
+  fn = routing.make_path_gradient_fn(lambda v: models.unroll(DEEP, v), scales=DEEP_SCALES,
+                                     paired=paired)
+  selections = deep["paired" if paired else "single"]
+  routed = np.concatenate([selections, 1 - selections]) if paired else selections
+  assert sorted(set(routed.sum(1))) == list(range(DEEP_N + 1))  # every length 0..n
+  y0, image = jax.jit(fn)(deep["v"], deep["x"], deep["labels"], selections)
+  want_y0, want_image = deep["want"][paired]
+  assert want_y0.min() < 1e-60 and want_y0.max() > 1e-6  # far below float32 (1.4e-45) to O(1)
+  for got, want in ((y0, want_y0), (image, want_image)):
+    np.testing.assert_allclose(got.float64(), want, rtol=1e-4)
+    np.testing.assert_allclose(got.log10(), np.log10(want), atol=1e-4 / math.log(10))
+
+
+@pytest.mark.parametrize("stream", [None, jnp.float32])
+def test_every_path_length_keeps_its_norm_in_bfloat16(deep, stream):
+  # bf16 has float32's exponent range, so the same underflow; its 8-bit mantissa makes the
+  # network another function (paths differ from float64 by up to 0.37 decades, measured), so
+  # this compares magnitudes over the 80 decades, not digits. stream=float32: bf16 branches on
+  # a float32 identity path (model.stream_dtype), where s + f is float32 and f is bf16.
+  model = DEEP.clone(dtype=jnp.bfloat16, stream_dtype=stream)
+  fn = routing.make_path_gradient_fn(lambda v: models.unroll(model, v), scales=DEEP_SCALES,
+                                     paired=True)
+  y0, image = jax.jit(fn)(deep["v"], deep["x"], deep["labels"], deep["paired"])
+  for got, want in zip((y0, image), deep["want"][True]):
+    assert np.all(got.float64() > 0)
+    np.testing.assert_allclose(got.log10(), np.log10(want), atol=0.5)
+
+
+def _scaled_resnet110_workdir(tmp_path):
+  """A published-style workdir (variables.msgpack, no checkpoints) of a ResNet-110 (width 4)
+  at init, its BN statistics from 64 digits, tested with 3 of 54 blocks kept in expectation
+  (effective paths, k = 3: each residual but the two downsampling ones scaled by 1/52)."""
+  config = tiny_config(**{"model.depth": 110, "gates.sampler": "effective", "gates.k": 3,
+                          "paths.samples_per_k": 1, "paths.batch_size": 8})
+  dataset = data_lib.load(config.data)
+  model = models.build(config.model, dataset.num_classes)
+  x = augment.normalize(dataset.train_images[:64], dataset.mean, dataset.std)
+  v = jax.jit(model.init)(jax.random.key(1), x)
+  _, mut = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+  payload = {"step": 0, "variables": jax.tree.map(
+      np.asarray, {"params": v["params"], "batch_stats": mut["batch_stats"]})}
+  (tmp_path / trained.VARIABLES_FILE).write_bytes(serialization.msgpack_serialize(payload))
+  return config, str(tmp_path)
+
+
+def test_a_resnet110_study_has_a_mean_at_every_length(tmp_path):
+  config, workdir = _scaled_resnet110_workdir(tmp_path)
+  out = routing.run_study(config, workdir)
+  assert out == json.load(open(os.path.join(workdir, "paths.json")))
+  _check_every_length(out, 54)
+  assert out["gradient"]["log10_mean_norm"][-1] < -60  # far below float32: range kept
+
+
+def test_published_resnet110_paths_have_a_mean_at_every_length():
+  with open(os.path.join(REPO, "results/cifar10/resnet110_seed0/paths.json")) as f:
+    _check_every_length(json.load(f), 54)
+
+
+def _check_every_length(out, n):
+  g = out["gradient"]
+  assert out["n"] == n and g["k"] == list(range(n + 1))
+  for key in ("mean_norm", "mean_norm_image"):
+    mean = np.asarray(g[key], np.float64)
+    assert mean.shape == (n + 1,) and np.all(np.isfinite(mean)), key
+    assert np.all(mean > 0), f"{key} is 0 at lengths {np.flatnonzero(mean == 0).tolist()}"
+    np.testing.assert_allclose(np.log10(mean), g["log10_" + key], atol=1e-9)
+  log10_total = np.asarray(out["log10_total_gradient"], np.float64)
+  np.testing.assert_allclose(
+      log10_total, [math.log10(math.comb(n, k)) for k in range(n + 1)]
+      + np.asarray(g["log10_mean_norm"]), atol=1e-9)
+  lo, hi = out["effective_interval"]
+  assert 0 <= lo <= hi <= n
+
+
+def test_a_length_s_samples_come_from_different_batches(tmp_path):
+  # The empty path is one path: its samples differ only by their batch. In length order
+  # its 4 pairs would fill the first chunk (one batch) and their norms would be equal.
+  config = tiny_config(**{"paths.samples_per_k": 4, "paths.chunk": 8, "paths.batch_size": 8})
+  from resnet_ensemble import train
+  train.train_and_evaluate(config, str(tmp_path))
+  g = routing.run_study(config, str(tmp_path))["gradient"]
+  assert g["std_norm"][0] > 0.01 * g["mean_norm"][0]

@@ -185,7 +185,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   try:
     manager.save(int(step), args=ocp.args.StandardSave(state))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"could not write checkpoint step {step} in {manager.directory}: "
+    raise CheckpointError(f"could not write checkpoint step {step} (or the one before it, "
+                          f"written in the background) in {manager.directory}: "
                           f"{_summary(e)}") from e
 
 

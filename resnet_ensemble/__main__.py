@@ -127,7 +127,7 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
   if mode == "train" and imported:
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")
-  stack.check_mode(tuple(config.get("seeds", ())), mode, workdir)
+  stack.check_mode(config, mode, workdir)
   latest = _latest_step(workdir)
   if mode == "train" and exported and latest is None:
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "

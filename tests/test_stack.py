@@ -100,8 +100,8 @@ def test_a_mixed_stack_on_eight_devices_trains_each_run_as_if_alone(tmp_path, ti
       assert abs(final[run.name][metric] - value) <= 1e-5, (run.name, metric)
     assert _keys(run_dir) == _keys(alone_dir)
     written = json.loads((run_dir / "config.json").read_text())
-    assert written == dict(json.loads((alone_dir / "config.json").read_text()),
-                           gates=dict(written["gates"], skip_compute=True))
+    lone = json.loads((alone_dir / "config.json").read_text())
+    assert written == dict(lone, gates=dict(lone["gates"], skip_compute=True))
     assert written["stack"] == [] and written["seed"] == run.config.seed
   assert not (tmp_path / "stack" / "checkpoints").exists()
 

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 import common
 from resnet_ensemble import gates as gates_lib, models, optim, train
 from resnet_ensemble.sharding import make_mesh
-from resnet_ensemble.stack import RunStack
+from resnet_ensemble.stack import RunStack, runs_of
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("calls", 10, "Timed compiled calls (each runs train.steps_per_call steps).")
@@ -33,7 +33,8 @@ flags.DEFINE_string("variant", "", "A setting under trial (e.g. XLA flags in the
 flags.DEFINE_integer("replicas", 1, "Models trained at once: the step vmapped over replicas "
                      "with their own seed (init, batches, augmentation); rows give the time per "
                      "model-step and the variant 'xR'. Tells whether a launch-bound step gets "
-                     "several seeds or samplers for the price of one.")
+                     "several seeds or samplers for the price of one. With --config.stack: "
+                     "its runs (mixed samplers) instead.")
 flags.DEFINE_float("start_at", 0.0, "Wall-clock time (epoch s) to start timing at, after the "
                    "warm-up: aligns the timed windows of copies run at once (concurrent.sh).")
 FLAGS = flags.FLAGS
@@ -46,30 +47,34 @@ def main(_):
   dataset = common.synthetic(c, FLAGS.num_examples, 1000)
   model = models.build(c.model, dataset.num_classes)
   tx, _ = optim.make_optimizer(c.optim, c.train.num_steps)
-  # As train_and_evaluate does for --config.seeds: one vmapped program over the replicas.
-  stack = RunStack([c.seed + r for r in range(FLAGS.replicas)], mesh)
+  # As train_and_evaluate does for a stack of runs: one vmapped program over the replicas.
+  if not c.stack:
+    c.seeds = tuple(c.seed + r for r in range(FLAGS.replicas))
+  stack = RunStack(runs_of(c), mesh)
+  replicas = len(stack)
   shape = dataset.train_images.shape[1:]
   state = stack.init(lambda seed: train.create_train_state_unsharded(model, tx, seed, shape))
   resident = train.put_resident(dataset, 1000, mesh)
   skip = c.gates.skip_compute and not stack.stacked  # vmapped, a cond would be a select
   step = train.make_train_on_batch(
       model, tx, dataset.mean, dataset.std, 0.0, mesh,
-      sample_gates=gates_lib.make_sampler(c.gates, model.layout, c.train.batch_size),
+      sample_gates=gates_lib.make_stack_sampler([r.config.gates for r in stack.runs],
+                                                model.layout, c.train.batch_size),
       skip_compute=skip, conv_groups=c.train.conv_groups)
   k = c.train.steps_per_call
   fn = stack.vmap(train.make_resident_train_fn(
       step, batch_size=c.train.batch_size, crop_padding=c.data.crop_padding, flip=c.data.flip,
-      num_steps=k), (0, None, 0))
-  seed_arg = stack.seed_arg
+      num_steps=k), (0, None, 0, 0))
+  args = (stack.seed_arg, stack.index_arg)
   common.progress("state and data resident; compiling")
   t0 = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=0).lower(state, resident, seed_arg).compile()
+  compiled = jax.jit(fn, donate_argnums=0).lower(state, resident, *args).compile()
   compile_s = time.perf_counter() - t0
   common.progress(f"compiled in {compile_s:.1f} s; warm-up call")
   box = [state]
 
   def call():
-    box[0], m = compiled(box[0], resident, seed_arg)
+    box[0], m = compiled(box[0], resident, *args)
     return m
 
   common.timed(call, 1, 0.0)  # warm-up
@@ -81,19 +86,19 @@ def main(_):
   common.progress("timed calls")
   timed_from = time.time()
   calls, seconds = common.timed(call, FLAGS.calls, FLAGS.time_cap_s)
-  per_step = seconds / (calls * k * FLAGS.replicas)  # per model-step
-  gates = c.gates.sampler
+  per_step = seconds / (calls * k * replicas)  # per model-step
+  gates = "mixed" if c.stack else c.gates.sampler  # a stack of runs of their own samplers
   # Gated steps skip the blocks gated off (gates.skip_compute) unless told otherwise.
   workload = ("train" if gates == "none" else f"train_{gates}"
               + ("" if skip else "_multiply"))
-  variant = ",".join(v for v in (FLAGS.variant, f"x{FLAGS.replicas}" * (FLAGS.replicas > 1)) if v)
+  variant = ",".join(v for v in (FLAGS.variant, f"x{replicas}" * (replicas > 1)) if v)
   workload += f"[{variant}]" if variant else ""
   common.emit({
       "workload": workload, "what": "train_step", **common.jax_info(),
       "config": common.config_name(), "model": f"{c.model.name}-{c.model.depth}",
       "width": c.model.width, "n_blocks": model.layout.n_blocks, "dtype": c.model.dtype,
       "unroll": c.model.unroll, "batch": c.train.batch_size, "steps_per_call": k,
-      "replicas": FLAGS.replicas, "conv_groups": c.train.conv_groups,
+      "replicas": replicas, "conv_groups": c.train.conv_groups,
       "timed_from": round(timed_from, 3),
       "late_s": round(max(-wait, 0.0), 2) if FLAGS.start_at else None,
       "gates": gates, "gates_k": c.gates.k if gates == "effective" else None,

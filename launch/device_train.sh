@@ -4,10 +4,12 @@
 # into ONE file, $OUT/NAME.tar.part-aa (split at 15 MiB: the device tool returns at most 8
 # files of 16 MiB), NAME = basename of WORKDIR.
 #   bash launch/device_train.sh CONFIG WORKDIR BUDGET_S [--config.x=y ...]
-# A seed stack (--config.seeds="(1,2)") trains its runs in WORKDIR/seed{s}: each is packed
-# apart, as $OUT/NAME_seed{s}.tar.part-aa (publish_run.sh takes that name like any run's).
-# If .gpu/resume/NAME.tar.part-* (or NAME_seed{s}.tar.part-*) exists (a previous call's $OUT,
-# carried), it is unpacked into WORKDIR (WORKDIR/seed{s}) first; a run publish_run.sh has
+# A stack of runs (--config.stack="(\"e8:gates.sampler=effective\",\"seed1:seed=1\")", or
+# --config.seeds="(1,2)": runs seed1, seed2) trains its runs in WORKDIR/RUN: each is packed
+# apart, as $OUT/NAME_RUN.tar.part-aa (publish_run.sh takes that name like any run's); the runs
+# are those `python3 -m resnet_ensemble --mode=runs` lists for the same command.
+# If .gpu/resume/NAME.tar.part-* (or NAME_RUN.tar.part-*) exists (a previous call's $OUT,
+# carried), it is unpacked into WORKDIR (WORKDIR/RUN) first; a run publish_run.sh has
 # published is skipped. Interrupting with SIGINT never loses a finished checkpoint: orbax
 # writes to a temporary directory and renames it when complete.
 set -o pipefail
@@ -16,11 +18,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/unpack.sh"
 config=$1; workdir=$2; budget=$3; shift 3
 name=$(basename "$workdir")
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$workdir"
-# publish_run.sh leaves NAME.finished (NAME_seed{s}.finished) in .gpu/resume/ for a run it
+# The runs this command trains (WORKDIR, or WORKDIR/RUN for each run of a stack), checked
+# like the training's config: a mistake stops here, before any pack is touched. On the CPU:
+# listing them needs no device (and must not take a share of its memory).
+listed=$(JAX_PLATFORMS=cpu python3 -m resnet_ensemble --mode=runs --config="$config" \
+  --workdir="$workdir" "$@") || exit 2
+mapfile -t runs <<< "$listed"
+# pack_name RUN_DIR: NAME for the workdir itself, NAME_RUN for a run of a stack
+pack_name() { if [ "$1" = "$workdir" ]; then echo "$name"; else echo "${name}_${1##*/}"; fi; }
+# publish_run.sh leaves NAME.finished (NAME_RUN.finished) in .gpu/resume/ for a run it
 # published: its pack is gone from there, so training it again would start it from step 0.
-for marker in ".gpu/resume/$name.finished" ".gpu/resume/$name"_seed*.finished; do
-  if [ -e "$marker" ]; then
-    echo "$name: finished and published (.gpu/resume/$name*.finished): nothing to train"
+for run in "${runs[@]}"; do
+  if [ -e ".gpu/resume/$(pack_name "$run").finished" ]; then
+    echo "$name: finished and published (.gpu/resume/$(pack_name "$run").finished): nothing to train"
     exit 0
   fi
 done
@@ -33,11 +43,8 @@ unpack() {
     echo "unpacked $(newest_step "$1") from .gpu/resume/$2.tar.part-*"
   fi
 }
-unpack "$workdir" "$name"
-for part in ".gpu/resume/$name"_seed*.tar.part-aa; do
-  [ -e "$part" ] || continue
-  pack=$(basename "$part" .tar.part-aa)
-  unpack "$workdir/${pack#"$name"_}" "$pack"
+for run in "${runs[@]}"; do
+  unpack "$run" "$(pack_name "$run")"
 done
 # A persistent compilation cache: a second call on the same warm machine (a resume) skips
 # compiling; XLA's per-kernel autotune results are cached too and shared between programs.
@@ -55,13 +62,6 @@ pack() {  # RUN_DIR PACK_NAME: the newest finished checkpoint, the run's files a
     | split -b 15M - "$OUT/$2.tar.part-"
   echo "packed ${latest:+checkpoint step $latest, }${files[*]} train.log into $OUT/$2.tar.part-*"
 }
-stacked=()
-for run in "$workdir"/seed*/; do
-  run=${run%/}
-  [[ ${run##*/} =~ ^seed[0-9]+$ ]] && stacked+=("$run")
+for run in "${runs[@]}"; do
+  if [ -d "$run" ]; then pack "$run" "$(pack_name "$run")"; fi
 done
-if [ ${#stacked[@]} -gt 0 ]; then
-  for run in "${stacked[@]}"; do pack "$run" "${name}_${run##*/}"; done
-else
-  pack "$workdir" "$name"
-fi

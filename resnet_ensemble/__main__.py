@@ -20,13 +20,15 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "lesion", "paths", "report", "all", "export"],
+    "mode", "train", ["train", "lesion", "paths", "report", "all", "export", "runs"],
     "train: train (resuming); lesion: E1-E4 on the newest checkpoint; paths: E6/E7 routed "
     "gradients; report: report.md + figures from the results; all: train (or resume) to "
     "train.num_steps unless finished (never with --config.weights, pretrained weights), then "
     "lesion, paths and report; "
     "export: write variables.msgpack (params and BatchNorm statistics of the newest "
-    "checkpoint), which lesion/paths/report read when a workdir has no checkpoints.")
+    "checkpoint), which lesion/paths/report read when a workdir has no checkpoints; "
+    "runs: print the workdir of each run the command trains, one a line (the workdir, or each "
+    "run of a stack: --config.stack, --config.seeds), and write nothing.")
 flags.DEFINE_bool("distributed", os.environ.get("RESNET_ENSEMBLE_DISTRIBUTED") == "1",
                   "Join the multi-process runtime with jax.distributed.initialize() (automatic on "
                   "Cloud TPU VMs; env RESNET_ENSEMBLE_DISTRIBUTED=1).")
@@ -104,6 +106,10 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
   config_lib.validate(config)
   if mode != "report" and not config.get("weights"):
     train.check_config(config)  # model and gates too, before the workdir is touched
+  if mode == "runs":  # what a launcher packs and unpacks (launch/device_train.sh)
+    from resnet_ensemble import stack
+    print("\n".join(run.workdir(workdir) for run in stack.runs_of(config)), flush=True)
+    return
   writes_workdir = not (mode == "report" and config.report.out_dir)
   if writes_workdir:
     workdir_lib.check_path(workdir)
@@ -127,7 +133,7 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
   if mode == "train" and imported:
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")
-  stack.check_mode(tuple(config.get("seeds", ())), mode, workdir)
+  stack.check_mode(config, mode, workdir)
   latest = _latest_step(workdir)
   if mode == "train" and exported and latest is None:
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "

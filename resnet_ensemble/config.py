@@ -12,9 +12,11 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Several seeds trained at once as one vmapped program (resnet_ensemble/stack.py), each run in
-  # workdir/seed{s}, the same numbers as trained alone; () = the single run of `seed`.
-  c.seeds = ()
+  # Several runs trained at once as one vmapped program (resnet_ensemble/stack.py), each in its
+  # own workdir with the numbers it has trained alone; () = the single run of `seed`.
+  c.seeds = ()   # runs that differ only in seed, in workdir/seed{s}
+  c.stack = ()   # named runs, each "NAME" or "NAME:KEY=VALUE,...", KEY seed or gates.*
+                 # (e.g. "e8:gates.sampler=effective,gates.k=23"), in workdir/NAME
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cifar_resnet"      # cifar_resnet | imagenet_resnet | plain
@@ -106,12 +108,42 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """The base config with ``values`` (a config's JSON dict, lists as tuples) over it; a field the
+  base config lacks is a ValueError naming it."""
+  c = base_config()
+
+  def fill(node, tree, prefix):
+    for key, value in tree.items():
+      if key not in node:
+        raise ValueError(f"{prefix}{key} is not a config field (resnet_ensemble/config.py)")
+      if isinstance(value, dict):
+        fill(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = tuple(value) if isinstance(value, list) else value
+
+  fill(c, values, "")
+  return c
+
+
+def from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with, read back from ``workdir/config.json``
+  (``configs/run.py:WORKDIR``): one run of a stack resumed, analysed or published alone,
+  without repeating its seed and gates."""
+  from resnet_ensemble import results
+  values = results.read_json(workdir, "config.json")
+  if values is None:
+    raise ValueError(f"{workdir} holds no config.json: not the workdir of a run")
+  return from_dict(values)
+
+
 # The fields a resumed training may change: how the run executes, logs and is analysed, never
 # what it computes. Every other field (seed, model, data, optim, gates, batch size, ...) must
 # equal the one the workdir's run was started with (``workdir.guard_resume``). A name stands for
 # its whole section ("eval") or one field ("train.log_every").
 RESUME_MAY_CHANGE = (
-    "seeds",                 # the stack a run trains in: each run's own seed is guarded
+    "seeds", "stack",        # the stack a run trains in: each run's own seed and gates are
+                             # guarded
     "train.num_steps",       # extends (or ends) a run; cosine schedules follow the new length
     "train.steps_per_call",  # steps per compiled call: the same steps
     "train.conv_groups",     # grouped convolutions: the same function

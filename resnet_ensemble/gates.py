@@ -16,11 +16,15 @@ same either way (the multiply form leaves a gated-off branch's statistics alone 
 choice of speed: on the CPU skipping halves the effective-path step; on the GPU each cond costs
 a host round trip, and the multiply form is faster once more than about half the blocks run
 (stochastic depth; BUILD_NOTES "Issue 6 bench, session 5").
+
+A stack of runs (resnet_ensemble/stack.py) may mix samplers: ``make_stack_sampler`` gives each
+run the gates its own sampler draws alone, inside one vmapped step.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -98,3 +102,39 @@ def make_sampler(gc, layout: BlockLayout,
     return jnp.zeros((n,), jnp.float32).at[active].set(1.0)
 
   return sample
+
+
+def make_stack_sampler(gcs: Sequence, layout: BlockLayout,
+                       batch_size: int) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+  """``sample(key, run) -> gates`` for the runs of a stack (``gcs``: each run's gates config;
+  ``run``: its index, traced under the stack's vmap), or None when no run samples gates.
+
+  Run r's gates are ``make_sampler(gcs[r])(key)``: each distinct sampler is one branch of a
+  ``lax.switch`` on the run, which under vmap computes every branch and selects, so a run
+  draws from its own key exactly what it draws alone. A run without a sampler gets ones (the
+  multiply form of an ungated block: the same numbers). When runs differ in shape, per-batch
+  gates (n,) are broadcast to per-example (n, batch): every example gets the batch's gate."""
+  distinct: dict[str, int] = {}
+  branch_of = [distinct.setdefault(_sampling(gc), len(distinct)) for gc in gcs]
+  unique = {i: gc for gc, i in zip(gcs, branch_of)}
+  samplers = [make_sampler(unique[i], layout, batch_size) for i in range(len(distinct))]
+  if all(s is None for s in samplers):
+    return None
+  n = layout.n_blocks
+  ones = lambda key: jnp.ones((n,), jnp.float32)  # noqa: E731
+  branches = [ones if s is None else s for s in samplers]
+  if len(branches) == 1:
+    return lambda key, run: branches[0](key)
+  if len({jax.eval_shape(b, jax.random.key(0)).shape for b in branches}) > 1:
+    branches = [lambda key, b=b: jnp.broadcast_to(b(key).reshape(n, -1), (n, batch_size))
+                for b in branches]
+  table = np.asarray(branch_of, np.int32)
+  return lambda key, run: jax.lax.switch(jnp.asarray(table)[run], branches, key)
+
+
+def _sampling(gc) -> str:
+  """What decides a run's training gates (its gates config less the test-time and speed
+  fields): runs that agree share one sampler."""
+  d = gc.to_dict() if hasattr(gc, "to_dict") else dict(gc)
+  return json.dumps({k: v for k, v in d.items() if k not in ("test_scaling", "skip_compute")},
+                    sort_keys=True)

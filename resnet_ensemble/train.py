@@ -26,7 +26,7 @@ from resnet_ensemble import (checkpoint, config as config_lib, data as data_lib,
                              writers)
 from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
 from resnet_ensemble.progress import Progress, say
-from resnet_ensemble.stack import RunStack, run_workdirs
+from resnet_ensemble.stack import Run, RunStack, runs_of
 from resnet_ensemble.trained import padded_test_batches
 from resnet_ensemble.sharding import check_divisible, make_mesh, put, replicated, sharded
 
@@ -153,27 +153,29 @@ def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
 
 def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean, std,
                         label_smoothing: float, mesh,
-                        sample_gates: Callable[[jax.Array], jax.Array] | None = None,
+                        sample_gates: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
                         skip_compute: bool = False, conv_groups: int = 1) -> Callable:
-  """``train_on_batch(state, images, labels, gate_key=None)``: one SGD step on a given uint8
-  batch (already augmented).
+  """``train_on_batch(state, images, labels, gate_key=None, run=0)``: one SGD step on a given
+  uint8 batch (already augmented).
 
-  With ``sample_gates`` (gates.make_sampler), step t trains the network gated by
-  ``sample_gates(fold_in(gate_key, t))`` (``gate_key``: ``run_keys(seed).gates``): the gate
-  sequence is a function of (seed, step), so a resumed run samples the same gates.
+  With ``sample_gates`` (gates.make_stack_sampler), step t of run ``run`` (its index in a
+  stack) trains the network gated by ``sample_gates(fold_in(gate_key, t), run)`` (``gate_key``:
+  ``run_keys(seed).gates``): the gate sequence is a function of (seed, step), so a resumed run
+  samples the same gates.
   ``skip_compute`` (``gates.skip_compute``): a block gated off for the whole batch is not
   computed (the same loss, gradients and BN statistics: a speed choice). ``conv_groups``: see
   ``grouped_apply``."""
   skip_compute = skip_compute and sample_gates is not None
   apply = grouped_apply(model, conv_groups, train=True)
 
-  def train_on_batch(state: TrainState, images, labels, gate_key: jax.Array | None = None):
+  def train_on_batch(state: TrainState, images, labels, gate_key: jax.Array | None = None,
+                     run: jax.Array | int = 0):
     x = jax.lax.with_sharding_constraint(normalize(images, mean, std), sharded(mesh))
     gates = None
     if sample_gates is not None:
       if gate_key is None:
         raise ValueError("a gate sampler needs the run's gate key (run_keys(seed).gates)")
-      gates = sample_gates(jax.random.fold_in(gate_key, state.step))
+      gates = sample_gates(jax.random.fold_in(gate_key, state.step), run)
 
     def loss_fn(params):
       logits, updates = apply({"params": params, "batch_stats": state.batch_stats}, x, gates,
@@ -204,19 +206,20 @@ def run_keys(seed) -> RunKeys:
 
 def make_resident_train_fn(train_on_batch: Callable, *, batch_size: int, crop_padding: int,
                            flip: bool, num_steps: int) -> Callable:
-  """``fn(state, data, seed) -> (state, metrics)`` running ``num_steps`` steps on resident data.
+  """``fn(state, data, seed, run) -> (state, metrics)`` running ``num_steps`` steps on resident
+  data (``run``: the run's index in its stack, which picks its gate sampler).
 
-  The batch, augmentation and gates of step t depend only on (seed, t). The seed is an
-  argument, not a constant, so the function can be vmapped over a stack of runs."""
+  The batch, augmentation and gates of step t depend only on (seed, t). The seed and the run
+  are arguments, not constants, so the function can be vmapped over a stack of runs."""
 
-  def train_fn(state: TrainState, data: ResidentData, seed):
+  def train_fn(state: TrainState, data: ResidentData, seed, run):
     keys = run_keys(seed)
 
     def one_step(state: TrainState):
       idx = batch_indices(keys.order, state.step, data.train_labels.shape[0], batch_size)
       images = random_crop_flip(jax.random.fold_in(keys.augment, state.step),
                                 data.train_images[idx], crop_padding, flip)
-      return train_on_batch(state, images, data.train_labels[idx], keys.gates)
+      return train_on_batch(state, images, data.train_labels[idx], keys.gates, run)
 
     if num_steps == 1:
       return one_step(state)
@@ -238,7 +241,9 @@ def create_train_state_unsharded(model: nn.Module, tx, seed: int | jax.Array,
 def create_train_state(model: nn.Module, tx, seed: int, input_shape, mesh) -> TrainState:
   """The initial state replicated over ``mesh``, initialised on the host (``RunStack.init``:
   the one way a run's state is made, alone or in a stack)."""
-  return RunStack((seed,), mesh).init(
+  run = config_lib.base_config()
+  run.seed = seed
+  return RunStack([Run("", run)], mesh).init(
       lambda s: create_train_state_unsharded(model, tx, s, input_shape))
 
 
@@ -318,20 +323,21 @@ class ResidentFeed:
     self._compiled: dict[int, Any] = {}
     self._log_compile, self._stack = log_compile, stack
     eval_fn = make_eval_fn(model, self.mean, self.std, c.eval.conv_groups)
-    self._eval = jax.jit(stack.vmap(eval_fn, (0, None, None, None, None)), out_shardings=rep)
+    self._eval = jax.jit(stack.vmap(eval_fn, (0, None, None, None, 0)), out_shardings=rep)
 
   def train(self, state: TrainState, k: int):
-    seeds = self._stack.seed_arg
+    args = (self._stack.seed_arg, self._stack.index_arg)
     if k not in self._compiled:
       t0 = time.perf_counter()
-      fn = self._stack.vmap(self._make(num_steps=k), (0, None, 0))
+      fn = self._stack.vmap(self._make(num_steps=k), (0, None, 0, 0))
       jitted = jax.jit(fn, out_shardings=(replicated(self.mesh),) * 2, donate_argnums=0)
-      self._compiled[k] = jitted.lower(state, self.resident, seeds).compile()
+      self._compiled[k] = jitted.lower(state, self.resident, *args).compile()
       self._log_compile(f"train_{k}_steps", time.perf_counter() - t0)
-    return self._compiled[k](state, self.resident, seeds)
+    return self._compiled[k](state, self.resident, *args)
 
   def evaluate(self, state: TrainState, gates=None) -> dict:
-    """``{eval_loss, eval_accuracy, eval_error}``: scalars, or one value per run of a stack."""
+    """``{eval_loss, eval_accuracy, eval_error}``: scalars, or one value per run of a stack
+    (``gates``: None, or each run's, stacked)."""
     r = self.resident
     out = self._eval(state.variables, r.test_images, r.test_labels, r.test_mask, gates)
     return {f"eval_{k}": v for k, v in out.items() if k != "count"}
@@ -359,8 +365,9 @@ class StreamedFeed:
 
   def start(self, model, train_on_batch, log_compile, stack: RunStack) -> None:
     if stack.stacked:  # one host pipeline feeds one run: stacked runs would share its batches
-      raise ValueError(f"config.seeds={stack.seeds}: stacked runs train on resident data only "
-                       "(cifar10, digits); train ImageNet seeds one at a time")
+      raise ValueError(f"a stack of runs ({', '.join(stack.names)}) trains on resident data only "
+                       "(cifar10, digits); train ImageNet runs one at a time")
+    self.config = stack.runs[0].config  # the run's own seed: its batches and gates
     rep = replicated(self.mesh)
     check_divisible(self.config.eval.batch_size, self.mesh, "eval.batch_size")
     self._batches = self._split("train", True, self.config.train.batch_size)
@@ -397,27 +404,19 @@ def make_feed(config, mesh):
   return ResidentFeed(config, mesh)
 
 
-def run_config(config, seed: int):
-  """The config of one run of a stack: ``seed`` set, ``seeds`` empty (a single run's config, so
-  the run's workdir can be resumed or analysed alone)."""
-  c = config.copy_and_resolve_references()
-  c.seed, c.seeds = int(seed), ()
-  return c
-
-
 class _Runs:
-  """The per-run side of a job (one run, or each run of a seed stack): its workdir, checkpoint
-  manager and metric writer; the state and metrics arrive stacked and leave per run."""
+  """The per-run side of a job (one run, or each run of a stack): its workdir (with its own
+  config), checkpoint manager and metric writer; the state and metrics arrive stacked and leave
+  per run."""
 
-  def __init__(self, config, workdir: str, stack: RunStack):
+  def __init__(self, workdir: str, stack: RunStack):
     self.stack = stack
-    self.workdirs = run_workdirs(stack.seeds, workdir)
-    self.configs = [run_config(config, s) for s in stack.seeds]
+    self.workdirs = [r.workdir(workdir) for r in stack.runs]
     if jax.process_index() == 0:
-      for w, c in zip(self.workdirs, self.configs):
-        workdir_lib.guard_resume(w, c)
-    self.managers = [checkpoint.make_manager(w, config.checkpoint.max_to_keep)
-                     for w in self.workdirs]
+      for w, r in zip(self.workdirs, stack.runs):
+        workdir_lib.guard_resume(w, r.config)
+    self.managers = [checkpoint.make_manager(w, r.config.checkpoint.max_to_keep)
+                     for w, r in zip(self.workdirs, stack.runs)]
     self.writers: list[writers.MultiWriter] = []
     self._finite = jax.jit(stack.vmap(_all_finite, 0))
 
@@ -431,7 +430,7 @@ class _Runs:
     if len(set(steps)) > 1:
       where = ", ".join(f"{w}: {'no checkpoint' if s is None else f'step {s}'}"
                         for w, s in zip(self.workdirs, steps))
-      raise ValueError(f"the runs of this seed stack stand at different steps ({where}); a "
+      raise ValueError(f"the runs of this stack stand at different steps ({where}); a "
                        "stack resumes only when all its runs are at one step: train the others "
                        "alone to that step, or start the stack in a new workdir")
     main = jax.process_index() == 0
@@ -448,20 +447,20 @@ class _Runs:
       writer.write_scalars(step, scalars)
 
   def check_finite(self, per_run: list[dict], step: int) -> None:
-    for s, m, values in zip(self.stack.seeds, self.managers, per_run):
+    for name, m, values in zip(self.stack.names, self.managers, per_run):
       if not math.isfinite(values["train_loss"]):
         self.wait()  # the checkpoint it names is committed
         what = f"training loss ({values['train_loss']})"
-        raise _diverged(what + (f" of seed {s}" if self.stack.stacked else ""), step, m)
+        raise _diverged(what + (f" of run {name}" if self.stack.stacked else ""), step, m)
 
   def save(self, step: int, state: TrainState) -> None:
     """Each run's checkpoint at ``step``, where it has none yet; a run whose parameters, BN
     statistics or optimizer state are not all finite is never saved (it would be resumed)."""
     finite = np.atleast_1d(np.asarray(self._finite(state)))
-    for s, m, ok in zip(self.stack.seeds, self.managers, finite):
+    for name, m, ok in zip(self.stack.names, self.managers, finite):
       if not ok:
         self.wait()  # the checkpoint it names is committed
-        what = "parameters or statistics" + (f" of seed {s}" if self.stack.stacked else "")
+        what = "parameters or statistics" + (f" of run {name}" if self.stack.stacked else "")
         raise _diverged(what, step, m)
     for m, s in zip(self.managers, self.stack.split(state)):
       if m.latest_step() != step:
@@ -488,44 +487,62 @@ def _progress_fields(per_run: list[dict]) -> dict:
 
 
 def check_config(config) -> nn.Module:
-  """Every check of a training config that needs no data and writes nothing (fields, model,
-  gates), so a mistake costs seconds, not a data load; returns the model."""
+  """Every check of a training config that needs no data and writes nothing (fields, the runs
+  of a stack, model, each run's gates), so a mistake costs seconds, not a data load; returns
+  the model."""
   config_lib.validate(config)
+  runs = runs_of(config)
   model = models.build(config.model, data_lib.num_classes(config.data.name))
-  gates_lib.make_sampler(config.gates, model.layout, config.train.batch_size)
+  for run in runs:
+    try:
+      gates_lib.make_sampler(run.config.gates, model.layout, config.train.batch_size)
+    except ValueError as e:
+      raise ValueError(f"run {run.name}: {e}" if run.name else str(e)) from None
   return model
+
+
+def run_eval_gates(stack: RunStack, layout) -> tuple[jax.Array | None, list[bool]]:
+  """The gates of each run's test-time network as one argument (each run's expected gates,
+  ones for a run evaluated unscaled; None when every run is), and which runs are scaled (they
+  log the unscaled network beside, as they do alone)."""
+  scaled = [gates_lib.eval_gates(r.config.gates, layout) for r in stack.runs]
+  if all(g is None for g in scaled):
+    return None, [False] * len(stack)
+  ones = np.ones((layout.n_blocks,), np.float32)
+  return stack.arg([ones if g is None else g for g in scaled], jnp.float32), [
+      g is not None for g in scaled]
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.model`` on ``config.data``; checkpoints, metrics and config in ``workdir``.
 
   Resumes from the newest checkpoint in the workdir. Returns the final evaluation metrics.
-  With two or more ``config.seeds``, trains one run per seed as one vmapped program
-  (``stack.RunStack``), each in ``workdir/seed{s}`` as if trained alone, and returns
-  ``{seed: final metrics}``. Raises ``Stopped`` after saving when SIGTERM or SIGINT arrives.
+  With a stack of runs (``config.stack``, or two or more ``config.seeds``), trains them as one
+  vmapped program (``stack.RunStack``), each in its ``workdir/NAME`` as if trained alone, and
+  returns ``{name: final metrics}``. Raises ``Stopped`` after saving when SIGTERM or SIGINT
+  arrives.
 
   Everything the config names (fields, model, gates, data) is checked before anything is
   written; then the workdir is locked (``workdir.lock``) for the whole run.
   """
   model = check_config(config)
   mesh = make_mesh()
-  stack = RunStack(tuple(config.seeds) or (config.seed,), mesh)
+  stack = RunStack(runs_of(config), mesh)
   tc = config.train
   check_divisible(tc.batch_size, mesh, "train.batch_size")
-  sample_gates = gates_lib.make_sampler(config.gates, model.layout, tc.batch_size)
-  test_gates = gates_lib.eval_gates(config.gates, model.layout)
+  sample_gates = gates_lib.make_stack_sampler([r.config.gates for r in stack.runs],
+                                              model.layout, tc.batch_size)
   feed = make_feed(config, mesh)
   workdir_lib.check_path(workdir)
-  run_dirs = run_workdirs(stack.seeds, workdir)
-  with workdir_lib.lock(workdir, *run_dirs):
-    return _train(config, workdir, stack, model, feed, sample_gates, test_gates)
+  with workdir_lib.lock(workdir, *(r.workdir(workdir) for r in stack.runs)):
+    return _train(config, workdir, stack, model, feed, sample_gates)
 
 
-def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed, sample_gates,
-           test_gates) -> dict:
+def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed,
+           sample_gates) -> dict:
   """The training loop of ``train_and_evaluate``, in a validated and locked workdir."""
   mesh, tc = stack.mesh, config.train
-  runs = _Runs(config, workdir, stack)
+  runs = _Runs(workdir, stack)
   tx, schedule = optim.make_optimizer(config.optim, tc.num_steps)
   state, resumed_at = runs.restore(stack.init(
       lambda seed: create_train_state_unsharded(model, tx, seed, feed.input_shape)))
@@ -533,8 +550,7 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed, sample
   if resumed_at is not None:
     say(f"resumed from {workdir} at step {step}")
   if stack.stacked:
-    say(f"training seeds {', '.join(map(str, stack.seeds))} as one program, in "
-        + ", ".join(runs.workdirs))
+    say(f"training runs {', '.join(stack.names)} as one program, in " + ", ".join(runs.workdirs))
 
   def log_compile(what: str, seconds: float) -> None:
     runs.write(step, [{f"compile_s_{what}": seconds}] * len(stack))
@@ -545,16 +561,21 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed, sample
   train_on_batch = make_train_on_batch(
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
       sample_gates=sample_gates,
-      skip_compute=config.gates.skip_compute and not stack.stacked, conv_groups=tc.conv_groups)
+      skip_compute=stack.runs[0].config.gates.skip_compute and not stack.stacked,
+      conv_groups=tc.conv_groups)
   feed.start(model, train_on_batch, log_compile, stack)
 
+  gates_at_test, scaled = run_eval_gates(stack, model.layout)
+
   def evaluate(state: TrainState) -> list[dict]:
-    """The test-time network (scaled by the expected gates when training samples gates), and
-    the unscaled one beside it; one dict per run."""
-    out = feed.evaluate(state, test_gates)
-    if test_gates is not None:
-      out.update({f"{k}_unscaled": v for k, v in feed.evaluate(state, None).items()})
-    return stack.per_run(out)
+    """Each run's test-time network (scaled by its expected gates when it samples gates), and
+    the unscaled one beside it for those runs; one dict per run."""
+    per_run = stack.per_run(feed.evaluate(state, gates_at_test))
+    if gates_at_test is not None:
+      unscaled = stack.per_run(feed.evaluate(state, None))
+      for out, plain, has in zip(per_run, unscaled, scaled):
+        out.update({f"{k}_unscaled": v for k, v in plain.items()} if has else {})
+    return per_run
 
   param_norm = jax.jit(stack.vmap(optax.tree.norm, 0), out_shardings=replicated(mesh))
   progress = Progress(tc.num_steps, "train", start=step, every_s=tc.progress_every_s)
@@ -584,8 +605,8 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed, sample
       if _crossed(step, previous, tc.eval_every) or done:
         finals = evaluate(state)
         runs.write(step, finals)
-        for s, final in zip(stack.seeds, finals):
-          say(f"eval at step {step}{f' (seed {s})' if stack.stacked else ''}: "
+        for name, final in zip(stack.names, finals):
+          say(f"eval at step {step}{f' ({name})' if stack.stacked else ''}: "
               + " ".join(f"{k_} {v:.4f}" for k_, v in final.items()))
       if _crossed(step, previous, config.checkpoint.every) or done:
         runs.save(step, state)
@@ -600,4 +621,4 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed, sample
     finals = evaluate(state)
   for w, final in zip(runs.workdirs, finals):
     results.write_json(w, "final_metrics.json", {"step": step, **final})
-  return dict(zip(stack.seeds, finals)) if stack.stacked else finals[0]
+  return dict(zip(stack.names, finals)) if stack.stacked else finals[0]

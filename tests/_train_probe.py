@@ -1,7 +1,7 @@
 """Subprocess helper for tests: train a tiny config, save the final params as .npz.
 
 Usage: python tests/_train_probe.py WORKDIR OUT.npz [key=value ...]  (XLA_FLAGS set by caller;
-values are JSON, lists become tuples: seeds=[0,1] trains a stack)
+values are JSON, lists become tuples: seeds=[0,1] or stack=["a", "b:seed=1"] trains a stack)
 """
 
 import json
@@ -35,12 +35,12 @@ def main():
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), **final}))
     return
   arrays = {}
-  for seed, run_dir in zip(config.seeds or (config.seed,),
-                           stack.run_workdirs(config.seeds or (config.seed,), workdir)):
-    state = train.checkpoint.restore_latest(train.checkpoint.make_manager(run_dir), None)
+  for run in stack.runs_of(config):
+    state = train.checkpoint.restore_latest(
+        train.checkpoint.make_manager(run.workdir(workdir)), None)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    prefix = f"seed{seed}" if config.seeds else ""  # a stack's runs: seed0['params']...
-    arrays.update({prefix + jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+    # a stack's runs by name: seed0['params']..., e8['params']...
+    arrays.update({run.name + jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
   np.savez(out, **arrays)
   final = {str(k): v for k, v in final.items()}
   print(json.dumps({"devices": jax.device_count(), **final}))

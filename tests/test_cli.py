@@ -64,6 +64,8 @@ def test_analyses_without_a_checkpoint_name_the_workdir(tmp_path):
     # Gate settings are checked before the data is looked for (none is at that path).
     (["--config=configs/cifar10_resnet110.py", "--config.data.dir=/nonexistent",
       "--config.gates.sampler=effective", "--config.gates.k=99"], "gates.k=99"),
+    (['--config.stack=("a", "b:model.depth=20")'], "--config.stack entry 'b:model.depth=20': "
+                                                   "model.depth is shared by the runs"),
 ])
 def test_bad_input_is_one_line_naming_the_problem_and_writes_nothing(tmp_path, args, message):
   workdir = tmp_path / "w"
@@ -91,3 +93,14 @@ def test_missing_data_names_the_path(tmp_path):
   assert proc.returncode == 2
   assert str(missing) in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_mode_runs_prints_each_runs_workdir_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "w"
+  proc = cli("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=runs",
+             '--config.stack=("e8:gates.sampler=effective,gates.k=5", "seed1:seed=1")')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == [str(workdir / "e8"), str(workdir / "seed1")]
+  proc = cli("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=runs")
+  assert proc.stdout.splitlines() == [str(workdir)]
+  assert not workdir.exists()

@@ -22,7 +22,7 @@ def _run(model, sampler: str, groups: int, steps: int = 3):
   gc.sampler = sampler.split("_per")[0].replace("_skip", "")
   for key, value in SAMPLERS[sampler].items():
     setattr(gc, key, value)
-  sample = gates_lib.make_sampler(gc, model.layout, 16) if gc.sampler != "none" else None
+  sample = gates_lib.make_stack_sampler([gc], model.layout, 16)
   tx = optax.sgd(0.1, momentum=0.9)
   mesh = make_mesh()
   images = jax.random.randint(jax.random.key(1), (16, 8, 8, 3), 0, 256).astype(jnp.uint8)

@@ -62,6 +62,31 @@ def test_same_seed_same_gates():
   assert not np.array_equal(_draw(sampler, 50, seed=3), _draw(sampler, 50, seed=4))
 
 
+def test_a_stack_sampler_draws_each_runs_own_gates_exactly():
+  """Runs of different samplers in one vmapped program: run r's gates at every step are those
+  its own sampler draws alone from the same key (per-batch gates broadcast over the batch)."""
+  configs = [_gc(), _gc(sampler="effective", k=23), _gc(sampler="effective", k=9),
+             _gc(sampler="stochastic_depth", per_example=True, keep_downsampling=False),
+             _gc(sampler="stochastic_depth", p_last=0.2)]
+  sample = gates.make_stack_sampler(configs, R110, 8)
+  keys = jax.random.split(jax.random.key(7), len(configs))
+  for t in range(3):
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, t)
+    drawn = np.asarray(jax.jit(jax.vmap(sample))(step_keys, jnp.arange(len(configs))))
+    assert drawn.shape == (len(configs), 54, 8)
+    for r, gc in enumerate(configs):
+      alone = gates.make_sampler(gc, R110, 8)
+      want = np.ones((54, 8)) if alone is None else np.asarray(alone(step_keys[r]))
+      np.testing.assert_array_equal(drawn[r], np.broadcast_to(want.reshape(54, -1), (54, 8)))
+  assert gates.make_stack_sampler([_gc(), _gc(test_scaling="none")], R110, 8) is None
+  # runs that sample alike share one sampler: their gates keep the shape they have alone
+  same = gates.make_stack_sampler([_gc(sampler="effective", k=5)] * 2, R110, 8)
+  assert jax.vmap(same)(keys[:2], jnp.arange(2)).shape == (2, 54)
+  per_batch = gates.make_stack_sampler([_gc(), _gc(sampler="effective", k=5)], R110, 8)
+  drawn = np.asarray(jax.vmap(per_batch)(keys[:2], jnp.arange(2)))
+  assert drawn.shape == (2, 54) and (drawn[0] == 1).all() and drawn[1].sum() == 5
+
+
 def test_test_time_gates_are_the_expected_gates():
   eff = gates.eval_gates(_gc(sampler="effective", k=23), R110)
   assert eff[18] == eff[36] == 1 and eff[0] == pytest.approx(21 / 52)

@@ -436,14 +436,17 @@ def test_a_gpu_run_is_packed_then_published_or_kept_to_resume(tmp_path):
   assert not (tmp_path / "results" / "qs2").exists()
 
 
-def test_a_seed_stack_is_packed_run_by_run_and_resumed_from_the_packs(tmp_path):
-  """device_train.sh with --config.seeds packs each run apart (NAME_seed{s}); carried back in
-  .gpu/resume/, the packs are unpacked into the stack's runs, which resume together."""
+def test_a_mixed_stack_is_packed_run_by_run_and_resumed_from_the_packs(tmp_path):
+  """device_train.sh with --config.stack packs each run apart (NAME_RUN); carried back in
+  .gpu/resume/, the packs of the stack's runs, and only those, are unpacked into its runs,
+  which resume together."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, OUT=str(tmp_path / "out"),
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
   config = os.path.join(REPO, "configs", "quickstart.py")
-  overrides = ["--config.seeds=(1,2)", "--config.model.depth=8", "--config.train.eval_every=5",
-               "--config.checkpoint.every=5", "--config.train.log_every=5"]
+  overrides = ['--config.stack=("e8:gates.sampler=effective,gates.k=2,'
+               'gates.keep_downsampling=false","seed1:seed=1")', "--config.model.depth=8",
+               "--config.train.eval_every=5", "--config.checkpoint.every=5",
+               "--config.train.log_every=5"]
 
   def train(steps: int) -> str:
     proc = subprocess.run(
@@ -454,18 +457,21 @@ def test_a_seed_stack_is_packed_run_by_run_and_resumed_from_the_packs(tmp_path):
     return proc.stdout
 
   train(5)
-  for seed in (1, 2):
-    with tarfile.open(tmp_path / "out" / f"st_seed{seed}.tar.part-aa") as tar:
+  for run in ("e8", "seed1"):
+    with tarfile.open(tmp_path / "out" / f"st_{run}.tar.part-aa") as tar:
       assert {"config.json", "train.log", "checkpoints/5"} <= set(tar.getnames())
-  assert not (tmp_path / "out" / "st.tar.part-aa").exists()
+  assert sorted(os.listdir(tmp_path / "out")) == ["st_e8.tar.part-aa", "st_seed1.tar.part-aa"]
   shutil.rmtree(tmp_path / "runs")  # a fresh machine: only the carried packs
   (tmp_path / ".gpu").mkdir()
   shutil.move(tmp_path / "out", tmp_path / ".gpu" / "resume")
+  shutil.copy(tmp_path / ".gpu" / "resume" / "st_e8.tar.part-aa",
+              tmp_path / ".gpu" / "resume" / "st_other.tar.part-aa")  # another run's pack
   out = train(10)
-  assert out.count("unpacked 5 from .gpu/resume/st_seed") == 2
+  assert out.count("unpacked 5 from .gpu/resume/st_") == 2
   assert "resumed from runs/st at step 5" in out
-  for seed in (1, 2):
-    with tarfile.open(tmp_path / "out" / f"st_seed{seed}.tar.part-aa") as tar:
+  assert sorted(os.listdir(tmp_path / "runs" / "st")) == ["e8", "seed1", "train.log"]
+  for run in ("e8", "seed1"):
+    with tarfile.open(tmp_path / "out" / f"st_{run}.tar.part-aa") as tar:
       assert "checkpoints/10" in tar.getnames()
 
 
@@ -516,7 +522,9 @@ def test_a_corrupt_resume_pack_stops_device_train_before_training(tmp_path):
   _truncated_pack(home / ".gpu" / "resume" / "r.tar.part-aa", tmp_path)
   stub = tmp_path / "stub bin"
   stub.mkdir()
-  (stub / "python3").write_text(f"#!/bin/sh\ntouch {shlex.quote(str(tmp_path / 'trained'))}\n")
+  (stub / "python3").write_text(  # names the run (--mode=runs), or trains
+      '#!/bin/sh\ncase "$*" in *--mode=runs*) echo runs/r; exit 0;; esac\n'
+      f"touch {shlex.quote(str(tmp_path / 'trained'))}\n")
   (stub / "python3").chmod(0o755)
   proc = subprocess.run(
       ["bash", os.path.join(REPO, "launch", "device_train.sh"), "configs/quickstart.py",
@@ -545,9 +553,10 @@ def test_a_seed_stack_trains_packs_and_publishes_under_paths_with_spaces(tmp_pat
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 
-  sh("device_train.sh", config, "runs/my run", "200", "--config.seeds=(1,2)",
-     "--config.model.depth=8", "--config.train.num_steps=5", "--config.train.eval_every=5",
-     "--config.checkpoint.every=5", "--config.train.log_every=5")
+  command = (config, "runs/my run", "200", "--config.seeds=(1,2)", "--config.model.depth=8",
+             "--config.train.num_steps=5", "--config.train.eval_every=5",
+             "--config.checkpoint.every=5", "--config.train.log_every=5")
+  sh("device_train.sh", *command)
   for seed in (1, 2):
     with tarfile.open(out / f"my run_seed{seed}.tar.part-aa") as tar:
       assert {"config.json", "train.log", "checkpoints/5"} <= set(tar.getnames())
@@ -558,4 +567,4 @@ def test_a_seed_stack_trains_packs_and_publishes_under_paths_with_spaces(tmp_pat
   assert {p.name for p in (home / "results" / "q s1").iterdir()} == {
       "config.json", "metrics.jsonl", "final_metrics.json", "train.log"}
   assert (home / ".gpu" / "resume" / "my run_seed1.finished").exists()
-  assert "my run: finished and published" in sh("device_train.sh", config, "runs/my run", "200")
+  assert "my run: finished and published" in sh("device_train.sh", *command)

@@ -221,7 +221,7 @@ def test_training_with_skip_follows_the_multiply_trajectory_and_compiles_once():
   model = models.ResNet(stage_sizes=(3, 3, 3), widths=(4, 8, 16))
   gc = base_config().gates
   gc.sampler, gc.k = "effective", 4
-  sampler = gates_lib.make_sampler(gc, model.layout, 16)
+  sampler = gates_lib.make_stack_sampler([gc], model.layout, 16)
   tx = optax.sgd(0.1, momentum=0.9)
   mesh = make_mesh()
   images = jax.random.randint(jax.random.key(1), (16, 8, 8, 3), 0, 256).astype(jnp.uint8)

@@ -19,11 +19,25 @@
 #     the later --config.model.dtype wins over $O's bfloat16). SECOND_RUN=runs/r110_sd_s0 trains a second run (SECOND_CONFIG, default
 #     stochastic depth; SECOND_O: its own extra overrides, e.g. --config.seed=1) in a second
 #     process beside the queue, each with 0.45 of the memory (drop that job from QUEUE).
+#     STACK=1: the queue is instead ONE mixed stack of the paper's ResNet-110, one vmapped
+#     program in float32 (the paper's precision): E8 (effective paths, k = 23; run e8), E10's
+#     stochastic depth (p_L = 0.5, every block droppable; run sd), both seed 0, and seeds 1 and 2
+#     of the plain recipe (seed1, seed2), each in runs/r110_mixed/RUN with its own config.json,
+#     packed as r110_mixed_RUN (publish_run.sh takes that name; configs/run.py:runs/r110_mixed/RUN
+#     is its config). E8 starts from step 0: its step-22,750 pack is not in this checkout.
+#     Carry: four packs of ~13 MB and the ~20 MB of data and wheels exceed the 64 MiB limit, so
+#     a stack that must resume on a fresh machine from carried packs holds three runs
+#     (STACK_RUNS). STACK_CONFIG, STACK_DIR, STACK_RUNS (the --config.stack value, no spaces).
 #
 # CPU smoke: SMOKE=1 bash launch/sessions/next_gpu.sh bench 600
 #            SMOKE=1 R=<trained quickstart workdir> CONFIG_R=configs/quickstart.py LESION=1 \
 #              CONFIG_E=configs/quickstart.py E_RUN=/tmp/qs_eff O="" E_O="--config.gates.sampler=effective \
 #              --config.gates.k=5 --config.train.num_steps=40" bash launch/sessions/next_gpu.sh rest 200
+#            SMOKE=1 STACK=1 STACK_CONFIG=configs/quickstart.py STACK_DIR=/tmp/mixed O="" \
+#              STACK_RUNS='("e8:gates.sampler=effective,gates.k=2,gates.keep_downsampling=false","sd:gates.sampler=stochastic_depth","seed1:seed=1","seed2:seed=2")' \
+#              E_O="--config.model.depth=8 --config.model.width=4 --config.train.num_steps=6 \
+#              --config.train.eval_every=3 --config.checkpoint.every=3" \
+#              bash launch/sessions/next_gpu.sh rest 200
 set -o pipefail
 STAGE=${1:?usage: next_gpu.sh bench|rest SECONDS}
 TOTAL=${2:-520}
@@ -36,6 +50,12 @@ SECOND_CONFIG=${SECOND_CONFIG:-configs/cifar10_resnet110_sd.py}  # with SECOND_R
 QUEUE=${QUEUE-"$CONFIG_E $E_RUN
 configs/cifar10_resnet110_sd.py runs/r110_sd_s0 --config.gates.skip_compute=False
 configs/cifar10_resnet110.py runs/r110_seeds --config.seeds=(1,2) --config.model.dtype=float32"}
+STACK_CONFIG=${STACK_CONFIG:-configs/cifar10_resnet110.py}
+STACK_DIR=${STACK_DIR:-runs/r110_mixed}
+STACK_RUNS=${STACK_RUNS:-'("e8:gates.sampler=effective,gates.k=23","sd:gates.sampler=stochastic_depth,gates.p_last=0.5,gates.keep_downsampling=false","seed1:seed=1","seed2:seed=2")'}
+if [ -n "$STACK" ]; then  # the whole queue as one program (the QUEUE lines split on spaces)
+  QUEUE="$STACK_CONFIG $STACK_DIR --config.stack=$STACK_RUNS --config.model.dtype=float32"
+fi
 # XLA_FLAGS of the training runs only (the bench steps set their own), e.g. command buffers
 # over conditionals: "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
 TRAIN_XLA_FLAGS=${TRAIN_XLA_FLAGS-$XLA_FLAGS}

@@ -23,7 +23,7 @@
 # train128_2proc (2 processes at once, concurrent.sh) paths_unpaired paths_chunk200
 # train128_cmdbuf_off train128_cmdbuf_while train_effective_cmdbuf_while (GPU only)
 # train_effective_multiply train_sd_multiply.
-# PROFILE_GATED=1 also traces the gated steps (train_effective, train_sd; session 5 has theirs).
+# PROFILE_GATED=1 also traces the gated steps (train_effective, train_sd; the 2026-11-27 04:22 UTC calls has theirs).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
@@ -132,7 +132,7 @@ step() {  # step NAME CAP_S COMMAND...: runs COMMAND --out=$JSONL under min(CAP_
 step torch_eager 60 "$PY" bench/torch_side.py --ref="$TORCH_REF" $TORCH --time_cap_s=40 \
   --rows=train128_fp32,train1024_bf16,eval,lesion_E1,paths_E6
 if [ "$SMOKE" != 1 ]; then
-  # torch.compile, the issue's batch-1,024 reference: ~75 s of inductor compiling (session 5),
+  # torch.compile, the issue's batch-1,024 reference: ~75 s of inductor compiling (the 2026-11-27 04:22 UTC calls),
   # so second, where the budget cannot squeeze it out; not started with under 60 s left.
   STEP_MIN_S=${TORCH_COMPILE_MIN_S:-60} step torch_compile 150 "$PY" bench/torch_side.py \
     --ref="$TORCH_REF" --rows=compile1024

@@ -15,7 +15,7 @@ about k/n of the blocks' FLOPs; the gates, the loss, the gradients and the BN st
 same either way (the multiply form leaves a gated-off branch's statistics alone too), so it is a
 choice of speed: on the CPU skipping halves the effective-path step; on the GPU each cond costs
 a host round trip, and the multiply form is faster once more than about half the blocks run
-(stochastic depth; BUILD_NOTES "Issue 6 bench, session 5").
+(stochastic depth; BUILD_NOTES "Issue 6 bench — H100, 2026-11-27 04:22–04:34 UTC").
 
 A stack of runs (resnet_ensemble/stack.py) may mix samplers: ``make_stack_sampler`` gives each
 run the gates its own sampler draws alone, inside one vmapped step.

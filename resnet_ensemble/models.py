@@ -13,7 +13,7 @@ block whose gate is zero for the whole batch computes only its shortcut, so a dr
 costs no FLOPs. Either way its residual branch's BN statistics do not move (Huang et al.'s
 dropped block; ``BatchNorm`` below keeps them in the multiply form), so the two forms give the
 same outputs, gradients and statistics: ``skip_compute`` is a choice of speed alone (on the
-GPU each cond costs a host round trip, BUILD_NOTES "Issue 6 bench, session 5"). Under ``vmap``
+GPU each cond costs a host round trip, BUILD_NOTES "Issue 6 bench — H100, 2026-11-27 04:22–04:34 UTC"). Under ``vmap``
 over gates the cond becomes a select that computes both branches: correct, nothing saved.
 """
 

@@ -120,6 +120,7 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
 def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
               config_file: str | None) -> None:
   from resnet_ensemble import lesion, report, results, routing, stack, train, trained
+  from resnet_ensemble import workdir as workdir_lib
   from resnet_ensemble.progress import format_duration, is_main_process, say
   analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
   steps = {"train": [train.train_and_evaluate], "lesion": [analyse(lesion.run_study)],
@@ -134,7 +135,7 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")
   stack.check_mode(config, mode, workdir)
-  latest = _latest_step(workdir)
+  latest = workdir_lib.latest_step(workdir)
   if mode == "train" and exported and latest is None:
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "
                      f"({trained.VARIABLES_FILE}) and no checkpoints; train in a new workdir")
@@ -160,15 +161,6 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
                                   out_dir=r.out_dir or None,
                                   config_file=config_file)
     say(f"report: {written[-1]} and {len(written) - 1} figures")
-
-
-def _latest_step(workdir: str) -> int | None:
-  """The newest checkpoint step in ``workdir`` (by name; None: none)."""
-  from resnet_ensemble import results
-  directory = results.path(workdir, "checkpoints")
-  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()] \
-      if directory.is_dir() else []
-  return max(steps, default=None)
 
 
 def run():

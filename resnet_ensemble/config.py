@@ -178,6 +178,15 @@ def flatten(config) -> dict[str, object]:
   return out
 
 
+def override(config, field: str, value) -> None:
+  """Sets ``config``'s dotted ``field`` ("gates.k") to ``value``, as ``--config.gates.k`` does."""
+  *path, leaf = field.split(".")
+  node = config
+  for name in path:
+    node = node[name]
+  node[leaf] = value
+
+
 def covered(field: str, names) -> bool:
   """Is ``field`` one of ``names`` or inside a section named there?"""
   return any(field == n or field.startswith(n + ".") for n in names)

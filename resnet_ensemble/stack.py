@@ -82,11 +82,7 @@ def _single(config, overrides: Mapping[str, Any]):
   c = config.copy_and_resolve_references()
   c.seeds, c.stack = (), ()
   for key, value in overrides.items():
-    *path, leaf = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+    config_lib.override(c, key, value)
   return c
 
 

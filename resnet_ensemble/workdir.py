@@ -195,10 +195,19 @@ def _refuse(workdir: str, what: str, diffs: list[str]) -> None:
       f"own settings ({CONFIG_FILE} there). Differences:\n  " + "\n  ".join(diffs))
 
 
+def _checkpoint_names(workdir: str) -> list[str]:
+  directory = results.path(workdir, "checkpoints")
+  return [d.name for d in directory.iterdir()] if directory.is_dir() else []
+
+
 def holds_run(workdir: str) -> bool:
   """Does ``workdir`` hold a run's state (a checkpoint, even one set aside as unreadable)?"""
-  directory = results.path(workdir, "checkpoints")
-  return directory.is_dir() and any(d.name.split(".")[0].isdigit() for d in directory.iterdir())
+  return any(name.split(".")[0].isdigit() for name in _checkpoint_names(workdir))
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint step in ``workdir``, by name, without reading it (None: none)."""
+  return max((int(name) for name in _checkpoint_names(workdir) if name.isdigit()), default=None)
 
 
 def guard_resume(workdir: str, config) -> None:

@@ -17,7 +17,7 @@ sys.path.insert(0, REPO)
 
 def tiny_config(**overrides):
   """ResNet-8 (3 blocks) of width 4 on the embedded digits, float32, a few steps."""
-  from resnet_ensemble.config import base_config
+  from resnet_ensemble.config import base_config, override
   c = base_config()
   c.model.depth = 8
   c.model.width = 4
@@ -34,11 +34,7 @@ def tiny_config(**overrides):
   c.eval.batch_size = 120
   c.checkpoint.every = 3
   for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+    override(c, key, value)
   return c
 
 

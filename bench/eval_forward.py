@@ -1,5 +1,5 @@
 """Eval forward throughput: the test set resident on the device, evaluated by one compiled
-program per eval batch size (``train.make_eval_fn``: a scan over padded batches).
+program per eval batch size (``evaluate.make_eval_fn``: a scan over padded batches).
 
 One JSON line per batch size (see common.py):
 
@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common
-from resnet_ensemble import models, train, trained
+from resnet_ensemble import evaluate, models
 from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -49,9 +49,9 @@ def main(_):
     if batch % groups:
       raise ValueError(f"--groups={groups} must divide the batch size {batch}")
   for batch, groups in runs:
-    eval_fn = jax.jit(train.make_eval_fn(model, dataset.mean, dataset.std, groups),
+    eval_fn = jax.jit(evaluate.make_eval_fn(model, dataset.mean, dataset.std, groups),
                       out_shardings=replicated(mesh))
-    images, labels, mask = trained.padded_test_batches(dataset, batch)
+    images, labels, mask = evaluate.padded_test_batches(dataset, batch)
     args = [put(a, sharded(mesh, axis=1)) for a in (images, labels, mask)]
     common.progress(f"batch {batch}, groups {groups}: compiling")
     t0 = time.perf_counter()

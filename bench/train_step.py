@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common
-from resnet_ensemble import gates as gates_lib, models, optim, train
+from resnet_ensemble import feeds, gates as gates_lib, models, optim, state as state_lib, train
 from resnet_ensemble.sharding import make_mesh
 from resnet_ensemble.stack import RunStack, runs_of
 
@@ -53,8 +53,8 @@ def main(_):
   stack = RunStack(runs_of(c), mesh)
   replicas = len(stack)
   shape = dataset.train_images.shape[1:]
-  state = stack.init(lambda seed: train.create_train_state_unsharded(model, tx, seed, shape))
-  resident = train.put_resident(dataset, 1000, mesh)
+  state = stack.init(lambda seed: state_lib.create_train_state_unsharded(model, tx, seed, shape))
+  resident = feeds.put_resident(dataset, 1000, mesh)
   skip = c.gates.skip_compute and not stack.stacked  # vmapped, a cond would be a select
   step = train.make_train_on_batch(
       model, tx, dataset.mean, dataset.std, 0.0, mesh,
@@ -62,7 +62,7 @@ def main(_):
                                                 model.layout, c.train.batch_size),
       skip_compute=skip, conv_groups=c.train.conv_groups)
   k = c.train.steps_per_call
-  fn = stack.vmap(train.make_resident_train_fn(
+  fn = stack.vmap(feeds.make_resident_train_fn(
       step, batch_size=c.train.batch_size, crop_padding=c.data.crop_padding, flip=c.data.flip,
       num_steps=k), (0, None, 0, 0))
   args = (stack.seed_arg, stack.index_arg)

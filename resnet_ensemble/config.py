@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 64_000
   c.train.steps_per_call = 1         # steps per compiled call (lax.scan)
   c.train.conv_groups = 1            # the batch as G slices over G weight copies: grouped
-                                     # convolutions, same function (train.grouped_apply)
+                                     # convolutions, same function (evaluate.grouped_apply)
   c.train.log_every = 200
   c.train.eval_every = 4_000
   c.train.progress_every_s = 30.0

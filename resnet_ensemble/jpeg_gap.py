@@ -44,7 +44,7 @@ def load_exact(path: str) -> dict[str, np.ndarray]:
 def measure(config, workdir: str, exact_path: str) -> dict:
   """Error of the newest checkpoint on the exact pixels and on their JPEG versions."""
   import jax
-  from resnet_ensemble import results, train, trained
+  from resnet_ensemble import evaluate, results, trained
   t = trained.load_trained(config, workdir)
   if not hasattr(t.dataset, "test_images"):
     raise ValueError(f"jpeg_gap needs a resident test split (CIFAR-10); {config.data.name} "
@@ -56,7 +56,7 @@ def measure(config, workdir: str, exact_path: str) -> dict:
                                                               exact["test_labels"]):
     raise ValueError(f"{exact_path} does not match the test split of {config.data.name} "
                      f"(labels differ at the given indices)")
-  eval_fn = jax.jit(train.make_eval_fn(t.model, ds.mean, ds.std))
+  eval_fn = jax.jit(evaluate.make_eval_fn(t.model, ds.mean, ds.std))
   n = len(idx)
   ones = np.ones((1, n), np.float32)
   labels = exact["test_labels"].astype(np.int32)[None]

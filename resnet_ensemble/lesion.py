@@ -105,7 +105,7 @@ def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh,
   see one batch of G x images. Which form is faster depends on the hardware (E1 ran 4.8x
   faster shared on the CPU; on an H100 the grouped form ran ~1.4x faster in the runs of
   BUILD_NOTES "Lesion forms"): see ``LesionEngine``'s ``variant_weights``. ``eval_fn`` is
-  ``train.make_eval_fn(...)``; G must be a multiple of the device count."""
+  ``evaluate.make_eval_fn(...)``; G must be a multiple of the device count."""
 
   def one(variables, images, labels, mask, gates, order=None):
     if order is not None:
@@ -254,8 +254,8 @@ def first_test_images(dataset, max_images: int):
 def make_engine(config, t, mesh) -> LesionEngine:
   """The lesion engine for ``t``'s data: resident (CIFAR, digits) or streamed (ImageNet); both
   evaluate on the first ``eval.max_images`` test images (0: all)."""
-  from resnet_ensemble import gates as gates_lib, imagenet, train, trained
-  eval_fn = train.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
+  from resnet_ensemble import evaluate, gates as gates_lib, imagenet
+  eval_fn = evaluate.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   common = dict(mesh=mesh, chunk=config.lesion.chunk,
                 base_gates=gates_lib.eval_gates(config.gates, t.layout),
                 variant_weights=config.lesion.variant_weights)
@@ -265,7 +265,7 @@ def make_engine(config, t, mesh) -> LesionEngine:
     check_divisible(batch_size, mesh, "eval.batch_size")
     return StreamedLesionEngine(eval_fn, t.layout, t.variables,
                                 lambda: t.dataset.batches(batch_size, cap), **common)
-  batches = trained.padded_test_batches(first_test_images(t.dataset, cap), batch_size)
+  batches = evaluate.padded_test_batches(first_test_images(t.dataset, cap), batch_size)
   return LesionEngine(eval_fn, t.layout, t.variables, *batches, **common)
 
 

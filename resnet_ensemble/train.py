@@ -1,17 +1,16 @@
-"""Training and evaluation: ``train_and_evaluate(config, workdir)``.
+"""Training: ``train_and_evaluate(config, workdir)``, the loop and the step.
 
 One jitted program per job, over a data-parallel mesh: the state is replicated, every batch is
-sharded on the 'data' axis. Small datasets (CIFAR-10, the embedded digits) live on the device
-as uint8 and each step selects and augments its own batch, optionally several steps per
-compiled call (``train.steps_per_call``, a ``lax.scan``); ImageNet streams from a host pipeline.
+sharded on the 'data' axis. The batches come from a feed (``feeds``), the state from
+``state``, the test error from ``evaluate``; a stack of runs (``stack``) trains as one vmapped
+program, each run in its own workdir.
 """
 
-import functools
 import math
 import signal
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import flax
 import flax.linen as nn
@@ -24,131 +23,19 @@ from clu import metrics
 from resnet_ensemble import (checkpoint, config as config_lib, data as data_lib,
                              gates as gates_lib, models, optim, results, workdir as workdir_lib,
                              writers)
-from resnet_ensemble.augment import batch_indices, normalize, random_crop_flip
+from resnet_ensemble.augment import normalize
+from resnet_ensemble.evaluate import cross_entropy, grouped_apply
+from resnet_ensemble.feeds import make_feed
 from resnet_ensemble.progress import Progress, say
-from resnet_ensemble.stack import Run, RunStack, runs_of
-from resnet_ensemble.trained import padded_test_batches
-from resnet_ensemble.sharding import check_divisible, make_mesh, put, replicated, sharded
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-  @property
-  def variables(self) -> dict:
-    return {"params": self.params, "batch_stats": self.batch_stats}
+from resnet_ensemble.sharding import check_divisible, make_mesh, replicated, sharded
+from resnet_ensemble.stack import RunStack, runs_of
+from resnet_ensemble.state import TrainState, create_train_state_unsharded
 
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output("loss")
   accuracy: metrics.Accuracy
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
-  """Per-example cross-entropy against (optionally label-smoothed) one-hot targets."""
-  targets = jax.nn.one_hot(labels, logits.shape[-1])
-  if smoothing:
-    targets = optax.smooth_labels(targets, smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
-@flax.struct.dataclass
-class ResidentData:
-  """A dataset on the device: train split flat, test split padded into masked batches."""
-  train_images: jax.Array  # uint8 (N, H, W, C), replicated
-  train_labels: jax.Array  # int32 (N,)
-  test_images: jax.Array   # uint8 (n_batches, B, H, W, C), batch axis sharded
-  test_labels: jax.Array   # int32 (n_batches, B)
-  test_mask: jax.Array     # float32 (n_batches, B): 0 for padding
-
-
-def put_resident(dataset: data_lib.ImageDataset, eval_batch_size: int, mesh) -> ResidentData:
-  check_divisible(eval_batch_size, mesh, "eval.batch_size")
-  test_images, test_labels, mask = padded_test_batches(dataset, eval_batch_size)
-  rep, batch_axis = replicated(mesh), sharded(mesh, axis=1)
-  return ResidentData(
-      train_images=put(dataset.train_images, rep),
-      train_labels=put(dataset.train_labels.astype(np.int32), rep),
-      test_images=put(test_images, batch_axis),
-      test_labels=put(test_labels, batch_axis),
-      test_mask=put(mask, batch_axis))
-
-
-def make_eval_fn(model: nn.Module, mean, std, conv_groups: int = 1) -> Callable:
-  """``eval_fn(variables, images, labels, mask, gates=None) -> {loss, accuracy, error, count}``
-  over a stack of padded batches (leading axis). Pure, so it can be vmapped over gates.
-  ``conv_groups`` (``eval.conv_groups``): each batch as that many slices over weight copies,
-  grouped convolutions, the same numbers (``grouped_apply``)."""
-  apply = grouped_apply(model, conv_groups, train=False)
-
-  def eval_fn(variables, images, labels, mask, gates=None):
-    def body(totals, batch):
-      x, y, m = batch
-      logits, _ = apply(variables, normalize(x, mean, std), gates, False)
-      loss = cross_entropy(logits, y)
-      correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-      return (totals[0] + jnp.sum(loss * m), totals[1] + jnp.sum(correct * m)), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (images, labels, mask))
-    count = jnp.sum(mask)
-    accuracy = correct / count
-    return {"loss": loss_sum / count, "accuracy": accuracy, "error": 1.0 - accuracy,
-            "count": count}
-
-  return eval_fn
-
-
-GROUP_AXIS = "conv_groups"
-
-
-def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
-  """``apply(variables, x, gates, skip_compute) -> (logits, batch_stats updates)`` (no
-  updates outside training); the batch run as ``groups`` slices over ``groups`` copies of
-  the weights.
-
-  vmap over the copies turns every convolution into one grouped convolution with
-  ``groups`` x the channels: the same arithmetic in another kernel, which keeps a 16-channel
-  layer's GEMM tiles fuller (``train.conv_groups``, ``eval.conv_groups``). In training,
-  BatchNorm statistics are taken over the whole batch (a mean over the slices' axis) and the
-  copies' gradients sum to the weights' gradient: the function is that of ``groups=1``.
-  Slice g holds examples g, g + G, ..., so a batch split over devices stays split the same
-  way."""
-  mutable = ["batch_stats"] if train else []
-  if groups == 1:
-    return lambda variables, x, gates, skip: model.apply(
-        variables, x, gates=gates, train=train, skip_compute=skip, mutable=mutable)
-  grouped = model.clone(norm_axis_name=GROUP_AXIS)
-
-  def split(a: jax.Array, axis: int = 0) -> jax.Array:  # (.., B, ..) -> (G, .., B/G, ..)
-    shape = a.shape[:axis] + (a.shape[axis] // groups, groups) + a.shape[axis + 1:]
-    return jnp.moveaxis(a.reshape(shape), axis + 1, 0)
-
-  def apply(variables, x, gates, skip):
-    if x.shape[0] % groups:
-      raise ValueError(f"{'train' if train else 'eval'}.conv_groups={groups} must divide the "
-                       f"batch size {x.shape[0]}")
-    copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (groups,) + v.shape), variables)
-    per_example = gates is not None and gates.ndim == 2  # (n_blocks, batch)
-    # Per-example gates differ between slices: each slice's cond would be a select over both
-    # branches (nothing saved) that judges a block by its own slice, not by the batch. The
-    # multiply form computes the same and judges by the batch (models.BatchNorm's ``live``).
-    skip = skip and not per_example
-    one = lambda v, xs, g: grouped.apply(  # noqa: E731
-        v, xs, gates=g, train=train, skip_compute=skip, mutable=mutable)
-    logits, updates = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None),
-                               axis_name=GROUP_AXIS)(
-        copies, split(x), split(gates, 1) if per_example else gates)
-    # (G, B/G, classes) -> (B, classes) in the batch's order; every copy's statistics agree
-    logits = jnp.moveaxis(logits, 0, 1).reshape(x.shape[0], -1)
-    return logits, jax.tree.map(lambda u: u[0], updates)
-
-  return apply
 
 
 def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean, std,
@@ -189,62 +76,6 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
     return state, TrainMetrics.single_from_model_output(loss=loss, logits=logits, labels=labels)
 
   return train_on_batch
-
-
-class RunKeys(NamedTuple):
-  """The random streams of a run, all from its seed: batch order, augmentation, gates."""
-  order: jax.Array
-  augment: jax.Array
-  gates: jax.Array
-
-
-def run_keys(seed) -> RunKeys:
-  """``seed``: an int or a traced uint32 (a stack of runs passes each run's own)."""
-  root = jax.random.key(seed)
-  return RunKeys(*(jax.random.fold_in(root, i) for i in (1, 2, 3)))
-
-
-def make_resident_train_fn(train_on_batch: Callable, *, batch_size: int, crop_padding: int,
-                           flip: bool, num_steps: int) -> Callable:
-  """``fn(state, data, seed, run) -> (state, metrics)`` running ``num_steps`` steps on resident
-  data (``run``: the run's index in its stack, which picks its gate sampler).
-
-  The batch, augmentation and gates of step t depend only on (seed, t). The seed and the run
-  are arguments, not constants, so the function can be vmapped over a stack of runs."""
-
-  def train_fn(state: TrainState, data: ResidentData, seed, run):
-    keys = run_keys(seed)
-
-    def one_step(state: TrainState):
-      idx = batch_indices(keys.order, state.step, data.train_labels.shape[0], batch_size)
-      images = random_crop_flip(jax.random.fold_in(keys.augment, state.step),
-                                data.train_images[idx], crop_padding, flip)
-      return train_on_batch(state, images, data.train_labels[idx], keys.gates, run)
-
-    if num_steps == 1:
-      return one_step(state)
-    state, stacked = jax.lax.scan(lambda s, _: one_step(s), state, None, length=num_steps)
-    return state, stacked.reduce()
-
-  return train_fn
-
-
-def create_train_state_unsharded(model: nn.Module, tx, seed: int | jax.Array,
-                                 input_shape) -> TrainState:
-  x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  variables = model.init(jax.random.fold_in(jax.random.key(seed), 0), x)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
-
-
-def create_train_state(model: nn.Module, tx, seed: int, input_shape, mesh) -> TrainState:
-  """The initial state replicated over ``mesh``, initialised on the host (``RunStack.init``:
-  the one way a run's state is made, alone or in a stack)."""
-  run = config_lib.base_config()
-  run.seed = seed
-  return RunStack([Run("", run)], mesh).init(
-      lambda s: create_train_state_unsharded(model, tx, s, input_shape))
 
 
 class StopRequest:
@@ -300,108 +131,6 @@ def _diverged(what: str, step: int, manager) -> FloatingPointError:
            "before it is saved)" if last is not None else "No checkpoint was saved")
   return FloatingPointError(f"non-finite {what} at step {step}; stopping. {where}: lower the "
                             "learning rate or check the data.")
-
-
-class ResidentFeed:
-  """A small dataset on the device; each compiled call runs k steps that pick their batches."""
-
-  def __init__(self, config, mesh):
-    self.dataset = data_lib.load(config.data)
-    d = self.dataset
-    say(f"data: {d.source} ({len(d.train_labels)} train, {len(d.test_labels)} test)")
-    self.config, self.mesh = config, mesh
-    self.num_classes, self.input_shape = d.num_classes, d.train_images.shape[1:]
-    self.mean, self.std = d.mean, d.std
-
-  def start(self, model, train_on_batch, log_compile: Callable[[str, float], None],
-            stack: RunStack) -> None:
-    c, rep = self.config, replicated(self.mesh)
-    self.resident = put_resident(self.dataset, c.eval.batch_size, self.mesh)
-    self._make = functools.partial(
-        make_resident_train_fn, train_on_batch, batch_size=c.train.batch_size,
-        crop_padding=c.data.crop_padding, flip=c.data.flip)
-    self._compiled: dict[int, Any] = {}
-    self._log_compile, self._stack = log_compile, stack
-    eval_fn = make_eval_fn(model, self.mean, self.std, c.eval.conv_groups)
-    self._eval = jax.jit(stack.vmap(eval_fn, (0, None, None, None, 0)), out_shardings=rep)
-
-  def train(self, state: TrainState, k: int):
-    args = (self._stack.seed_arg, self._stack.index_arg)
-    if k not in self._compiled:
-      t0 = time.perf_counter()
-      fn = self._stack.vmap(self._make(num_steps=k), (0, None, 0, 0))
-      jitted = jax.jit(fn, out_shardings=(replicated(self.mesh),) * 2, donate_argnums=0)
-      self._compiled[k] = jitted.lower(state, self.resident, *args).compile()
-      self._log_compile(f"train_{k}_steps", time.perf_counter() - t0)
-    return self._compiled[k](state, self.resident, *args)
-
-  def evaluate(self, state: TrainState, gates=None) -> dict:
-    """``{eval_loss, eval_accuracy, eval_error}``: scalars, or one value per run of a stack
-    (``gates``: None, or each run's, stacked)."""
-    r = self.resident
-    out = self._eval(state.variables, r.test_images, r.test_labels, r.test_mask, gates)
-    return {f"eval_{k}": v for k, v in out.items() if k != "count"}
-
-
-class StreamedFeed:
-  """ImageNet from the host pipeline: each process feeds its share of every global batch."""
-
-  def __init__(self, config, mesh):
-    from resnet_ensemble import imagenet
-    self.imagenet, self.config, self.mesh = imagenet, config, mesh
-    size = config.data.image_size
-    self.num_classes, self.input_shape = imagenet.NUM_CLASSES, (size, size, 3)
-    self.mean, self.std = imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD
-    say(f"data: TFDS imagenet2012 (data_dir={config.data.dir or 'default'})")
-
-  def _split(self, split: str, train: bool, batch_size: int):
-    c = self.config.data
-    return self.imagenet.make_split(split, batch_size=batch_size, train=train,
-                                    image_size=c.image_size, data_dir=c.dir or None,
-                                    seed=self.config.seed)
-
-  def _global(self, local: np.ndarray) -> jax.Array:
-    return jax.make_array_from_process_local_data(sharded(self.mesh), local)
-
-  def start(self, model, train_on_batch, log_compile, stack: RunStack) -> None:
-    if stack.stacked:  # one host pipeline feeds one run: stacked runs would share its batches
-      raise ValueError(f"a stack of runs ({', '.join(stack.names)}) trains on resident data only "
-                       "(cifar10, digits); train ImageNet runs one at a time")
-    self.config = stack.runs[0].config  # the run's own seed: its batches and gates
-    rep = replicated(self.mesh)
-    check_divisible(self.config.eval.batch_size, self.mesh, "eval.batch_size")
-    self._batches = self._split("train", True, self.config.train.batch_size)
-    gate_key = run_keys(self.config.seed).gates
-    self._step = jax.jit(lambda state, x, y: train_on_batch(state, x, y, gate_key),
-                         out_shardings=(rep, rep), donate_argnums=0)
-    eval_fn = make_eval_fn(model, self.mean, self.std, self.config.eval.conv_groups)
-    # One batch at a time: add a leading batch-stack axis of 1 for eval_fn's scan.
-    self._eval = jax.jit(lambda v, x, y, m, g: eval_fn(v, x[None], y[None], m[None], g),
-                         out_shardings=rep)
-
-  def train(self, state: TrainState, k: int):
-    total = None
-    for _ in range(k):
-      images, labels = next(self._batches)
-      state, m = self._step(state, self._global(images), self._global(labels))
-      total = m if total is None else total.merge(m)
-    return state, total
-
-  def evaluate(self, state: TrainState, gates=None) -> dict:
-    loss = correct = count = 0.0
-    for images, labels, mask in self._split("validation", False, self.config.eval.batch_size):
-      out = self._eval(state.variables, *(self._global(a) for a in (images, labels, mask)), gates)
-      n = float(out["count"])
-      loss, correct, count = loss + float(out["loss"]) * n, correct + float(out["accuracy"]) * n, count + n
-    return {"eval_loss": loss / count, "eval_accuracy": correct / count,
-            "eval_error": 1.0 - correct / count}
-
-
-def make_feed(config, mesh):
-  """The input feed for ``config.data.name``: resident (digits, cifar10) or streamed (ImageNet)."""
-  if config.data.name == "imagenet2012":
-    return StreamedFeed(config, mesh)
-  return ResidentFeed(config, mesh)
 
 
 class _Runs:

@@ -9,8 +9,9 @@ from flax import serialization
 import jax
 import numpy as np
 
-from resnet_ensemble import checkpoint, data as data_lib, models, optim, workdir as workdir_lib
+from resnet_ensemble import checkpoint, data as data_lib, models, workdir as workdir_lib
 from resnet_ensemble.layout import BlockLayout
+from resnet_ensemble.state import abstract_state
 from resnet_ensemble.progress import say
 
 
@@ -72,13 +73,7 @@ def load_trained(config, workdir: str, allow_unfinished: bool = False) -> Traine
     t = Trained(model=model, variables=variables, step=step, dataset=dataset,
                 num_steps=config.train.num_steps)
   else:
-    from resnet_ensemble import train  # late: train imports this module's users
-    tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-    rep = replicated(make_mesh())
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-        jax.eval_shape(lambda: train.create_train_state_unsharded(
-            model, tx, config.seed, dataset.input_shape)))
+    abstract = abstract_state(model, config, dataset.input_shape, replicated(make_mesh()))
     state = checkpoint.restore_latest(manager, abstract)
     t = Trained(model=model, variables={"params": state.params, "batch_stats": state.batch_stats},
                 step=int(state.step), dataset=dataset, num_steps=config.train.num_steps)
@@ -156,16 +151,3 @@ def read_variables(path: str, model: nn.Module, input_shape) -> tuple[dict, int]
     raise ValueError(f"{path} does not match the configured model: {len(bad)} entries differ "
                      f"(missing, unexpected or reshaped), e.g. {bad[:5]}")
   return variables, step
-
-
-def padded_test_batches(dataset: data_lib.ImageDataset, batch_size: int):
-  """The test split as (n_batches, B, ...) uint8 images, int32 labels and a float mask."""
-  n = len(dataset.test_labels)
-  n_batches = -(-n // batch_size)
-  pad = n_batches * batch_size - n
-  images = np.concatenate([dataset.test_images,
-                           np.zeros((pad,) + dataset.test_images.shape[1:], np.uint8)])
-  labels = np.concatenate([dataset.test_labels, np.zeros((pad,), np.int32)])
-  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
-  shape = (n_batches, batch_size)
-  return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_ensemble import gates as gates_lib, models, train
+from resnet_ensemble import evaluate, gates as gates_lib, models, state as state_lib, train
 from resnet_ensemble.config import base_config
 from resnet_ensemble.sharding import make_mesh, replicated
 
@@ -27,7 +27,7 @@ def _run(model, sampler: str, groups: int, steps: int = 3):
   mesh = make_mesh()
   images = jax.random.randint(jax.random.key(1), (16, 8, 8, 3), 0, 256).astype(jnp.uint8)
   labels = jnp.arange(16) % 10
-  state = train.create_train_state(model, tx, 0, (8, 8, 3), mesh)
+  state = state_lib.create_train_state(model, tx, 0, (8, 8, 3), mesh)
   step = jax.jit(train.make_train_on_batch(model, tx, (128.0,) * 3, (64.0,) * 3, 0.0, mesh,
                                            sample_gates=sample,
                                            skip_compute=sampler.endswith("skip"),
@@ -55,7 +55,7 @@ def test_grouped_convolutions_train_the_same_function(net, sampler):
 @pytest.mark.parametrize("net", NETS)
 def test_grouped_eval_gives_the_same_numbers(net):
   model = NETS[net]
-  state = train.create_train_state(model, optax.sgd(0.1), 0, (8, 8, 3), make_mesh())
+  state = state_lib.create_train_state(model, optax.sgd(0.1), 0, (8, 8, 3), make_mesh())
   variables = {"params": state.params, "batch_stats": jax.tree.map(
       lambda s: s + 0.3, state.batch_stats)}  # non-trivial statistics
   images = jax.random.randint(jax.random.key(1), (2, 16, 8, 8, 3), 0, 256).astype(jnp.uint8)
@@ -63,7 +63,7 @@ def test_grouped_eval_gives_the_same_numbers(net):
   mask = jnp.ones((2, 16)).at[1, 12:].set(0)
   gates = jnp.asarray([1.0, 0.0] * (model.layout.n_blocks // 2)
                       + [1.0] * (model.layout.n_blocks % 2))
-  one, four = (jax.jit(train.make_eval_fn(model, (128.0,) * 3, (64.0,) * 3, g))
+  one, four = (jax.jit(evaluate.make_eval_fn(model, (128.0,) * 3, (64.0,) * 3, g))
                (variables, images, labels, mask, gates) for g in (1, 4))
   for key in ("loss", "accuracy", "count"):
     np.testing.assert_allclose(four[key], one[key], rtol=1e-5)
@@ -73,7 +73,7 @@ def test_grouped_apply_runs_grouped_convolutions():
   """The copies really become grouped convolutions (else the option would do nothing)."""
   model = NETS["resnet"]
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-  apply = train.grouped_apply(model, 4, train=True)
+  apply = evaluate.grouped_apply(model, 4, train=True)
   hlo = jax.jit(lambda v, x: apply(v, x, None, False)).lower(
       variables, jnp.zeros((16, 8, 8, 3))).as_text()
   assert "feature_group_count = 4" in hlo
@@ -94,7 +94,7 @@ def test_per_example_gates_off_for_one_slice_only_move_statistics_as_one_batch(s
   gates = np.ones((model.layout.n_blocks, 16), np.float32)
   gates[1, ::4] = 0  # slice 0 of 4 holds examples 0, 4, 8, 12
   gates[3] = 0       # off for the whole batch
-  runs = [jax.jit(lambda v, x, g, a=train.grouped_apply(model, groups, True): a(v, x, g, skip))(
+  runs = [jax.jit(lambda v, x, g, a=evaluate.grouped_apply(model, groups, True): a(v, x, g, skip))(
       variables, x, jnp.asarray(gates)) for groups in (1, 4)]
   (l1, u1), (l4, u4) = runs
   np.testing.assert_allclose(l4, l1, rtol=1e-5, atol=1e-6)

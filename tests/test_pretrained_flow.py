@@ -17,7 +17,7 @@ tfds = pytest.importorskip(
     "tensorflow_datasets", reason="ImageNet input needs TFDS: pip install 'resnet-ensemble[tfds]'")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors is not installed")
 
-from resnet_ensemble import imagenet, lesion, pretrained, train, trained  # noqa: E402
+from resnet_ensemble import evaluate, imagenet, lesion, pretrained, trained  # noqa: E402
 from resnet_ensemble.sharding import make_mesh  # noqa: E402
 from resnet_ensemble.surgery import permute_blocks  # noqa: E402
 
@@ -115,7 +115,7 @@ def net(tmp_path_factory):
   variables = _variables(model, images, labels)
   weights = str(root / f"{ARCH}.safetensors")
   safetensors_numpy.save_file(pretrained.to_state_dict(ARCH, variables, width=WIDTH), weights)
-  eval_fn = jax.jit(train.make_eval_fn(model, imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD))
+  eval_fn = jax.jit(evaluate.make_eval_fn(model, imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD))
   one_batch = (images[None], labels[None], np.ones((1, CAP), np.float32))
   direct = lambda v, gates: float(eval_fn(v, *one_batch, gates)["error"])  # noqa: E731
   return dict(model=model, variables=variables, weights=weights, root=root, direct=direct,

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_ensemble import gates as gates_lib, models, train
+from resnet_ensemble import gates as gates_lib, models, state as state_lib, train
 from resnet_ensemble.config import base_config
 from resnet_ensemble.layout import down_name, stacked_name
 from resnet_ensemble.sharding import make_mesh, replicated
@@ -226,7 +226,7 @@ def test_training_with_skip_follows_the_multiply_trajectory_and_compiles_once():
   mesh = make_mesh()
   images = jax.random.randint(jax.random.key(1), (16, 8, 8, 3), 0, 256).astype(jnp.uint8)
   labels = jnp.arange(16) % 10
-  state0 = train.create_train_state(model, tx, 0, (8, 8, 3), mesh)
+  state0 = state_lib.create_train_state(model, tx, 0, (8, 8, 3), mesh)
   runs = {}
   for skip in (False, True):
     step = jax.jit(train.make_train_on_batch(model, tx, (128.0,) * 3, (64.0,) * 3, 0.0, mesh,

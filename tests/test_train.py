@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_ensemble import augment, optim, train
+from resnet_ensemble import augment, optim, state as state_lib, train
 from resnet_ensemble.workdir import ConfigMismatchError
 from resnet_ensemble.config import base_config
 from resnet_ensemble.writers import read_jsonl
@@ -207,8 +207,8 @@ def test_the_initial_state_is_computed_on_the_host_and_replicated():
   model = models.build(c.model, 10)
   tx, _ = optim.make_optimizer(c.optim, 10)
   mesh = make_mesh()
-  state = train.create_train_state(model, tx, 3, (8, 8, 3), mesh)
-  direct = train.create_train_state_unsharded(model, tx, 3, (8, 8, 3))  # op by op, no jit
+  state = state_lib.create_train_state(model, tx, 3, (8, 8, 3), mesh)
+  direct = state_lib.create_train_state_unsharded(model, tx, 3, (8, 8, 3))  # op by op, no jit
   for placed, expected in zip(jax.tree.leaves(state), jax.tree.leaves(direct)):
     assert placed.sharding == replicated(mesh)
     np.testing.assert_allclose(np.asarray(placed), np.asarray(expected), rtol=1e-6, atol=1e-7)

@@ -1,0 +1,113 @@
+"""Evaluation, the one every analysis and the trainer use: the loss, the test error of a
+(gated) network over padded test batches, and the batch run over grouped weight copies.
+
+Kept apart from training so that the analyses (lesion, path gradients, the JPEG probe) need
+nothing of the trainer: a trained network in, named numbers out.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from resnet_ensemble import data as data_lib
+from resnet_ensemble.augment import normalize
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross-entropy against (optionally label-smoothed) one-hot targets."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if smoothing:
+    targets = optax.smooth_labels(targets, smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_eval_fn(model: nn.Module, mean, std, conv_groups: int = 1) -> Callable:
+  """``eval_fn(variables, images, labels, mask, gates=None) -> {loss, accuracy, error, count}``
+  over a stack of padded batches (leading axis). Pure, so it can be vmapped over gates.
+  ``conv_groups`` (``eval.conv_groups``): each batch as that many slices over weight copies,
+  grouped convolutions, the same numbers (``grouped_apply``)."""
+  apply = grouped_apply(model, conv_groups, train=False)
+
+  def eval_fn(variables, images, labels, mask, gates=None):
+    def body(totals, batch):
+      x, y, m = batch
+      logits, _ = apply(variables, normalize(x, mean, std), gates, False)
+      loss = cross_entropy(logits, y)
+      correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+      return (totals[0] + jnp.sum(loss * m), totals[1] + jnp.sum(correct * m)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (images, labels, mask))
+    count = jnp.sum(mask)
+    accuracy = correct / count
+    return {"loss": loss_sum / count, "accuracy": accuracy, "error": 1.0 - accuracy,
+            "count": count}
+
+  return eval_fn
+
+
+GROUP_AXIS = "conv_groups"
+
+
+def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
+  """``apply(variables, x, gates, skip_compute) -> (logits, batch_stats updates)`` (no
+  updates outside training); the batch run as ``groups`` slices over ``groups`` copies of
+  the weights.
+
+  vmap over the copies turns every convolution into one grouped convolution with
+  ``groups`` x the channels: the same arithmetic in another kernel, which keeps a 16-channel
+  layer's GEMM tiles fuller (``train.conv_groups``, ``eval.conv_groups``). In training,
+  BatchNorm statistics are taken over the whole batch (a mean over the slices' axis) and the
+  copies' gradients sum to the weights' gradient: the function is that of ``groups=1``.
+  Slice g holds examples g, g + G, ..., so a batch split over devices stays split the same
+  way."""
+  mutable = ["batch_stats"] if train else []
+  if groups == 1:
+    return lambda variables, x, gates, skip: model.apply(
+        variables, x, gates=gates, train=train, skip_compute=skip, mutable=mutable)
+  grouped = model.clone(norm_axis_name=GROUP_AXIS)
+
+  def split(a: jax.Array, axis: int = 0) -> jax.Array:  # (.., B, ..) -> (G, .., B/G, ..)
+    shape = a.shape[:axis] + (a.shape[axis] // groups, groups) + a.shape[axis + 1:]
+    return jnp.moveaxis(a.reshape(shape), axis + 1, 0)
+
+  def apply(variables, x, gates, skip):
+    if x.shape[0] % groups:
+      raise ValueError(f"{'train' if train else 'eval'}.conv_groups={groups} must divide the "
+                       f"batch size {x.shape[0]}")
+    copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (groups,) + v.shape), variables)
+    per_example = gates is not None and gates.ndim == 2  # (n_blocks, batch)
+    # Per-example gates differ between slices: each slice's cond would be a select over both
+    # branches (nothing saved) that judges a block by its own slice, not by the batch. The
+    # multiply form computes the same and judges by the batch (models.BatchNorm's ``live``).
+    skip = skip and not per_example
+    one = lambda v, xs, g: grouped.apply(  # noqa: E731
+        v, xs, gates=g, train=train, skip_compute=skip, mutable=mutable)
+    logits, updates = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None),
+                               axis_name=GROUP_AXIS)(
+        copies, split(x), split(gates, 1) if per_example else gates)
+    # (G, B/G, classes) -> (B, classes) in the batch's order; every copy's statistics agree
+    logits = jnp.moveaxis(logits, 0, 1).reshape(x.shape[0], -1)
+    return logits, jax.tree.map(lambda u: u[0], updates)
+
+  return apply
+
+
+
+def padded_test_batches(dataset: data_lib.ImageDataset, batch_size: int):
+  """The test split as (n_batches, B, ...) uint8 images, int32 labels and a float mask."""
+  n = len(dataset.test_labels)
+  n_batches = -(-n // batch_size)
+  pad = n_batches * batch_size - n
+  images = np.concatenate([dataset.test_images,
+                           np.zeros((pad,) + dataset.test_images.shape[1:], np.uint8)])
+  labels = np.concatenate([dataset.test_labels, np.zeros((pad,), np.int32)])
+  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+  shape = (n_batches, batch_size)
+  return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))

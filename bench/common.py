@@ -79,8 +79,8 @@ def model_variables(model, config, input_shape, path: str = "") -> tuple[dict, s
   import jax
   import jax.numpy as jnp
   if path:
-    from resnet_ensemble import trained
-    variables, step = trained.read_variables(path, model, input_shape)
+    from resnet_ensemble import restore
+    variables, step = restore.read_variables(path, model, input_shape)
     return variables, f"{path}@{step}"
   from resnet_ensemble.sharding import on_host
   variables = on_host(lambda: model.init(

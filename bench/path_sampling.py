@@ -1,4 +1,4 @@
-"""E6 routed path gradients timed as ``routing.run_study`` runs them: one shared forward per
+"""E6 routed path gradients timed as ``path_gradients.run_study`` runs them: one shared forward per
 chunk of paths (a new batch of training images each), the routed backward passes vmapped.
 
 Timing does not need a trained net: random-init variables (or ``--variables``) and synthetic
@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common
-from resnet_ensemble import augment, gates as gates_lib, models, routing
+from resnet_ensemble import augment, gates as gates_lib, models, path_gradients
 from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -48,14 +48,14 @@ def main(_):
   chunk = mesh.size * math.ceil(pc.chunk / per_row / mesh.size)  # rows per call
   rng = np.random.default_rng(c.seed)
   if FLAGS.paired:
-    selections, _ = routing.paired_selections(rng, n, pc.samples_per_k)
+    selections, _ = path_gradients.paired_selections(rng, n, pc.samples_per_k)
   else:
-    selections = np.concatenate([routing.sample_selections(rng, n, k, pc.samples_per_k)
+    selections = np.concatenate([path_gradients.sample_selections(rng, n, k, pc.samples_per_k)
                                  for k in range(n + 1)])
   rows = len(selections)
   total = (n + 1) * pc.samples_per_k  # paths the study reports
   mean, std = dataset.mean, dataset.std
-  fn = routing.make_path_gradient_fn(lambda v: models.unroll(model, v),
+  fn = path_gradients.make_path_gradient_fn(lambda v: models.unroll(model, v),
                                      scales=gates_lib.eval_gates(c.gates, layout),
                                      paired=FLAGS.paired)
   rep, split = replicated(mesh), sharded(mesh)
@@ -81,7 +81,7 @@ def main(_):
   done, t0 = 0, time.perf_counter()
   dispatched = ((start, compiled(*args(c_, start)))
                 for c_, start in enumerate(range(0, rows, chunk)))
-  for start, (y0, image) in routing.one_ahead(dispatched):  # as run_study: one chunk ahead
+  for start, (y0, image) in path_gradients.one_ahead(dispatched):  # as run_study: one chunk ahead
     jax.device_get((y0, image))  # run_study reads every chunk back
     done = min(start + chunk, rows)
     if FLAGS.time_cap_s and time.perf_counter() - t0 >= FLAGS.time_cap_s:

@@ -1,6 +1,6 @@
 """How far bf16 compute moves a residual network's loss gradient from the float32 one, with the
-identity path in bf16 or in float32 (``model.stream_dtype``): a CPU-sized probe of the bf16
-question in the ResNet-110 gap (BUILD_NOTES, "The identity path's precision").
+identity path in bf16 or in float32 (``model.stream_dtype``): a CPU-sized probe of whether bf16
+explains part of the gap between our ResNet-110 and the paper's.
 
 At initialisation (or trained variables), training-mode BatchNorm, random (or real CIFAR-10)
 images and labels; one JSON line per setting: the gradient's cosine similarity with the
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_ensemble import data as data_lib, models, trained
+from resnet_ensemble import data as data_lib, models, restore
 
 SETTINGS = (("float32", ""), ("bfloat16", ""), ("bfloat16", "float32"))
 
@@ -58,7 +58,7 @@ def main():
     labels = labels2 = jnp.arange(a.batch) % 10
   variables = None
   if a.variables:
-    variables = trained.read_variables(a.variables, models.build(config, 10), x.shape[1:])[0]
+    variables = restore.read_variables(a.variables, models.build(config, 10), x.shape[1:])[0]
   out = {}
   for dtype, stream in SETTINGS:
     config.dtype, config.stream_dtype = dtype, stream

@@ -16,14 +16,13 @@ measures the paper's recipe, larger batches, bf16/unroll settings and the gate s
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
 import common
 from resnet_ensemble import feeds, gates as gates_lib, models, optim, state as state_lib, train
 from resnet_ensemble.sharding import make_mesh
-from resnet_ensemble.stack import RunStack, runs_of
+from resnet_ensemble.seeds import RunStack, runs_of
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("calls", 10, "Timed compiled calls (each runs train.steps_per_call steps).")
@@ -55,11 +54,12 @@ def main(_):
   shape = dataset.train_images.shape[1:]
   state = stack.init(lambda seed: state_lib.create_train_state_unsharded(model, tx, seed, shape))
   resident = feeds.put_resident(dataset, 1000, mesh)
-  skip = c.gates.skip_compute and not stack.stacked  # vmapped, a cond would be a select
+  sample_gates = gates_lib.make_stack_sampler([r.config.gates for r in stack.runs],
+                                              model.layout, c.train.batch_size)
+  skip = models.should_skip(c.gates.skip_compute, sampled=sample_gates is not None,
+                            vmapped=stack.stacked)
   step = train.make_train_on_batch(
-      model, tx, dataset.mean, dataset.std, 0.0, mesh,
-      sample_gates=gates_lib.make_stack_sampler([r.config.gates for r in stack.runs],
-                                                model.layout, c.train.batch_size),
+      model, tx, dataset.mean, dataset.std, 0.0, mesh, sample_gates=sample_gates,
       skip_compute=skip, conv_groups=c.train.conv_groups)
   k = c.train.steps_per_call
   fn = stack.vmap(feeds.make_resident_train_fn(

@@ -2,10 +2,9 @@
 mini-batch with probability 1 - (i+1)/54 * (1 - 0.5); at test time every residual is scaled by
 its survival probability. Then ``--mode=lesion`` gives Fig. 8's per-block deletion.
 
-On a GPU add ``--config.gates.skip_compute=False``: the same results (models.py), and ~40 of
-the 54 blocks run per batch, too many for skipping to pay for its conditionals there (H100,
-batch 128: 12.18 ms/step skipping; computing every block costs the full step's ~9.8 ms;
-BUILD_NOTES "Issue 6 bench — H100, 2026-11-27 04:22–04:34 UTC").
+On a GPU add ``--config.gates.skip_compute=False``: the same results (``models.should_skip``),
+and about 40 of the 54 blocks run per batch, too many for skipping to pay for its conditionals
+there (measured on an H100: skipping was slower than computing every block).
 
     python -m resnet_ensemble --config=configs/cifar10_resnet110_sd.py \
         --workdir=runs/r110_sd --config.data.dir=~/.cache/cifar10

@@ -20,13 +20,14 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "lesion", "paths", "report", "all", "export", "runs"],
-    "train: train (resuming); lesion: E1-E4 on the newest checkpoint; paths: E6/E7 routed "
-    "gradients; report: report.md + figures from the results; all: train (or resume) to "
+    "mode", "train", ["train", "lesion", "gradients", "paths", "report", "all", "export", "runs"],
+    "train: train (resuming); lesion: E1-E4 on the newest checkpoint; gradients: E6/E7, the "
+    "gradient routed through paths of each length (paths.json; 'paths' is its former name, kept "
+    "as an alias); report: report.md + figures from the results; all: train (or resume) to "
     "train.num_steps unless finished (never with --config.weights, pretrained weights), then "
-    "lesion, paths and report; "
+    "lesion, gradients and report; "
     "export: write variables.msgpack (params and BatchNorm statistics of the newest "
-    "checkpoint), which lesion/paths/report read when a workdir has no checkpoints; "
+    "checkpoint), which lesion/gradients/report read when a workdir has no checkpoints; "
     "runs: print the workdir of each run the command trains, one a line (the workdir, or each "
     "run of a stack: --config.stack, --config.seeds), and write nothing.")
 flags.DEFINE_bool("distributed", os.environ.get("RESNET_ENSEMBLE_DISTRIBUTED") == "1",
@@ -78,16 +79,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from resnet_ensemble import checkpoint  # after flag parsing: jax reads XLA_FLAGS at import
-  from resnet_ensemble import sharding, train, trained, workdir
+  from resnet_ensemble import restore, sharding, train, workdir
   if not FLAGS["verbosity"].present:
     checkpoint.quiet_orbax()  # orbax logs every file it writes, and pages of tracebacks
   user_errors = (ValueError, IndexError, ImportError, OSError, FloatingPointError,
                  workdir.WorkdirError, checkpoint.CheckpointError,
-                 trained.UnfinishedRunError)
+                 restore.UnfinishedRunError)
   try:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, auto=FLAGS.distributed)
-    run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_unfinished,
+    mode = FLAGS.mode
+    if mode == "paths":
+      print("resnet_ensemble: --mode=paths is now --mode=gradients (E6/E7); running that",
+            file=sys.stderr, flush=True)
+      mode = "gradients"
+    run_mode(mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_unfinished,
              config_file=config_flags.get_config_filename(FLAGS["config"]))
   except train.Stopped as e:
     print(f"resnet_ensemble: {e}", file=sys.stderr, flush=True)
@@ -106,9 +112,9 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
   config_lib.validate(config)
   if mode != "report" and not config.get("weights"):
     train.check_config(config)  # model and gates too, before the workdir is touched
-  if mode == "runs":  # what a launcher packs and unpacks (launch/device_train.sh)
-    from resnet_ensemble import stack
-    print("\n".join(run.workdir(workdir) for run in stack.runs_of(config)), flush=True)
+  if mode == "runs":  # what a launcher packs and unpacks (to pack or unpack its workdirs)
+    from resnet_ensemble import seeds
+    print("\n".join(run.workdir(workdir) for run in seeds.runs_of(config)), flush=True)
     return
   writes_workdir = not (mode == "report" and config.report.out_dir)
   if writes_workdir:
@@ -119,14 +125,14 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
 
 def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
               config_file: str | None) -> None:
-  from resnet_ensemble import lesion, report, results, routing, stack, train, trained
-  from resnet_ensemble import workdir as workdir_lib
+  from resnet_ensemble import (lesion, path_gradients, report, restore, seeds, train,
+                               workdir as workdir_lib)
   from resnet_ensemble.progress import format_duration, is_main_process, say
   analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
   steps = {"train": [train.train_and_evaluate], "lesion": [analyse(lesion.run_study)],
-           "paths": [analyse(routing.run_study)], "report": [], "all": [],
-           "export": [analyse(trained.export_variables)]}[mode]
-  exported = results.path(workdir, trained.VARIABLES_FILE).exists()
+           "gradients": [analyse(path_gradients.run_study)], "report": [], "all": [],
+           "export": [analyse(restore.export_variables)]}[mode]
+  exported = workdir_lib.path(workdir, restore.VARIABLES_FILE).exists()
   imported = bool(config.get("weights"))  # pretrained weights: nothing to train
   if "weights" in config and not imported and mode != "report":
     raise ValueError("this config analyses pretrained weights: set --config.weights=PATH "
@@ -134,18 +140,18 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
   if mode == "train" and imported:
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")
-  stack.check_mode(config, mode, workdir)
+  seeds.check_mode(config, mode, workdir)
   latest = workdir_lib.latest_step(workdir)
   if mode == "train" and exported and latest is None:
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "
-                     f"({trained.VARIABLES_FILE}) and no checkpoints; train in a new workdir")
+                     f"({restore.VARIABLES_FILE}) and no checkpoints; train in a new workdir")
   if mode == "all":
     # Train (or resume) unless the run is finished: a stopped training raises train.Stopped
     # before any analysis, so an unfinished network is never analysed as the trained one.
     finished = (latest is not None and latest >= config.train.num_steps) or (
         latest is None and exported) or imported
     steps = ([] if finished else [train.train_and_evaluate]) + [
-        analyse(lesion.run_study), analyse(routing.run_study)]
+        analyse(lesion.run_study), analyse(path_gradients.run_study)]
   for i, step in enumerate(steps):
     t0 = time.perf_counter()
     fn = getattr(step, "func", step)

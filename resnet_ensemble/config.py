@@ -6,13 +6,16 @@ an error instead of a silently ignored new field.
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
+from etils import epath
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Several runs trained at once as one vmapped program (resnet_ensemble/stack.py), each in its
+  # Several runs trained at once as one vmapped program (resnet_ensemble/seeds.py), each in its
   # own workdir with the numbers it has trained alone; () = the single run of `seed`.
   c.seeds = ()   # runs that differ only in seed, in workdir/seed{s}
   c.stack = ()   # named runs, each "NAME" or "NAME:KEY=VALUE,...", KEY seed or gates.*
@@ -85,8 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lesion.chunk = 32                # damaged networks evaluated per compiled call
   # E1/E3 variants: "shared" weights (one convolution over variants x images), "per_variant"
   # copies (a grouped convolution, as E4's reorders need) or "auto": per_variant on GPUs for
-  # nets of <= 64 channels, where grouped convolutions ran faster, shared elsewhere
-  # (BUILD_NOTES, "Lesion forms"). The errors are the same.
+  # nets of <= 64 channels, where grouped convolutions ran faster, shared elsewhere.
+  # The errors are the same.
   c.lesion.variant_weights = "auto"
 
   c.paths = ml_collections.ConfigDict()
@@ -130,11 +133,10 @@ def from_workdir(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with, read back from ``workdir/config.json``
   (``configs/run.py:WORKDIR``): one run of a stack resumed, analysed or published alone,
   without repeating its seed and gates."""
-  from resnet_ensemble import results
-  values = results.read_json(workdir, "config.json")
-  if values is None:
+  source = epath.Path(workdir, "config.json")
+  if not source.exists():
     raise ValueError(f"{workdir} holds no config.json: not the workdir of a run")
-  return from_dict(values)
+  return from_dict(json.loads(source.read_text()))
 
 
 # The fields a resumed training may change: how the run executes, logs and is analysed, never

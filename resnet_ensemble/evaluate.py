@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resnet_ensemble import data as data_lib
+from resnet_ensemble import data as data_lib, models
 from resnet_ensemble.augment import normalize
 
 
@@ -83,10 +83,9 @@ def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
                        f"batch size {x.shape[0]}")
     copies = jax.tree.map(lambda v: jnp.broadcast_to(v, (groups,) + v.shape), variables)
     per_example = gates is not None and gates.ndim == 2  # (n_blocks, batch)
-    # Per-example gates differ between slices: each slice's cond would be a select over both
-    # branches (nothing saved) that judges a block by its own slice, not by the batch. The
-    # multiply form computes the same and judges by the batch (models.BatchNorm's ``live``).
-    skip = skip and not per_example
+    # Slices with per-example gates disagree on a block; each slice's cond would also judge a
+    # block by its own slice, not by the batch.
+    skip = models.should_skip(skip, sampled=True, vmapped=per_example)
     one = lambda v, xs, g: grouped.apply(  # noqa: E731
         v, xs, gates=g, train=train, skip_compute=skip, mutable=mutable)
     logits, updates = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None),

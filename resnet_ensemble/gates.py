@@ -10,14 +10,9 @@ At test time every block is active with its residual scaled by its expected gate
 (``test_scaling='expected'``), or unscaled (``'none'``).
 
 ``gates.skip_compute`` (default on): the train step does not compute a block whose sampled gate
-is zero for the whole mini-batch (a ``lax.cond`` in models.py), so an effective-path step costs
-about k/n of the blocks' FLOPs; the gates, the loss, the gradients and the BN statistics are the
-same either way (the multiply form leaves a gated-off branch's statistics alone too), so it is a
-choice of speed: on the CPU skipping halves the effective-path step; on the GPU each cond costs
-a host round trip, and the multiply form is faster once more than about half the blocks run
-(stochastic depth; BUILD_NOTES "Issue 6 bench — H100, 2026-11-27 04:22–04:34 UTC").
+is zero for the whole mini-batch, the same numbers faster where it pays (``models.should_skip``).
 
-A stack of runs (resnet_ensemble/stack.py) may mix samplers: ``make_stack_sampler`` gives each
+A stack of runs (resnet_ensemble/seeds.py) may mix samplers: ``make_stack_sampler`` gives each
 run the gates its own sampler draws alone, inside one vmapped step.
 """
 

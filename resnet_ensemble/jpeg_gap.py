@@ -14,9 +14,12 @@ from __future__ import annotations
 import io
 import lzma
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from resnet_ensemble import evaluate, restore, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The trained run's config file.", lock_config=True)
@@ -27,8 +30,7 @@ flags.mark_flags_as_required(["config", "workdir", "exact"])
 
 def load_exact(path: str) -> dict[str, np.ndarray]:
   """Reads the exact-pixel subset; a missing file is an error naming the path."""
-  from resnet_ensemble import results
-  p = results.path(path)
+  p = workdir_lib.path(path)
   if not p.exists():
     raise FileNotFoundError(f"exact test subset not found: {path}")
   raw = p.read_bytes()
@@ -43,9 +45,7 @@ def load_exact(path: str) -> dict[str, np.ndarray]:
 
 def measure(config, workdir: str, exact_path: str) -> dict:
   """Error of the newest checkpoint on the exact pixels and on their JPEG versions."""
-  import jax
-  from resnet_ensemble import evaluate, results, trained
-  t = trained.load_trained(config, workdir)
+  t = restore.load_trained(config, workdir)
   if not hasattr(t.dataset, "test_images"):
     raise ValueError(f"jpeg_gap needs a resident test split (CIFAR-10); {config.data.name} "
                      "is streamed")
@@ -69,7 +69,7 @@ def measure(config, workdir: str, exact_path: str) -> dict:
          "error_jpeg": jpeg_err, "gap_points": 100.0 * (jpeg_err - exact_err),
          "mean_abs_pixel_diff": float(np.abs(exact["test_images"].astype(np.float32)
                                              - ds.test_images[idx]).mean())}
-  results.write_json(workdir, "jpeg_gap.json", out)
+  workdir_lib.write_json(workdir, "jpeg_gap.json", out)
   return out
 
 

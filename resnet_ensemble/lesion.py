@@ -296,11 +296,11 @@ def _study_identity(out: dict) -> dict:
 def _finished_experiments(workdir: str, out: dict) -> dict:
   """E3/E4 results of an earlier run of this same study (``lesion.json`` or a cut
   ``lesion.partial.json``): same network, checkpoint step, data and draws."""
-  from resnet_ensemble import results
+  from resnet_ensemble import workdir as workdir_lib
   now = _study_identity(out)
   done = {}
   for name in ("lesion.json", PARTIAL):
-    earlier = results.read_json(workdir, name) or {}
+    earlier = workdir_lib.read_json(workdir, name) or {}
     try:
       same = _study_identity(earlier) == now
     except (KeyError, AttributeError, TypeError):  # not a study, or an older format
@@ -318,9 +318,9 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   complete ``lesion.json``; the finished study replaces both. A rerun resumes: E3 and E4
   results already in either file for the same config, checkpoint and test images are kept
   (their draws are still made, so later experiments see the same random stream)."""
-  from resnet_ensemble import results, trained
+  from resnet_ensemble import restore, workdir as workdir_lib
   from resnet_ensemble.sharding import make_mesh
-  t = trained.load_trained(config, workdir, allow_unfinished)
+  t = restore.load_trained(config, workdir, allow_unfinished)
   layout, lc = t.layout, config.lesion
   n = layout.n_blocks
   if lc.max_k > n:
@@ -333,7 +333,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
                           desc="baseline and E1 (delete one block)")
   baseline, single = float(first[0]), first[1:]
   out = {
-      "config": results.config_dict(config), **t.describe(),
+      "config": workdir_lib.config_dict(config), **t.describe(),
       "data_source": t.dataset.source, "test_images": engine.images, "seed": config.seed,
       "layout": layout.describe(),
       "model_kind": "plain" if config.model.name == "plain" else "resnet",
@@ -341,7 +341,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
       "single": {"error": single.tolist()},
   }
   done = _finished_experiments(workdir, out)
-  results.write_json(workdir, PARTIAL, {**out, **done})
+  workdir_lib.write_json(workdir, PARTIAL, {**out, **done})
   variants = [("random", False)]
   if lc.exclude_downsampling_variant and layout.downsampling:
     variants.append(("random_no_downsampling", True))
@@ -354,7 +354,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
       continue
     errors = engine.evaluate(gates, desc=f"E3 delete k blocks ({name})").reshape(len(ks), lc.draws)
     out[name] = {"k": ks, "draws": lc.draws, "exclude_downsampling": exclude, **_stats(errors)}
-    results.write_json(workdir, PARTIAL, out)
+    workdir_lib.write_json(workdir, PARTIAL, out)
   swappable = any(len(layout.stacked_range(s)) >= 2 for s in range(layout.num_stages))
   if lc.reorder_max_swaps and not swappable:
     say("E4 skipped: no stage has two same-shape blocks to swap")
@@ -372,7 +372,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
                         "error": errors.tolist(),
                         # k = 1: which two blocks each draw swapped (where order matters)
                         "single_swaps": swapped_pairs(orders[:lc.reorder_draws])}
-  results.write_json(workdir, "lesion.json", out)
-  if results.is_main_process():
-    results.path(workdir, PARTIAL).unlink(missing_ok=True)
+  workdir_lib.write_json(workdir, "lesion.json", out)
+  if workdir_lib.is_main_process():
+    workdir_lib.path(workdir, PARTIAL).unlink(missing_ok=True)
   return out

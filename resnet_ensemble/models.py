@@ -8,13 +8,8 @@ with a zero gate it becomes the identity, the plain-network analogue of deleting
 The same-shape blocks of a stage are stacked on a leading parameter axis and run with
 ``nn.scan`` (see layout.py); ``unroll`` trades compile time for speed on accelerators.
 
-``skip_compute=True`` (training with sampled gates) puts each block behind a ``lax.cond``: a
-block whose gate is zero for the whole batch computes only its shortcut, so a dropped block
-costs no FLOPs. Either way its residual branch's BN statistics do not move (Huang et al.'s
-dropped block; ``BatchNorm`` below keeps them in the multiply form), so the two forms give the
-same outputs, gradients and statistics: ``skip_compute`` is a choice of speed alone (on the
-GPU each cond costs a host round trip, BUILD_NOTES "Issue 6 bench — H100, 2026-11-27 04:22–04:34 UTC"). Under ``vmap``
-over gates the cond becomes a select that computes both branches: correct, nothing saved.
+``skip_compute=True`` puts each block behind a ``lax.cond``: a block whose gate is zero for the
+whole batch computes only its shortcut. When to ask for it is ``should_skip``'s one decision.
 """
 
 from __future__ import annotations
@@ -78,6 +73,22 @@ def _computed(block: nn.Module, x: Array, gate: Array) -> Array:
   zero for the whole batch leaves f's BN statistics alone (``BatchNorm``)."""
   s, f = block.branches(x, live=jnp.any(gate != 0))
   return block.merge(s + _broadcast_gate(gate, f) * f)
+
+
+def should_skip(requested: bool, *, sampled: bool, vmapped: bool) -> bool:
+  """Whether a gated-off block is skipped (``lax.cond``) rather than multiplied by zero.
+
+  The two forms give the same outputs, gradients and BN statistics (a gated-off branch's
+  statistics do not move in either: Huang et al.'s dropped block; tests/test_skip.py), so this
+  is a choice of speed alone, made here once. Skip only when the config asks
+  (``gates.skip_compute``), when gates are sampled per step (an analysis's fixed gates gain
+  nothing from a cond), and never under a ``vmap`` whose members may disagree on a block (runs
+  of a stack, grouped slices with per-example gates): there the cond becomes a select that
+  computes both branches, and the multiply form is as fast without the conds. Skipping pays
+  where a dropped block's FLOPs dominate (a CPU, or an effective-path step keeping few
+  blocks); on a GPU each cond also costs a host round trip, so the multiply form wins once
+  most blocks run (stochastic depth)."""
+  return requested and sampled and not vmapped
 
 
 def _skipped(block: nn.Module, x: Array, gate: Array) -> Array:

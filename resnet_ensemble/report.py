@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from resnet_ensemble import paths, results, writers  # noqa: E402
+from resnet_ensemble import path_counts, workdir as workdir_lib, writers  # noqa: E402
 
 DPI = 120
 
@@ -73,7 +73,7 @@ def _load(directory: str | None, name: str) -> dict | None:
   """The parsed JSON file, None if absent; a corrupt file is an error, not a silent gap."""
   if directory is None:
     return None
-  path = results.path(directory, name)
+  path = workdir_lib.path(directory, name)
   if not path.exists():
     return None
   try:
@@ -165,7 +165,7 @@ def _narrowest_central(n: int, mass: float) -> tuple[int, int]:
   lo0, hi0 = n // 2, (n + 1) // 2
   for h in range(n + 1):
     lo, hi = max(0, lo0 - h), min(n, hi0 + h)
-    if paths.share_of_paths(n, lo, hi) >= mass:
+    if path_counts.share_of_paths(n, lo, hi) >= mass:
       return lo, hi
   return 0, n
 
@@ -187,7 +187,7 @@ class _Writer:
     self.missing: list[tuple[str, list[str]]] = []
 
   def save(self, fig: plt.Figure, name: str) -> str:
-    path = results.path(self.workdir, name)
+    path = workdir_lib.path(self.workdir, name)
     buffer = io.BytesIO()  # via bytes: savefig cannot write to gs:// itself
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -435,9 +435,9 @@ def _fig_single_swaps(w: _Writer, lesion: dict) -> None:
 
 def _fig_path_lengths(w: _Writer, n: int, n_from: str) -> tuple[int, int, float]:
   """Fig. 6a: C(n, k) with the central >= 95 % interval shaded."""
-  counts = np.array([float(c) for c in paths.path_counts(n)])
+  counts = np.array([float(c) for c in path_counts.path_counts(n)])
   lo, hi = _central_interval(n)
-  share = float(paths.share_of_paths(n, lo, hi))
+  share = float(path_counts.share_of_paths(n, lo, hi))
   fig, ax = plt.subplots(figsize=(6.5, 4))
   k = np.arange(n + 1)
   ax.bar(k, counts, width=0.8, color="C0")
@@ -450,7 +450,7 @@ def _fig_path_lengths(w: _Writer, n: int, n_from: str) -> tuple[int, int, float]
   nlo, nhi = _narrowest_central(n, 0.95)
   text = [f"Of the 2^{n} paths ({n_from}), lengths {lo}–{hi} hold {_pct(share)}; the "
           f"narrowest central interval with ≥ 95 % is {nlo}–{nhi} "
-          f"({_pct(float(paths.share_of_paths(n, nlo, nhi)))}). The mean length is {n / 2:g}."]
+          f"({_pct(float(path_counts.share_of_paths(n, nlo, nhi)))}). The mean length is {n / 2:g}."]
   w.section("E5 / Fig. 6a — path lengths", w.save(fig, "fig6a_path_lengths.png"), text)
   return lo, hi, share
 
@@ -579,9 +579,9 @@ def _effective(n: int, pj: dict | None) -> tuple[np.ndarray, int, int, float] | 
   if log10_mean.size != n + 1:
     raise ValueError(f"paths.json: gradient.mean_norm has {log10_mean.size} entries, "
                      f"expected n+1 = {n + 1}")
-  total = paths.relative_weights(paths.log10_total_gradient(n, log10_mean))
-  lo, hi = paths.effective_interval(total, mass=E7_MASS)
-  return total, lo, hi, float(paths.share_of_paths(n, lo, hi))
+  total = path_counts.relative_weights(path_counts.log10_total_gradient(n, log10_mean))
+  lo, hi = path_counts.effective_interval(total, mass=E7_MASS)
+  return total, lo, hi, float(path_counts.share_of_paths(n, lo, hi))
 
 
 def _fig_total_gradient(w: _Writer, n: int, eff: tuple | None) -> None:
@@ -615,7 +615,7 @@ def _fig_deletion_paths(w: _Writer, n: int, eff: tuple | None) -> None:
   x = np.arange(n + 1)
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for d in ds:
-    ax.plot(x, [paths.surviving_fraction(n, d, int(v)) for v in x], lw=1.5,
+    ax.plot(x, [path_counts.surviving_fraction(n, d, int(v)) for v in x], lw=1.5,
             label=f"{d} deleted")
   if eff is not None:
     ax.axvspan(eff[1] - 0.5, eff[2] + 0.5, color="C1", alpha=0.15, label="effective lengths")
@@ -626,9 +626,9 @@ def _fig_deletion_paths(w: _Writer, n: int, eff: tuple | None) -> None:
   d = ds[len(ds) // 2]
   typical = n // 2
   short = eff[1] if eff is not None and eff[1] < typical else max(1, n // 10)
-  text = [f"Deleting {d} of {n} blocks leaves {_pct(paths.surviving_fraction(n, d, short))} of "
+  text = [f"Deleting {d} of {n} blocks leaves {_pct(path_counts.surviving_fraction(n, d, short))} of "
           f"the length-{short} paths but only "
-          f"{_pct(paths.surviving_fraction(n, d, typical))} of the typical length-{typical} "
+          f"{_pct(path_counts.surviving_fraction(n, d, typical))} of the typical length-{typical} "
           f"ones (curves for d = {', '.join(map(str, ds))})."]
   w.section("E9 / Fig. 7 — deletion removes long paths",
             w.save(fig, "fig7_deletion_removes_long_paths.png"), text)
@@ -654,7 +654,7 @@ def _n_blocks(pj: dict | None, lesion: dict | None, workdir: str) -> tuple[int, 
 
 def _history(workdir: str | None) -> list[dict]:
   """The run's metrics.jsonl (empty where it has none)."""
-  path = results.path(workdir, "metrics.jsonl") if workdir else None
+  path = workdir_lib.path(workdir, "metrics.jsonl") if workdir else None
   return writers.read_jsonl(str(path)) if path is not None and path.exists() else []
 
 
@@ -765,7 +765,7 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   Returns the paths of the files written (figures first, report.md last).
   """
   out_dir = out_dir or workdir
-  results.path(out_dir).mkdir(parents=True, exist_ok=True)
+  workdir_lib.path(out_dir).mkdir(parents=True, exist_ok=True)
   lesion = _load(workdir, "lesion.json")
   pj = _load(workdir, "paths.json")
   final = _load(workdir, "final_metrics.json")
@@ -924,4 +924,4 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
     md.append(f"- {what}" + (":" if cmds else ""))
     md += [f"  - `{c}`" for c in cmds]
   md.append("")
-  return w.files + [results.write_text(out_dir, "report.md", "\n".join(md))]
+  return w.files + [workdir_lib.write_text(out_dir, "report.md", "\n".join(md))]

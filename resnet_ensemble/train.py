@@ -20,15 +20,13 @@ import numpy as np
 import optax
 from clu import metrics
 
-from resnet_ensemble import (checkpoint, config as config_lib, data as data_lib,
-                             gates as gates_lib, models, optim, results, workdir as workdir_lib,
-                             writers)
+from resnet_ensemble import (checkpoint, config as config_lib, data as data_lib, gates as gates_lib, models, optim, workdir as workdir_lib, writers)
 from resnet_ensemble.augment import normalize
 from resnet_ensemble.evaluate import cross_entropy, grouped_apply
 from resnet_ensemble.feeds import make_feed
 from resnet_ensemble.progress import Progress, say
 from resnet_ensemble.sharding import check_divisible, make_mesh, replicated, sharded
-from resnet_ensemble.stack import RunStack, runs_of
+from resnet_ensemble.seeds import RunStack, runs_of
 from resnet_ensemble.state import TrainState, create_train_state_unsharded
 
 
@@ -49,10 +47,8 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
   stack) trains the network gated by ``sample_gates(fold_in(gate_key, t), run)`` (``gate_key``:
   ``run_keys(seed).gates``): the gate sequence is a function of (seed, step), so a resumed run
   samples the same gates.
-  ``skip_compute`` (``gates.skip_compute``): a block gated off for the whole batch is not
-  computed (the same loss, gradients and BN statistics: a speed choice). ``conv_groups``: see
-  ``grouped_apply``."""
-  skip_compute = skip_compute and sample_gates is not None
+  ``skip_compute``: whether a block gated off for the whole batch is skipped, decided by
+  ``models.should_skip``. ``conv_groups``: see ``grouped_apply``."""
   apply = grouped_apply(model, conv_groups, train=True)
 
   def train_on_batch(state: TrainState, images, labels, gate_key: jax.Array | None = None,
@@ -247,7 +243,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Resumes from the newest checkpoint in the workdir. Returns the final evaluation metrics.
   With a stack of runs (``config.stack``, or two or more ``config.seeds``), trains them as one
-  vmapped program (``stack.RunStack``), each in its ``workdir/NAME`` as if trained alone, and
+  vmapped program (``seeds.RunStack``), each in its ``workdir/NAME`` as if trained alone, and
   returns ``{name: final metrics}``. Raises ``Stopped`` after saving when SIGTERM or SIGINT
   arrives.
 
@@ -285,12 +281,11 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed,
     runs.write(step, [{f"compile_s_{what}": seconds}] * len(stack))
     say(f"compiled {what} in {seconds:.1f}s")
 
-  # Vmapped over runs, a block's cond would be a select over both branches: the multiply
-  # form computes the same (tests/test_skip.py) without the conds.
   train_on_batch = make_train_on_batch(
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
       sample_gates=sample_gates,
-      skip_compute=stack.runs[0].config.gates.skip_compute and not stack.stacked,
+      skip_compute=models.should_skip(stack.runs[0].config.gates.skip_compute,
+                                      sampled=sample_gates is not None, vmapped=stack.stacked),
       conv_groups=tc.conv_groups)
   feed.start(model, train_on_batch, log_compile, stack)
 
@@ -349,5 +344,5 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed,
   if not finals:  # resumed a finished run
     finals = evaluate(state)
   for w, final in zip(runs.workdirs, finals):
-    results.write_json(w, "final_metrics.json", {"step": step, **final})
+    workdir_lib.write_json(w, "final_metrics.json", {"step": step, **final})
   return dict(zip(stack.names, finals)) if stack.stacked else finals[0]

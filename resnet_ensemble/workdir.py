@@ -1,4 +1,4 @@
-"""A run's workdir: who may write it (a lock), which config it holds, and its metrics log.
+"""A run's workdir: its files (JSON written atomically), who may write it (a lock), which config it holds, and its metrics log.
 
 The rules, in the order a job meets them:
 
@@ -28,13 +28,50 @@ from typing import Iterator
 
 from etils import epath
 
-from resnet_ensemble import config as config_lib, results
+from resnet_ensemble import config as config_lib
+from resnet_ensemble.progress import is_main_process
 
 LOCK_FILE = "LOCK"
 HEARTBEAT_S = 30.0
 STALE_S = 600.0
 CONFIG_FILE = "config.json"
 
+
+# ---------------------------------------------------------------------------- files
+# JSON written atomically, local paths or ``gs://`` alike (etils.epath). Only process 0 writes:
+# every process of a multi-process run computed the same payload.
+
+def config_dict(config) -> dict:
+  return json.loads(config.to_json())
+
+
+def path(workdir: str, *names: str) -> epath.Path:
+  return epath.Path(workdir).joinpath(*names)
+
+
+def write_text(workdir: str, name: str, text: str) -> str:
+  """Writes ``workdir/name`` via a temporary file and a rename (a crash leaves the old file)."""
+  target = path(workdir, name)
+  if is_main_process():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / (target.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(target)  # overwrites, unlike epath rename
+  return str(target)
+
+
+def write_json(workdir: str, name: str, payload: dict) -> str:
+  return write_text(workdir, name, json.dumps(payload, indent=1))
+
+
+def read_json(workdir: str, name: str) -> dict | None:
+  target = path(workdir, name)
+  if not target.exists():
+    return None
+  return json.loads(target.read_text())
+
+
+# ---------------------------------------------------------------------------- rules
 
 class WorkdirError(RuntimeError):
   """The workdir cannot be used as asked (locked, unwritable, holding another run)."""
@@ -155,7 +192,7 @@ def lock(*workdirs: str) -> Iterator[None]:
   if jax.process_index() != 0:
     yield
     return
-  paths = list(dict.fromkeys(str(results.path(w, LOCK_FILE)) for w in workdirs))
+  paths = list(dict.fromkeys(str(path(w, LOCK_FILE)) for w in workdirs))
   taken: list[str] = []
   stop = threading.Event()
   try:
@@ -196,7 +233,7 @@ def _refuse(workdir: str, what: str, diffs: list[str]) -> None:
 
 
 def _checkpoint_names(workdir: str) -> list[str]:
-  directory = results.path(workdir, "checkpoints")
+  directory = path(workdir, "checkpoints")
   return [d.name for d in directory.iterdir()] if directory.is_dir() else []
 
 
@@ -214,23 +251,23 @@ def guard_resume(workdir: str, config) -> None:
   """Refuses to resume the run in ``workdir`` with a config that changes what it computes
   (every field but ``config.RESUME_MAY_CHANGE``), then writes ``config.json``: at the first
   start, or over the config of an attempt that saved no checkpoint (nothing to resume)."""
-  old = results.read_json(workdir, CONFIG_FILE)
-  new = results.config_dict(config)
+  old = read_json(workdir, CONFIG_FILE)
+  new = config_dict(config)
   if old is not None and holds_run(workdir):
     diffs = _differences(old, new, lambda k: not config_lib.covered(
         k, config_lib.RESUME_MAY_CHANGE))
     if diffs:
       _refuse(workdir, "config", diffs)
-  results.write_text(workdir, CONFIG_FILE, json.dumps(new, indent=2, sort_keys=True))
+  write_text(workdir, CONFIG_FILE, json.dumps(new, indent=2, sort_keys=True))
 
 
 def check_analysis(workdir: str, config) -> None:
   """Refuses to analyse the run in ``workdir`` as another network or dataset: a checkpoint
   restored into another architecture fails with an opaque shape error (or, worse, loads)."""
-  old = results.read_json(workdir, CONFIG_FILE)
+  old = read_json(workdir, CONFIG_FILE)
   if old is None:
     return
-  diffs = _differences(old, results.config_dict(config), lambda k: config_lib.covered(
+  diffs = _differences(old, config_dict(config), lambda k: config_lib.covered(
       k, config_lib.ANALYSIS_MUST_MATCH) and not config_lib.covered(
           k, config_lib.ANALYSIS_MAY_CHANGE))
   if diffs:
@@ -243,13 +280,13 @@ def check_analysis(workdir: str, config) -> None:
 def trim_metrics(workdir: str, step: int) -> int:
   """Drops the rows of ``workdir/metrics.jsonl`` written after ``step`` (a resumed run writes
   them again); returns how many. Rewritten atomically."""
-  path = results.path(workdir, "metrics.jsonl")
-  if not path.exists():
+  log = path(workdir, "metrics.jsonl")
+  if not log.exists():
     return 0
-  lines = path.read_text().splitlines(True)
+  lines = log.read_text().splitlines(True)
   kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
   if len(kept) != len(lines):
-    results.write_text(workdir, "metrics.jsonl", "".join(kept))
+    write_text(workdir, "metrics.jsonl", "".join(kept))
   return len(lines) - len(kept)
 
 

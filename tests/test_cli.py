@@ -49,6 +49,13 @@ def test_analyses_without_a_checkpoint_name_the_workdir(tmp_path):
   assert "no trained checkpoint in workdir" in proc.stderr and "empty" in proc.stderr
 
 
+def test_mode_paths_is_an_alias_of_gradients_that_says_so(tmp_path):
+  proc = cli("--config=configs/quickstart.py", f"--workdir={tmp_path / 'empty'}", "--mode=paths")
+  assert proc.returncode == 2
+  assert "--mode=paths is now --mode=gradients" in proc.stderr
+  assert "no trained checkpoint in workdir" in proc.stderr  # then E6's own check ran
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.train.batchsize=3"], "unknown config field 'batchsize' in "
                                      "--config.train.batchsize=3: Did you mean \"batch_size\""),

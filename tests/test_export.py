@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_ensemble import data as data_lib, jpeg_gap, lesion, train, trained
+from resnet_ensemble import data as data_lib, jpeg_gap, lesion, restore, train
 from tests.conftest import tiny_config
 
 
@@ -24,12 +24,12 @@ def finished_run(tmp_path_factory):
 
 def test_exported_variables_give_the_checkpoints_results(finished_run, tmp_path):
   config, workdir = finished_run
-  path = trained.export_variables(config, workdir)
+  path = restore.export_variables(config, workdir)
   published = tmp_path / "published"
   published.mkdir()
   shutil.copy(path, published)
   shutil.copy(f"{workdir}/config.json", published)
-  from_checkpoint, from_export = trained.load_trained(config, workdir), trained.load_trained(
+  from_checkpoint, from_export = restore.load_trained(config, workdir), restore.load_trained(
       config, str(published))
   assert from_export.step == from_checkpoint.step == 6
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, from_checkpoint.variables),
@@ -42,16 +42,16 @@ def test_exported_variables_give_the_checkpoints_results(finished_run, tmp_path)
 
 def test_exported_variables_of_another_model_are_refused(finished_run, tmp_path):
   config, workdir = finished_run
-  trained.export_variables(config, workdir)
+  restore.export_variables(config, workdir)
   other = tiny_config(**{"model.depth": 14})
   d = tmp_path / "other"
   d.mkdir()
-  shutil.copy(f"{workdir}/{trained.VARIABLES_FILE}", d)  # no config.json: only the file decides
+  shutil.copy(f"{workdir}/{restore.VARIABLES_FILE}", d)  # no config.json: only the file decides
   with pytest.raises(ValueError, match="does not match the configured model"):
-    trained.load_trained(other, str(d))
-  (d / trained.VARIABLES_FILE).write_bytes(b"not msgpack at all")
+    restore.load_trained(other, str(d))
+  (d / restore.VARIABLES_FILE).write_bytes(b"not msgpack at all")
   with pytest.raises(ValueError, match="not a readable exported variables file"):
-    trained.load_trained(config, str(d))
+    restore.load_trained(config, str(d))
 
 
 def test_jpeg_gap_compares_the_same_images(finished_run, tmp_path):

@@ -409,10 +409,10 @@ def test_a_gpu_run_is_packed_then_published_or_kept_to_resume(tmp_path):
   assert "qs: finished and published" in sh(
       os.path.join(REPO, "launch", "device_train.sh"), config, "fresh/qs", "120", *overrides)
   assert not (tmp_path / "fresh" / "qs" / "checkpoints").exists()
-  from resnet_ensemble import models, trained
+  from resnet_ensemble import models, restore
   c = json.loads((published / "config.json").read_text())
   model = models.build(_config_dict(c["model"]), 10)
-  _, step = trained.read_variables(str(published / "variables.msgpack"), model, (8, 8, 1))
+  _, step = restore.read_variables(str(published / "variables.msgpack"), model, (8, 8, 1))
   assert step == 10
   env["VARIABLES"] = "0"  # an extra seed: its metrics, not its parameters
   sh(os.path.join(REPO, "launch", "publish_run.sh"), str(tmp_path / "out"), "qs", config,

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_ensemble import evaluate, lesion, train, trained
+from resnet_ensemble import evaluate, lesion, restore, train
 from resnet_ensemble.layout import BlockLayout, check_order
 from resnet_ensemble.sharding import make_mesh
 from resnet_ensemble.surgery import permute_blocks
@@ -75,7 +75,7 @@ def trained_tiny(tmp_path_factory):
 def _tiny_engine(trained_tiny):
   """The trained tiny net, its eval_fn and test batches, and a maker of fresh engines."""
   config, workdir = trained_tiny
-  t = trained.load_trained(config, workdir)
+  t = restore.load_trained(config, workdir)
   eval_fn = evaluate.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   batches = evaluate.padded_test_batches(t.dataset, config.eval.batch_size)
   make = lambda **kw: lesion.LesionEngine(eval_fn, t.layout, t.variables,  # noqa: E731

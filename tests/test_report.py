@@ -7,7 +7,7 @@ import shlex
 import numpy as np
 import pytest
 
-from resnet_ensemble import paths, report
+from resnet_ensemble import path_counts, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N = 6
@@ -125,10 +125,10 @@ def test_table_has_our_numbers_and_the_papers(full_run):
   assert f"{100 * r['mean'][6]:.2f} % ± {100 * r['std'][6]:.2f} %" in row and "k = 6" in row
   # Analytic rows computed with paths.py for our n: central interval 1..5 of 6 holds 62/64.
   assert "96.88 % (lengths 1–5, n = 6)" in rows["share of paths of length 19–35"]
-  total = paths.total_gradient(N, _paths_json()["gradient"]["mean_norm"])
-  lo, hi = paths.effective_interval(total, 0.9)
+  total = path_counts.total_gradient(N, _paths_json()["gradient"]["mean_norm"])
+  lo, hi = path_counts.effective_interval(total, 0.9)
   assert f"{lo}–{hi}" in rows["effective path lengths"]
-  share = float(paths.share_of_paths(N, lo, hi))
+  share = float(path_counts.share_of_paths(N, lo, hi))
   assert f"{100 * share:.2f} %" in rows["share of paths that are effective"]
   assert "0.45 %" in rows["share of paths that are effective"]
   vgg = rows["VGG, any single layer deleted"]
@@ -309,8 +309,8 @@ def test_gradient_far_below_float64_is_plotted_and_fitted_at_every_length(tmp_pa
   rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
   assert "×0.200 per extra block" in rows["gradient per path length (E6)"]
   assert "50 sampled paths per length" in rows["gradient per path length (E6)"]
-  weights = paths.relative_weights(paths.log10_total_gradient(N, log10))
-  lo, hi = paths.effective_interval(weights, 0.9)
+  weights = path_counts.relative_weights(path_counts.log10_total_gradient(N, log10))
+  lo, hi = path_counts.effective_interval(weights, 0.9)
   assert f"{lo}–{hi} (90 % of total gradient)" in rows["effective path lengths"]
 
 

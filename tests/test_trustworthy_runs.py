@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_ensemble import checkpoint, lesion, report, train, trained, workdir as workdir_lib
+from resnet_ensemble import checkpoint, lesion, report, restore, train, workdir as workdir_lib
 from resnet_ensemble.writers import read_jsonl
 from tests.conftest import tiny_config
 
@@ -94,7 +94,7 @@ def test_an_unfinished_run_is_analysed_only_when_asked_and_the_report_says_so(tm
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(tiny_config(**{"train.num_steps": 3}), workdir)
   config = tiny_config(**SMALL_STUDY)  # num_steps 6: the run stands at 3
-  with pytest.raises(trained.UnfinishedRunError, match="step 3 of train.num_steps=6"):
+  with pytest.raises(restore.UnfinishedRunError, match="step 3 of train.num_steps=6"):
     lesion.run_study(config, workdir)
   assert not os.path.exists(os.path.join(workdir, "lesion.json"))
   study = lesion.run_study(config, workdir, allow_unfinished=True)

@@ -1,4 +1,5 @@
-"""A trained network from a workdir: model, variables and the data it was trained on."""
+"""Restoring a trained network for the analyses: from a workdir's newest checkpoint, its exported
+variables, or imported pretrained weights; with the data it is evaluated on."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import dataclasses
 import flax.linen as nn
 from flax import serialization
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from resnet_ensemble import checkpoint, data as data_lib, models, workdir as workdir_lib
+from resnet_ensemble import (checkpoint, data as data_lib, imagenet, models, pretrained,
+                             workdir as workdir_lib)
 from resnet_ensemble.layout import BlockLayout
 from resnet_ensemble.state import abstract_state
 from resnet_ensemble.progress import say
+from resnet_ensemble.sharding import make_mesh, put_tree, replicated
 
 
 @dataclasses.dataclass
@@ -52,13 +56,11 @@ def load_trained(config, workdir: str, allow_unfinished: bool = False) -> Traine
   A run that has not reached ``config.train.num_steps`` (stopped, preempted, or still
   training) is refused: its numbers would pass for the trained network's. ``allow_unfinished``
   analyses it anyway, and the results say so (``Trained.describe``)."""
-  from resnet_ensemble import results
   if config.get("weights"):
     return load_pretrained(config)
-  from resnet_ensemble.sharding import make_mesh, replicated
   manager = (checkpoint.make_manager(workdir)
-             if results.path(workdir, "checkpoints").is_dir() else None)
-  exported = results.path(workdir, VARIABLES_FILE)
+             if workdir_lib.path(workdir, "checkpoints").is_dir() else None)
+  exported = workdir_lib.path(workdir, VARIABLES_FILE)
   has_checkpoint = manager is not None and bool(manager.all_steps())
   if not has_checkpoint and not exported.exists():
     raise FileNotFoundError(
@@ -92,7 +94,6 @@ def eval_dataset(data_config):
   """The data the analyses evaluate on: resident (digits, CIFAR-10) or, for ImageNet, the
   validation split streamed from TFDS (nothing is read until its batches are)."""
   if data_config.name == "imagenet2012":
-    from resnet_ensemble import imagenet
     return imagenet.StreamedValidation(image_size=data_config.image_size,
                                        data_dir=data_config.dir or None)
   return data_lib.load(data_config)
@@ -101,9 +102,6 @@ def eval_dataset(data_config):
 def load_pretrained(config) -> Trained:
   """``config.weights``, a torchvision state dict of ``config.arch``, as the gated Flax model
   and its variables (step 0: nothing was trained here). ``model.width`` 0 = the arch's own."""
-  import jax.numpy as jnp
-  from resnet_ensemble import pretrained
-  from resnet_ensemble.sharding import make_mesh, put_tree, replicated
   model, variables = pretrained.load_pretrained(
       config.arch, config.weights, width=config.model.width or None,
       dtype=jnp.dtype(config.model.dtype), unroll=config.model.unroll)
@@ -118,11 +116,10 @@ def load_pretrained(config) -> Trained:
 def export_variables(config, workdir: str, allow_unfinished: bool = False) -> str:
   """Writes the newest checkpoint's params and BatchNorm statistics (no optimizer state: half
   the size) as ``workdir/variables.msgpack``, the file a published result carries."""
-  from resnet_ensemble import results
   t = load_trained(config, workdir, allow_unfinished)
   payload = {"step": t.step, "variables": jax.tree.map(np.asarray, t.variables)}
-  target = results.path(workdir, VARIABLES_FILE)
-  if results.is_main_process():
+  target = workdir_lib.path(workdir, VARIABLES_FILE)
+  if workdir_lib.is_main_process():
     tmp = target.parent / (target.name + ".tmp")
     tmp.write_bytes(serialization.msgpack_serialize(payload))
     tmp.replace(target)
@@ -132,9 +129,8 @@ def export_variables(config, workdir: str, allow_unfinished: bool = False) -> st
 def read_variables(path: str, model: nn.Module, input_shape) -> tuple[dict, int]:
   """Reads an exported ``variables.msgpack`` and checks it against ``model``'s variables: a
   file from another architecture is an error naming the first mismatching entries."""
-  from resnet_ensemble import results
   try:
-    payload = serialization.msgpack_restore(results.path(path).read_bytes())
+    payload = serialization.msgpack_restore(workdir_lib.path(path).read_bytes())
     variables, step = payload["variables"], int(payload["step"])
   except Exception as e:  # msgpack raises several types for a damaged file
     raise ValueError(f"{path} is not a readable exported variables file "

@@ -30,8 +30,14 @@ from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from resnet_ensemble import (augment, gates as gates_lib, imagenet, models, path_counts, restore,
+                             workdir as workdir_lib)
 from resnet_ensemble.models import Unrolled
+from resnet_ensemble.progress import Progress
+from resnet_ensemble.sharding import (check_divisible, make_mesh, put, put_tree, replicate_local,
+                                      replicated, sharded)
 
 
 def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=None):
@@ -243,14 +249,12 @@ def path_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]
   Resident data: a new random training batch per chunk (un-augmented), fixed by (seed, chunk).
   Streamed ImageNet (no resident train split): the full validation batches among the first
   ``eval.max_images`` images, in order, cycled when the chunks outnumber them."""
-  from resnet_ensemble import imagenet
   if isinstance(dataset, imagenet.StreamedValidation):
     return _streamed_batches(config, dataset, mesh)
   return _resident_batches(config, dataset, mesh)
 
 
 def _resident_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
-  from resnet_ensemble.sharding import put, replicated
   n_train, rep = len(dataset.train_labels), replicated(mesh)
   for c in itertools.count():
     idx = np.random.default_rng([config.seed, c]).choice(n_train, config.paths.batch_size,
@@ -259,7 +263,6 @@ def _resident_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Ar
 
 
 def _streamed_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
-  from resnet_ensemble.sharding import replicate_local
   batch_size = config.paths.batch_size
   while True:
     full = 0
@@ -292,18 +295,12 @@ def one_ahead(dispatched: Iterable[T]) -> Iterator[T]:
 def _on_every_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils
   return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``paths.json``."""
-  from resnet_ensemble import augment, gates as gates_lib, imagenet, models, paths, results
-  from resnet_ensemble import trained
-  from resnet_ensemble.progress import Progress
-  from resnet_ensemble.sharding import (check_divisible, make_mesh, put, put_tree, replicated,
-                                       sharded)
-  t = trained.load_trained(config, workdir, allow_unfinished)
+  t = restore.load_trained(config, workdir, allow_unfinished)
   pc, n = config.paths, t.layout.n_blocks
   mesh = make_mesh()
   chunk = mesh.size * math.ceil(pc.chunk / 2 / mesh.size)  # pairs per call
@@ -346,11 +343,11 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   log10 = log10.reshape(2 * q, 2)
   by_k = np.stack([log10[lengths == k][:pc.samples_per_k] for k in range(n + 1)])
   (mean_y0, std_y0), (mean_image, std_image) = (
-      paths.log10_mean_std(by_k[..., j]) for j in range(2))  # (n + 1,) each
-  log10_total = paths.log10_total_gradient(n, mean_y0)
-  lo, hi = paths.effective_interval(paths.relative_weights(log10_total), 0.9)
+      path_counts.log10_mean_std(by_k[..., j]) for j in range(2))  # (n + 1,) each
+  log10_total = path_counts.log10_total_gradient(n, mean_y0)
+  lo, hi = path_counts.effective_interval(path_counts.relative_weights(log10_total), 0.9)
   out = {
-      "n": n, **t.describe(), "config": results.config_dict(config),
+      "n": n, **t.describe(), "config": workdir_lib.config_dict(config),
       "data_source": t.dataset.source,
       "batches_from": "validation" if streamed else "train (un-augmented)",
       "sampler": "complementary pairs",
@@ -365,9 +362,9 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
       "total_gradient": _json_power(log10_total),
       "log10_total_gradient": _json_log10(log10_total),
       "effective_interval": [lo, hi],
-      "effective_share_of_paths": float(paths.share_of_paths(n, lo, hi)),
+      "effective_share_of_paths": float(path_counts.share_of_paths(n, lo, hi)),
   }
-  results.write_json(workdir, "paths.json", out)
+  workdir_lib.write_json(workdir, "paths.json", out)
   return out
 
 

@@ -1,10 +1,9 @@
 """Several runs trained as one program: the train step vmapped over a stack of runs.
 
-Why: at the paper's batch of 128 a ResNet-110 step is launch-bound on a GPU (a third of the
-device idle, ~1,900 small kernels per step; BUILD_NOTES, the H100 bench of 2026-11-27), so K
-runs vmapped into one step launch about the same kernels, each K times larger: the seeds the
-paper's error bars need, or E8's and E10's gated models beside them, for less than K times the
-time of one (not yet measured on a GPU). Vmapping a convolution over its weights makes it one
+Why: at the paper's batch of 128 a ResNet-110 step is launch-bound on a GPU (many small
+kernels, the device partly idle), so K runs vmapped into one step launch about the same
+kernels, each K times larger: the seeds the paper's error bars need, or E8's and E10's gated
+models beside them, in one program (bench/train_step.py measures what it saves). Vmapping a convolution over its weights makes it one
 grouped convolution.
 
 The runs of a stack share the model, data, optimiser and steps; each has its own seed and gate

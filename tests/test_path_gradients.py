@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from resnet_ensemble import augment, data as data_lib, models, routing, trained
+from resnet_ensemble import augment, data as data_lib, models, path_gradients, restore
 from tests.conftest import REPO, tiny_config
 
 NETS = {
@@ -55,8 +55,8 @@ def test_routed_gradients_of_all_paths_sum_to_the_gradient(kind):
   every_path = np.asarray(list(itertools.product([0.0, 1.0], repeat=n)), np.float32)  # 2^6
 
   def routed(selections):
-    g_n, bv, mv, ev = routing.linearize(models.unroll(model, v), x, labels)
-    return jax.vmap(lambda s: routing.routed_backward(g_n, bv, mv, ev, s))(selections)
+    g_n, bv, mv, ev = path_gradients.linearize(models.unroll(model, v), x, labels)
+    return jax.vmap(lambda s: path_gradients.routed_backward(g_n, bv, mv, ev, s))(selections)
 
   g0, g_image = jax.jit(routed)(every_path)
   expected_image = jax.grad(lambda im: _loss(model, v, im, labels))(x)
@@ -84,8 +84,8 @@ def test_routed_gradients_of_a_scaled_network_sum_to_its_gradient():
   every_path = np.asarray(list(itertools.product([0.0, 1.0], repeat=6)), np.float32)
 
   def routed(selections):
-    g_n, bv, mv, ev = routing.linearize(models.unroll(model, v), x, labels, scales)
-    return jax.vmap(lambda s: routing.routed_backward(g_n, bv, mv, ev, s))(selections)
+    g_n, bv, mv, ev = path_gradients.linearize(models.unroll(model, v), x, labels, scales)
+    return jax.vmap(lambda s: path_gradients.routed_backward(g_n, bv, mv, ev, s))(selections)
 
   _, g_image = jax.jit(routed)(every_path)
   expected = jax.grad(lambda im: _loss_gated(model, v, im, labels, scales))(x)
@@ -104,16 +104,16 @@ def test_the_empty_path_is_the_gradient_through_the_shortcuts_alone():
   # that enters no residual module carries dLoss/dy_n unchanged to y_0.
   model = models.ResNet(stage_sizes=(4,), widths=(4,))
   v, x, labels = _setup(model)
-  g_n, bv, mv, ev = routing.linearize(models.unroll(model, v), x, labels)
-  g0, _ = routing.routed_backward(g_n, bv, mv, ev, jnp.zeros(4))
+  g_n, bv, mv, ev = path_gradients.linearize(models.unroll(model, v), x, labels)
+  g0, _ = path_gradients.routed_backward(g_n, bv, mv, ev, jnp.zeros(4))
   np.testing.assert_allclose(g0, g_n, rtol=1e-6, atol=1e-7)
 
 
 def test_paths_computed_together_equal_paths_computed_apart():
   model = NETS["preact"]
   v, x, labels = _setup(model)
-  fn = jax.jit(routing.make_path_gradient_fn(lambda v: models.unroll(model, v)))
-  sel = routing.sample_selections(np.random.default_rng(0), 6, 3, 5)
+  fn = jax.jit(path_gradients.make_path_gradient_fn(lambda v: models.unroll(model, v)))
+  sel = path_gradients.sample_selections(np.random.default_rng(0), 6, 3, 5)
   together = [norms.float64() for norms in fn(v, x, labels, sel)]
   for i in range(5):
     apart = [norms.float64() for norms in fn(v, x, labels, sel[i:i + 1])]
@@ -124,10 +124,10 @@ def test_paths_computed_together_equal_paths_computed_apart():
 def test_selections_have_exactly_k_blocks():
   rng = np.random.default_rng(0)
   for k in range(7):
-    sel = routing.sample_selections(rng, 6, k, 50)
+    sel = path_gradients.sample_selections(rng, 6, k, 50)
     assert (sel.sum(1) == k).all()
   with pytest.raises(ValueError, match="k=7 is outside 0..6"):
-    routing.sample_selections(rng, 6, 7, 1)
+    path_gradients.sample_selections(rng, 6, 7, 1)
 
 
 @pytest.mark.parametrize("kind", list(NETS))
@@ -137,10 +137,10 @@ def test_a_pair_routes_a_path_and_its_complement(kind):
   sel = jnp.asarray([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
 
   def routed(s):
-    g_n, bv, mv, ev = routing.linearize(models.unroll(model, v), x, labels, jnp.full(6, 0.9))
-    return (routing.routed_backward_pair(g_n, bv, mv, ev, s),
-            routing.routed_backward(g_n, bv, mv, ev, s),
-            routing.routed_backward(g_n, bv, mv, ev, 1 - s))
+    g_n, bv, mv, ev = path_gradients.linearize(models.unroll(model, v), x, labels, jnp.full(6, 0.9))
+    return (path_gradients.routed_backward_pair(g_n, bv, mv, ev, s),
+            path_gradients.routed_backward(g_n, bv, mv, ev, s),
+            path_gradients.routed_backward(g_n, bv, mv, ev, 1 - s))
 
   (path, complement), alone, alone_complement = jax.jit(routed)(sel)
   for got, want in ((path, alone), (complement, alone_complement)):
@@ -152,9 +152,9 @@ def test_paired_norms_are_the_norms_of_the_paths_and_their_complements():
   model = NETS["postact"]
   v, x, labels = _setup(model)
   unroll = lambda v: models.unroll(model, v)  # noqa: E731
-  sel = routing.sample_selections(np.random.default_rng(0), 6, 2, 4)
-  paired = jax.jit(routing.make_path_gradient_fn(unroll, paired=True))(v, x, labels, sel)
-  single = jax.jit(routing.make_path_gradient_fn(unroll))(v, x, labels,
+  sel = path_gradients.sample_selections(np.random.default_rng(0), 6, 2, 4)
+  paired = jax.jit(path_gradients.make_path_gradient_fn(unroll, paired=True))(v, x, labels, sel)
+  single = jax.jit(path_gradients.make_path_gradient_fn(unroll))(v, x, labels,
                                                           np.concatenate([sel, 1 - sel]))
   paired, single = ([norms.float64() for norms in out] for out in (paired, single))
   for got, want in zip(paired, single):
@@ -164,7 +164,7 @@ def test_paired_norms_are_the_norms_of_the_paths_and_their_complements():
 
 @pytest.mark.parametrize("n, samples", [(6, 4), (6, 5), (7, 3)])
 def test_paired_selections_give_every_length_its_samples(n, samples):
-  selections, lengths = routing.paired_selections(np.random.default_rng(0), n, samples)
+  selections, lengths = path_gradients.paired_selections(np.random.default_rng(0), n, samples)
   routed = np.concatenate([selections, 1 - selections])  # what paired=True routes
   np.testing.assert_array_equal(routed.sum(1), lengths)
   for k in range(n + 1):
@@ -180,10 +180,10 @@ def test_one_ahead_hands_out_each_chunk_after_dispatching_the_next():
       events.append(f"dispatch {c}")
       yield c
 
-  for c in routing.one_ahead(dispatched()):
+  for c in path_gradients.one_ahead(dispatched()):
     events.append(f"read {c}")
   assert events == ["dispatch 0", "dispatch 1", "read 0", "dispatch 2", "read 1", "read 2"]
-  assert list(routing.one_ahead([])) == []
+  assert list(path_gradients.one_ahead([])) == []
 
 
 @pytest.mark.parametrize("kind", list(NETS))
@@ -194,8 +194,8 @@ def test_routed_pairs_of_all_paths_sum_to_the_gradient(kind):
   selections = np.concatenate([np.zeros((32, 1), np.float32), half], 1)  # each pair once
 
   def routed(selections):
-    g_n, bv, mv, ev = routing.linearize(models.unroll(model, v), x, labels)
-    return jax.vmap(lambda s: routing.routed_backward_pair(g_n, bv, mv, ev, s))(selections)
+    g_n, bv, mv, ev = path_gradients.linearize(models.unroll(model, v), x, labels)
+    return jax.vmap(lambda s: path_gradients.routed_backward_pair(g_n, bv, mv, ev, s))(selections)
 
   (_, path), (_, complement) = jax.jit(routed)(selections)
   expected = jax.grad(lambda im: _loss(model, v, im, labels))(x)
@@ -219,7 +219,7 @@ def _float64_norms(model, variables, x, labels, scales, selections):
     v = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
 
     def norms(selections):
-      g_n, bv, mv, ev = routing.linearize(models.unroll(m, v), jnp.asarray(x, jnp.float64),
+      g_n, bv, mv, ev = path_gradients.linearize(models.unroll(m, v), jnp.asarray(x, jnp.float64),
                                           labels, jnp.asarray(scales, jnp.float64))
 
       def one(selection):
@@ -240,9 +240,9 @@ def _float64_norms(model, variables, x, labels, scales, selections):
 def deep():
   v, x, labels = _setup(DEEP)
   rng = np.random.default_rng(0)
-  single = np.concatenate([routing.sample_selections(rng, DEEP_N, k, 1)
+  single = np.concatenate([path_gradients.sample_selections(rng, DEEP_N, k, 1)
                            for k in range(DEEP_N + 1)])  # one path of every length
-  paired, _ = routing.paired_selections(rng, DEEP_N, 1)
+  paired, _ = path_gradients.paired_selections(rng, DEEP_N, 1)
   every = np.concatenate([single, paired, 1 - paired])  # what the two forms route
   y0, image = _float64_norms(DEEP, v, x, labels, DEEP_SCALES, every)
   return dict(v=v, x=x, labels=labels, single=single, paired=paired,
@@ -252,7 +252,7 @@ def deep():
 
 @pytest.mark.parametrize("paired", [False, True])
 def test_every_path_length_keeps_its_norm_in_float32(deep, paired):
-  fn = routing.make_path_gradient_fn(lambda v: models.unroll(DEEP, v), scales=DEEP_SCALES,
+  fn = path_gradients.make_path_gradient_fn(lambda v: models.unroll(DEEP, v), scales=DEEP_SCALES,
                                      paired=paired)
   selections = deep["paired" if paired else "single"]
   routed = np.concatenate([selections, 1 - selections]) if paired else selections
@@ -272,7 +272,7 @@ def test_every_path_length_keeps_its_norm_in_bfloat16(deep, stream):
   # this compares magnitudes over the 80 decades, not digits. stream=float32: bf16 branches on
   # a float32 identity path (model.stream_dtype), where s + f is float32 and f is bf16.
   model = DEEP.clone(dtype=jnp.bfloat16, stream_dtype=stream)
-  fn = routing.make_path_gradient_fn(lambda v: models.unroll(model, v), scales=DEEP_SCALES,
+  fn = path_gradients.make_path_gradient_fn(lambda v: models.unroll(model, v), scales=DEEP_SCALES,
                                      paired=True)
   y0, image = jax.jit(fn)(deep["v"], deep["x"], deep["labels"], deep["paired"])
   for got, want in zip((y0, image), deep["want"][True]):
@@ -293,13 +293,13 @@ def _scaled_resnet110_workdir(tmp_path):
   _, mut = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
   payload = {"step": 0, "variables": jax.tree.map(
       np.asarray, {"params": v["params"], "batch_stats": mut["batch_stats"]})}
-  (tmp_path / trained.VARIABLES_FILE).write_bytes(serialization.msgpack_serialize(payload))
+  (tmp_path / restore.VARIABLES_FILE).write_bytes(serialization.msgpack_serialize(payload))
   return config, str(tmp_path)
 
 
 def test_a_resnet110_study_has_a_mean_at_every_length(tmp_path):
   config, workdir = _scaled_resnet110_workdir(tmp_path)
-  out = routing.run_study(config, workdir, allow_unfinished=True)  # a network at init
+  out = path_gradients.run_study(config, workdir, allow_unfinished=True)  # a network at init
   assert out["finished"] is False
   assert out == json.load(open(os.path.join(workdir, "paths.json")))
   _check_every_length(out, 54)
@@ -333,5 +333,5 @@ def test_a_length_s_samples_come_from_different_batches(tmp_path):
   config = tiny_config(**{"paths.samples_per_k": 4, "paths.chunk": 8, "paths.batch_size": 8})
   from resnet_ensemble import train
   train.train_and_evaluate(config, str(tmp_path))
-  g = routing.run_study(config, str(tmp_path))["gradient"]
+  g = path_gradients.run_study(config, str(tmp_path))["gradient"]
   assert g["std_norm"][0] > 0.01 * g["mean_norm"][0]

@@ -51,7 +51,7 @@ def main(_):
   for batch, groups in runs:
     eval_fn = jax.jit(evaluate.make_eval_fn(model, dataset.mean, dataset.std, groups),
                       out_shardings=replicated(mesh))
-    images, labels, mask = evaluate.padded_test_batches(dataset, batch)
+    images, labels, mask = dataset.padded_test(batch)
     args = [put(a, sharded(mesh, axis=1)) for a in (images, labels, mask)]
     common.progress(f"batch {batch}, groups {groups}: compiling")
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 import common
 from resnet_ensemble import gates as gates_lib, lesion, models
-from resnet_ensemble.evaluate import make_eval_fn, padded_test_batches
+from resnet_ensemble.evaluate import make_eval_fn
 from resnet_ensemble.sharding import make_mesh
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -137,7 +137,7 @@ def main(_):
   variables, source = common.model_variables(model, c, dataset.test_images.shape[1:],
                                              FLAGS.variables)
   chunk = FLAGS.chunk or c.lesion.chunk
-  batches = padded_test_batches(dataset, c.eval.batch_size)
+  batches = dataset.padded_test(c.eval.batch_size)
   eval_fn = make_eval_fn(model, dataset.mean, dataset.std)
   base = {**common.jax_info(), "config": common.config_name(),
           "model": f"{c.model.name}-{c.model.depth}", "width": c.model.width,

@@ -9,6 +9,7 @@ the package, so the quickstart runs offline.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 
 import numpy as np
@@ -35,9 +36,43 @@ class ImageDataset:
   std: tuple[float, ...]
   source: str               # where it came from, for reports
 
+  # The evaluation source every analysis takes (``imagenet.StreamedValidation`` is the other):
+  # ``resident`` sources go to the device whole (``padded_test``); others stream
+  # (``test_batches``). Both give the same (images, labels, mask) batches.
+  resident = True
+  gradient_split = "train (un-augmented)"  # where E6's batches come from
+
   @property
   def input_shape(self) -> tuple[int, ...]:
     return tuple(self.train_images.shape[1:])
+
+  def padded_test(self, batch_size: int, max_images: int = 0):
+    """The first ``max_images`` test images (0: all) as (n_batches, B, ...) uint8 images,
+    int32 labels and a float mask (0 for the padding of the last batch)."""
+    images, labels = self.test_images, self.test_labels
+    if max_images:
+      images, labels = images[:max_images], labels[:max_images]
+    n = len(labels)
+    n_batches = -(-n // batch_size)
+    pad = n_batches * batch_size - n
+    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)])
+    labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
+    mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+    shape = (n_batches, batch_size)
+    return images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape)
+
+  def test_batches(self, batch_size: int, max_images: int = 0):
+    """One pass over ``padded_test``'s batches, one (images, labels, mask) at a time."""
+    return zip(*self.padded_test(batch_size, max_images))
+
+  def gradient_batches(self, batch_size: int, seed: int, max_images: int = 0):
+    """E6's batches, endless: a random training batch per chunk of paths, fixed by
+    (seed, chunk) (``max_images`` concerns the test split; unused here)."""
+    del max_images
+    for chunk in itertools.count():
+      idx = np.random.default_rng([seed, chunk]).choice(len(self.train_labels), batch_size,
+                                                        replace=False)
+      yield self.train_images[idx], self.train_labels[idx]
 
 
 def _dataset(name, train_x, train_y, test_x, test_y, num_classes, source) -> ImageDataset:

@@ -12,10 +12,9 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from resnet_ensemble import data as data_lib, models
+from resnet_ensemble import models
 from resnet_ensemble.augment import normalize
 
 
@@ -96,17 +95,3 @@ def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
     return logits, jax.tree.map(lambda u: u[0], updates)
 
   return apply
-
-
-
-def padded_test_batches(dataset: data_lib.ImageDataset, batch_size: int):
-  """The test split as (n_batches, B, ...) uint8 images, int32 labels and a float mask."""
-  n = len(dataset.test_labels)
-  n_batches = -(-n // batch_size)
-  pad = n_batches * batch_size - n
-  images = np.concatenate([dataset.test_images,
-                           np.zeros((pad,) + dataset.test_images.shape[1:], np.uint8)])
-  labels = np.concatenate([dataset.test_labels, np.zeros((pad,), np.int32)])
-  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
-  shape = (n_batches, batch_size)
-  return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))

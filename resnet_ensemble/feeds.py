@@ -17,7 +17,7 @@ import numpy as np
 
 from resnet_ensemble import data as data_lib, imagenet
 from resnet_ensemble.augment import batch_indices, random_crop_flip
-from resnet_ensemble.evaluate import make_eval_fn, padded_test_batches
+from resnet_ensemble.evaluate import make_eval_fn
 from resnet_ensemble.progress import say
 from resnet_ensemble.sharding import check_divisible, put, replicated, sharded
 from resnet_ensemble.seeds import RunStack
@@ -36,7 +36,7 @@ class ResidentData:
 
 def put_resident(dataset: data_lib.ImageDataset, eval_batch_size: int, mesh) -> ResidentData:
   check_divisible(eval_batch_size, mesh, "eval.batch_size")
-  test_images, test_labels, mask = padded_test_batches(dataset, eval_batch_size)
+  test_images, test_labels, mask = dataset.padded_test(eval_batch_size)
   rep, batch_axis = replicated(mesh), sharded(mesh, axis=1)
   return ResidentData(
       train_images=put(dataset.train_images, rep),

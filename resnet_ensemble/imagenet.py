@@ -13,6 +13,7 @@ from typing import Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 NUM_CLASSES = 1000
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -124,8 +125,8 @@ def _largest_share(tfds, builder, split: str, count: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StreamedValidation:
-  """ImageNet validation for the analyses (lesions, routed gradients): it stays on the host and
-  streams, so it stands in for ``data.ImageDataset`` with ``batches`` instead of arrays."""
+  """ImageNet validation for the analyses (lesions, routed gradients): an evaluation source
+  like ``data.ImageDataset`` that stays on the host and streams its batches."""
 
   image_size: int = 224
   data_dir: str | None = None
@@ -144,13 +145,40 @@ class StreamedValidation:
     return (f"TFDS imagenet2012 validation (data_dir={self.data_dir or 'default'}), resize "
             f"{resize} / center crop {self.image_size}")
 
-  def batches(self, batch_size: int, max_images: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
+  resident = False  # streams: see data.ImageDataset for the evaluation-source interface
+  gradient_split = "validation"
+
+  def test_batches(self, batch_size: int,
+                   max_images: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
     """One pass of this process's ``(images, labels, mask)`` shares, as ``make_split``;
     ``max_images`` > 0 keeps the first that many images in global batch order (the rest of
     their batch masked, later batches not read)."""
     stream = make_split("validation", batch_size=batch_size, train=False,
                         image_size=self.image_size, data_dir=self.data_dir)
     return capped(stream, batch_size, max_images) if max_images > 0 else stream
+
+  def gradient_batches(self, batch_size: int, seed: int,
+                       max_images: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """E6's batches (no resident train split): the whole validation batches among the first
+    ``max_images`` images, in order, cycled when the chunks of paths outnumber them. A padded
+    batch would bias the mean loss, so only batches whole on every process count."""
+    del seed  # the validation order is fixed
+    while True:
+      whole = 0
+      for images, labels, mask in self.test_batches(batch_size, max_images):
+        if on_every_process(bool(mask.all())):
+          whole += 1
+          yield images, labels
+      if not whole:
+        raise ValueError(f"E6 needs a whole batch of paths.batch_size={batch_size} images, but "
+                         f"the validation stream (eval.max_images={max_images}) holds fewer")
+
+
+def on_every_process(flag: bool) -> bool:
+  """``flag`` and-ed over the processes of a multi-process run."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def capped(stream, batch_size: int, max_images: int) -> Iterator[tuple[np.ndarray, ...]]:

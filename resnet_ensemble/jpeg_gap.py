@@ -46,7 +46,7 @@ def load_exact(path: str) -> dict[str, np.ndarray]:
 def measure(config, workdir: str, exact_path: str) -> dict:
   """Error of the newest checkpoint on the exact pixels and on their JPEG versions."""
   t = restore.load_trained(config, workdir)
-  if not hasattr(t.dataset, "test_images"):
+  if not t.dataset.resident:
     raise ValueError(f"jpeg_gap needs a resident test split (CIFAR-10); {config.data.name} "
                      "is streamed")
   exact = load_exact(exact_path)

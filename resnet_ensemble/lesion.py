@@ -10,7 +10,6 @@ chunk of variants makes one pass over a stream of batches instead (``StreamedLes
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from typing import Callable, Iterable, Sequence
@@ -243,29 +242,21 @@ class StreamedLesionEngine(LesionEngine):
     return np.asarray(wrong) / count
 
 
-def first_test_images(dataset, max_images: int):
-  """A resident dataset cut to its first ``max_images`` test images (0: all of them)."""
-  if not max_images:
-    return dataset
-  return dataclasses.replace(dataset, test_images=dataset.test_images[:max_images],
-                             test_labels=dataset.test_labels[:max_images])
-
-
 def make_engine(config, t, mesh) -> LesionEngine:
   """The lesion engine for ``t``'s data: resident (CIFAR, digits) or streamed (ImageNet); both
   evaluate on the first ``eval.max_images`` test images (0: all)."""
-  from resnet_ensemble import evaluate, gates as gates_lib, imagenet
+  from resnet_ensemble import evaluate, gates as gates_lib
   eval_fn = evaluate.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   common = dict(mesh=mesh, chunk=config.lesion.chunk,
                 base_gates=gates_lib.eval_gates(config.gates, t.layout),
                 variant_weights=config.lesion.variant_weights)
   batch_size, cap = config.eval.batch_size, config.eval.max_images
-  if isinstance(t.dataset, imagenet.StreamedValidation):
+  if not t.dataset.resident:
     from resnet_ensemble.sharding import check_divisible
     check_divisible(batch_size, mesh, "eval.batch_size")
     return StreamedLesionEngine(eval_fn, t.layout, t.variables,
-                                lambda: t.dataset.batches(batch_size, cap), **common)
-  batches = evaluate.padded_test_batches(first_test_images(t.dataset, cap), batch_size)
+                                lambda: t.dataset.test_batches(batch_size, cap), **common)
+  batches = t.dataset.padded_test(batch_size, cap)
   return LesionEngine(eval_fn, t.layout, t.variables, *batches, **common)
 
 

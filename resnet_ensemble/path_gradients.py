@@ -23,16 +23,14 @@ every block boundary by a power of two (exact in any float format) so that max|v
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from resnet_ensemble import (augment, gates as gates_lib, imagenet, models, path_counts, restore,
+from resnet_ensemble import (augment, gates as gates_lib, models, path_counts, restore,
                              workdir as workdir_lib)
 from resnet_ensemble.models import Unrolled
 from resnet_ensemble.progress import Progress
@@ -243,39 +241,6 @@ def paired_selections(rng: np.random.Generator, n: int,
   return selections, np.concatenate([first, n - first])
 
 
-def path_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
-  """E6's batches of ``paths.batch_size`` (images, labels), one per chunk of paths, replicated.
-
-  Resident data: a new random training batch per chunk (un-augmented), fixed by (seed, chunk).
-  Streamed ImageNet (no resident train split): the full validation batches among the first
-  ``eval.max_images`` images, in order, cycled when the chunks outnumber them."""
-  if isinstance(dataset, imagenet.StreamedValidation):
-    return _streamed_batches(config, dataset, mesh)
-  return _resident_batches(config, dataset, mesh)
-
-
-def _resident_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
-  n_train, rep = len(dataset.train_labels), replicated(mesh)
-  for c in itertools.count():
-    idx = np.random.default_rng([config.seed, c]).choice(n_train, config.paths.batch_size,
-                                                         replace=False)
-    yield put(dataset.train_images[idx], rep), put(dataset.train_labels[idx], rep)
-
-
-def _streamed_batches(config, dataset, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
-  batch_size = config.paths.batch_size
-  while True:
-    full = 0
-    for images, labels, mask in dataset.batches(batch_size, config.eval.max_images):
-      if _on_every_process(bool(mask.all())):  # padded batches would bias the mean loss
-        full += 1
-        yield replicate_local(images, mesh), replicate_local(labels, mesh)
-    if not full:
-      raise ValueError(f"E6 needs a whole batch of paths.batch_size={batch_size} images, but "
-                       f"the validation stream (eval.max_images={config.eval.max_images}) "
-                       f"holds fewer")
-
-
 T = TypeVar("T")
 
 
@@ -290,12 +255,6 @@ def one_ahead(dispatched: Iterable[T]) -> Iterator[T]:
     previous, started = item, True
   if started:
     yield previous
-
-
-def _on_every_process(flag: bool) -> bool:
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
@@ -322,15 +281,17 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   variables = put_tree(t.variables, rep)
   q = len(selections)
   log10 = np.zeros((2, q, 2))  # log10 norms: (selection | complement, pair, y0 | image)
-  streamed = isinstance(t.dataset, imagenet.StreamedValidation)
-  if streamed:
+  if not t.dataset.resident:  # each process streams its share of a batch
     check_divisible(pc.batch_size, mesh, "paths.batch_size")
-  batches = path_batches(config, t.dataset, mesh)
+    place = lambda a: replicate_local(a, mesh)  # noqa: E731
+  else:  # every process holds the same batch
+    place = lambda a: put(a, rep)  # noqa: E731
+  batches = t.dataset.gradient_batches(pc.batch_size, config.seed, config.eval.max_images)
   progress = Progress(2 * q, "E6 routed path gradients", unit="paths", every_s=10.0)
 
   def dispatch(start: int):
     # A new batch for each chunk of paths (un-augmented; BN in inference mode).
-    images, labels = next(batches)
+    images, labels = map(place, next(batches))
     sel = selections[start:start + chunk]
     padded = np.concatenate([sel, np.zeros((chunk - len(sel), n), np.float32)])
     return start, len(sel), jitted(variables, images, labels, put(padded, split))
@@ -349,7 +310,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   out = {
       "n": n, **t.describe(), "config": workdir_lib.config_dict(config),
       "data_source": t.dataset.source,
-      "batches_from": "validation" if streamed else "train (un-augmented)",
+      "batches_from": t.dataset.gradient_split,
       "sampler": "complementary pairs",
       "gradient": {"k": list(range(n + 1)), "samples_per_k": pc.samples_per_k,
                    "batch_size": pc.batch_size,

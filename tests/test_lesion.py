@@ -77,7 +77,7 @@ def _tiny_engine(trained_tiny):
   config, workdir = trained_tiny
   t = restore.load_trained(config, workdir)
   eval_fn = evaluate.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
-  batches = evaluate.padded_test_batches(t.dataset, config.eval.batch_size)
+  batches = t.dataset.padded_test(config.eval.batch_size)
   make = lambda **kw: lesion.LesionEngine(eval_fn, t.layout, t.variables,  # noqa: E731
                                           *batches, mesh=make_mesh(), chunk=4, **kw)
   return t, eval_fn, batches, make

@@ -2,6 +2,9 @@
 
 Any config field can be overridden with ``--config.a.b=value``; a mistyped field is an error
 (``lock_config=True``).
+
+The package's modules are imported inside the functions below, after flag parsing: jax reads
+``XLA_FLAGS`` (and the platform) when it is first imported.
 """
 
 from __future__ import annotations
@@ -108,12 +111,11 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
              config_file: str | None = None) -> None:
   """Runs ``mode`` on ``workdir``: validated first, then with the workdir locked.
   ``config_file``: the config's file, named in the report's commands for missing results."""
-  from resnet_ensemble import config as config_lib, train, workdir as workdir_lib
+  from resnet_ensemble import config as config_lib, seeds, train, workdir as workdir_lib
   config_lib.validate(config)
   if mode != "report" and not config.get("weights"):
     train.check_config(config)  # model and gates too, before the workdir is touched
-  if mode == "runs":  # what a launcher packs and unpacks (to pack or unpack its workdirs)
-    from resnet_ensemble import seeds
+  if mode == "runs":  # the workdirs a launcher packs and unpacks
     print("\n".join(run.workdir(workdir) for run in seeds.runs_of(config)), flush=True)
     return
   writes_workdir = not (mode == "report" and config.report.out_dir)

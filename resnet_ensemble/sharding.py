@@ -69,7 +69,7 @@ def on_host(fn: Callable[[], Any]) -> Any:
   """``jax.jit(fn)()`` computed on this process's CPU; place the result with ``put_tree``.
 
   For parameter initialisation: one random draw per parameter makes a long program that XLA
-  compiles in seconds for the CPU but in about 50 s for an H100 (bench/, 2026-11-27); every
+  compiles in seconds for the CPU but takes close to a minute for a GPU; every
   process computes the same values, so the placed arrays agree across hosts. Where the CPU
   backend is switched off (``JAX_PLATFORMS=tpu``), on the default device instead."""
   try:

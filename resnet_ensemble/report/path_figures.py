@@ -14,7 +14,6 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from scipy import stats
 
 from resnet_ensemble import paths
 from resnet_ensemble.report import paper
@@ -102,6 +101,7 @@ def decay_fit(k: Sequence[float], log10_mean: Sequence[float],
   slope's two-sided ``level`` t interval (n - 2 degrees of freedom) from the residuals, which
   hold both the sampling noise of the per-length means and any departure from one exponential.
   None below three lengths."""
+  from scipy import stats  # here, not at the top: seconds to import, and only a fit needs it
   k, y = np.asarray(k, np.float64), np.asarray(log10_mean, np.float64)
   ok = np.isfinite(y)
   k, y = k[ok], y[ok]

@@ -1,4 +1,8 @@
-"""report.write_report: figures and report.md from synthetic results of a 6-block network."""
+"""report.write_report: figures and report.md from synthetic results of a 6-block network.
+
+The numbers the report states are checked against values worked out by hand for these small
+fixtures (a 6-block network, gradient norms halving per block), so a figure module that
+computes them wrongly fails here; one test is a smoke test of report.md's layout."""
 
 import json
 import os
@@ -8,6 +12,7 @@ import numpy as np
 import pytest
 
 from resnet_ensemble import path_counts, report
+from resnet_ensemble.report import lesion_figures, path_figures, read
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N = 6
@@ -78,8 +83,10 @@ def _assert_png(path):
   assert os.path.getsize(path) > 5_000, path
 
 
-@pytest.fixture
-def full_run(tmp_path):
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """Every result of a 6-block run and its comparison runs; read-only for the tests."""
+  tmp_path = tmp_path_factory.mktemp("full_run")
   rng = np.random.default_rng(0)
   main, vgg, sd, eff = (str(tmp_path / d) for d in ("main", "vgg", "sd", "eff"))
   _write(main, "lesion.json", _lesion(rng))
@@ -162,7 +169,7 @@ def test_only_final_metrics_lists_missing_experiments_with_commands(tmp_path):
   assert "## Missing experiments" in md
   assert f"python -m resnet_ensemble --config=configs/cifar10_resnet110.py --workdir={main} " \
          "--mode=lesion" in md
-  assert f"--workdir={main} --mode=paths" in md
+  assert f"--workdir={main} --mode=gradients" in md
   assert "E1, E3, E4" in md and "E6, E7" in md and "E10" in md and "E8" in md
   assert "VGG-15" in md and "vgg_workdir" in md
   assert "| ResNet-110 test error | 6.00 % (step 64000) | 6.10 % |" in md
@@ -247,7 +254,7 @@ def test_missing_commands_name_the_runs_config_file_and_survive_spaces(tmp_path)
   run = ["python", "-m", "resnet_ensemble", "--config=configs/quickstart.py", f"--workdir={main}"]
   lesion = next(v for k, v in cmds.items() if k.startswith("E1, E3, E4"))
   assert lesion == [run + ["--mode=lesion"]]
-  assert next(v for k, v in cmds.items() if k.startswith("E6, E7")) == [run + ["--mode=paths"]]
+  assert next(v for k, v in cmds.items() if k.startswith("E6, E7")) == [run + ["--mode=gradients"]]
   seed = next(v for k, v in cmds.items() if k.startswith("another seed"))
   assert seed == [run[:4] + [f"--workdir={seed1}", "--config.seed=1"]]
   # The comparison runs have their own configs; their workdirs are quoted too.
@@ -279,7 +286,7 @@ def test_missing_commands_of_imported_weights_repeat_their_flags(tmp_path):
   paths_cmd = next(v for k, v in cmds.items() if k.startswith("E6, E7"))
   assert paths_cmd == [["python", "-m", "resnet_ensemble",
                         "--config=configs/imagenet_pretrained.py", f"--workdir={main}",
-                        "--mode=paths", "--config.weights=/my weights/resnet18.safetensors",
+                        "--mode=gradients", "--config.weights=/my weights/resnet18.safetensors",
                         "--config.arch=resnet18"]]
 
 
@@ -323,7 +330,7 @@ def test_zero_means_of_an_underflowed_paths_json_are_named_and_left_out_of_the_f
   _write(main, "paths.json", pj)
   report.write_report(main)
   e6 = _section(open(os.path.join(main, "report.md")).read(), "E6 / Fig. 6b")
-  assert "Lengths 4–6 have a mean norm of exactly 0" in e6 and "--mode=paths" in e6
+  assert "Lengths 4–6 have a mean norm of exactly 0" in e6 and "--mode=gradients" in e6
   assert "over 4 lengths (0–3) gives ×0.500 per extra block" in e6
 
 
@@ -338,3 +345,150 @@ def test_decay_fit_interval_holds_the_true_factor():
     covered += fit["lo"] <= 0.22 <= fit["hi"]
   assert 180 <= covered <= 198  # a 95 % interval: ~190 of 200
   assert report.decay_fit([0, 1], [0.0, -1.0]) is None  # a line needs three lengths for a CI
+
+
+# ---------------------------------------------------------------------------------------------
+# The computed numbers, against values worked out by hand for the 6-block fixtures.
+
+def _rows(md):
+  return {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+
+
+def test_e7_interval_of_halving_norms_is_worked_out_by_hand():
+  # mean norm 2 * 0.5**k: total(k) = C(6, k) * 2 * 0.5**k, proportional to
+  # 1, 3, 3.75, 2.5, 0.9375, 0.1875, 0.015625 (sum 11.390625; 90 % = 10.2516). No 4 lengths
+  # reach it (0..3 holds 10.25); of the 5-length windows 0..4 holds most (11.1875).
+  total, lo, hi, share = path_figures.effective(N, _paths_json())
+  assert (lo, hi) == (0, 4)
+  assert share == pytest.approx(57 / 64)  # C(6,0..4) = 1 + 6 + 15 + 20 + 15 of 64 paths
+  np.testing.assert_allclose(total, np.array([1, 3, 3.75, 2.5, 0.9375, 0.1875, 0.015625]) / 3.75)
+  with pytest.raises(ValueError, match="expected n\\+1 = 8"):
+    path_figures.effective(7, _paths_json())
+
+
+def test_e5_interval_is_the_papers_at_its_n_and_the_narrowest_elsewhere():
+  assert path_figures.central_interval(54) == (19, 35)       # the paper's, 98.0 %
+  assert path_figures.narrowest_central(54, 0.95) == (20, 34)
+  assert float(path_counts.share_of_paths(54, 20, 34)) >= 0.95 > float(path_counts.share_of_paths(54, 21, 33))
+  assert path_figures.central_interval(6) == (1, 5)          # 62 of 64 paths; 2..4 holds 50
+  assert path_figures.deleted_counts(54) == [1, 10, 20]
+  assert path_figures.deleted_counts(6) == [1, 2]            # 1, 10, 20 scaled by 6 / 54
+
+
+def test_decay_fit_of_an_exact_exponential_and_its_table_row(full_run):
+  k = np.arange(N + 1)
+  fit = report.decay_fit(k, np.log10(2.0 * 0.5**k))
+  assert fit["factor"] == pytest.approx(0.5) and fit["lo"] == pytest.approx(0.5)
+  assert (fit["first"], fit["last"], fit["lengths"]) == (0, 6, 7)
+  row = _rows(full_run[2])["gradient per path length (E6)"]
+  assert ("×0.500 per extra block (95 % CI 0.500–0.500); log-linear fit over lengths 0–6 "
+          "(7 lengths), 50 sampled paths per length") in row
+
+
+def test_e7_e9_and_e10_sections_state_the_hand_computed_numbers(full_run):
+  _, _, md = full_run
+  rows = _rows(md)
+  assert "| 0–4 (90 % of total gradient) |" in rows["effective path lengths"]
+  assert "| 89.06 % |" in rows["share of paths that are effective"]
+  # E7: the peak is length 2, 3.75 / 11.390625 = 32.9 % of the total.
+  e7 = _section(md, "E7 / Fig. 6c")
+  assert ("paths of length 0–4 (0–8 layers for basic blocks), which are 89.06 % of all paths; "
+          "the total peaks at length 2 (which alone holds 32.9 % of it)") in e7
+  # E9: d = 2 of 6 deleted; C(4, 0) / C(6, 0) = 1 and C(4, 3) / C(6, 3) = 4 / 20.
+  assert ("Deleting 2 of 6 blocks leaves 100.00 % of the length-0 paths but only 20.00 % of "
+          "the typical length-3 ones (curves for d = 1, 2).") in _section(md, "E9 / Fig. 7")
+  # E10: non-downsampling blocks 0, 1, 3, 5 err 0.0612 + 0.002 i (mean 6.57 %) vs 6.00 %.
+  assert ("Mean error over the non-downsampling deletions: 6.57 % without vs 6.00 % with "
+          "stochastic depth; at the downsampling blocks 30.00 % vs 20.00 % (block 3), "
+          "30.00 % vs 20.00 % (block 5).") in _section(md, "E10 / Fig. 8")
+
+
+def test_e3_and_e4_sections_state_the_fixtures_numbers(full_run):
+  main, _, md = full_run
+  lesion = json.load(open(os.path.join(main, "lesion.json")))
+  r = lesion["random"]
+  rise = 100 * np.max(np.diff(r["mean"]))
+  assert (f"All blocks eligible (20 draws per k): mean error {100 * r['mean'][0]:.2f} % at k = 0, "
+          f"{100 * r['mean'][6]:.2f} % ± {100 * r['std'][6]:.2f} % at k = 6") in md
+  assert f"the largest rise between consecutive k is {rise:.2f} percentage points" in md
+  ro = lesion["reorder"]
+  tau, err = np.concatenate(ro["tau"]), np.concatenate(ro["error"])
+  e4 = _section(md, "E4 / Fig. 5b")
+  assert (f"Over 30 draws (10 per k, k = 1..3 swaps), Kendall tau spans {tau.min():.3f}.."
+          f"{tau.max():.3f}; the mean error grows from {100 * np.mean(ro['error'][0]):.2f} % "
+          f"(k = 1, mean tau {np.mean(ro['tau'][0]):.3f})") in e4
+  assert f"r = {np.corrcoef(tau, err)[0, 1]:.2f}." in e4
+
+
+def test_random_deletion_stats_are_recomputed_from_the_draws():
+  s = lesion_figures.random_stats({"k": [0, 1], "error": [[0.1, 0.3], [0.5, 0.9]]})
+  np.testing.assert_allclose(s["mean"], [0.2, 0.7])
+  np.testing.assert_allclose(s["std"], [0.1, 0.2])
+  np.testing.assert_allclose(s["min"], [0.1, 0.5])
+  np.testing.assert_allclose(s["max"], [0.3, 0.9])
+  with pytest.raises(ValueError, match="neither 'mean' nor 'error'"):
+    lesion_figures.random_stats({"k": [0, 1]})
+  k = np.array([0, 1, 2, 5, 20])
+  assert lesion_figures.k_row(k, 10) == 3 and lesion_figures.k_row(k, 20) == 4
+
+
+def test_what_was_run_and_the_error_rows(full_run):
+  _, _, md = full_run
+  assert "- Gradient per path length (E6, E7): n = 6, checkpoint step 640, 50 samples per k, " \
+         "batch 16." in md
+  assert "- Effective-path training (E8): step 640, test error 5.96 %." in md
+  assert ("VGG-8 (plain, 6 deletable layers, stages [6], downsampling blocks none)") in md
+  assert "| 6.12 % (ResNet-14, step 640) | 6.10 % |" in _rows(md)["ResNet-110 test error"]
+
+
+def test_a_partial_lesion_study_lists_each_missing_part(tmp_path):
+  rng = np.random.default_rng(3)
+  main = str(tmp_path / "partial")
+  lesion = _lesion(rng)
+  del lesion["reorder"]
+  lesion["random_no_downsampling"] = {"k": [0], "mean": [0.06], "std": [0.0], "min": [0.06],
+                                      "max": [0.06]}
+  lesion.update(finished=False, num_steps=1000)
+  _write(main, "lesion.json", lesion)
+  report.write_report(main)
+  md = open(os.path.join(main, "report.md")).read()
+  assert md.splitlines()[0].startswith(
+    f"> **UNFINISHED RUN: analysed before the end of training** ({main} at step 640 of 1000;")
+  cmds = _missing_commands(md)
+  lesion_cmd = [["python", "-m", "resnet_ensemble", "--config=configs/cifar10_resnet110.py",
+                 f"--workdir={main}", "--mode=lesion"]]
+  assert cmds["E3 variant without downsampling blocks (lesion.json has no "
+              "'random_no_downsampling' with k > 0):"] == lesion_cmd
+  assert cmds["E4 (lesion.json has no 'reorder'):"] == lesion_cmd
+  assert not any(what.startswith(("E1 ", "E3 (")) for what in cmds)
+  # Fig. 5a draws the variant that ran; the table row has it alone.
+  row = _rows(md)["error after deleting 10 random blocks"]
+  assert "(all blocks eligible; k = 6: largest k ≤ 10 run)" in row and "never deleted" not in row
+
+
+def test_block_count_from_the_config_when_no_analysis_ran(tmp_path):
+  main = str(tmp_path / "cfg")
+  _write(main, "config.json", {"seed": 3, "model": {"name": "cifar_resnet", "depth": 20}})
+  runs = read.read_runs(main, vgg_workdir=None, sd_workdir=None, effective_workdir=None,
+                        seed_workdirs=())
+  assert read.n_blocks(runs) == (9, "n from config.json")  # (20 - 2) / 2
+  report.write_report(main)
+  md = open(os.path.join(main, "report.md")).read()
+  # 9 blocks: 3..6 holds (84 + 126 + 126 + 84) / 512 = 82.0 %; 2..7 holds 492 / 512.
+  assert "| 96.09 % (lengths 2–7, n = 9) |" in _rows(md)["share of paths of length 19–35"]
+  assert "Of the 2^9 paths (n from config.json)" in md
+  assert "E5, E9 use the paper's n = 54" not in md
+
+
+def test_report_md_sections_come_in_the_papers_order(full_run):
+  """Smoke test of report.md's layout: the run, the table, then the figures E1..E10."""
+  _, _, md = full_run
+  titles = [line[3:] for line in md.splitlines() if line.startswith("## ")]
+  assert titles == ["What was run", "Ours vs paper", "E1 / Fig. 3 — single-block deletion",
+                    "E3 / Fig. 5a — deleting k random blocks", "E4 / Fig. 5b — reordering blocks",
+                    "E4, one swap — which reorderings hurt (not in the paper)",
+                    "E5 / Fig. 6a — path lengths",
+                    "E6 / Fig. 6b — gradient magnitude per path length",
+                    "E7 / Fig. 6c — total gradient per path length",
+                    "E9 / Fig. 7 — deletion removes long paths",
+                    "E10 / Fig. 8 — stochastic depth", "Missing experiments"]

@@ -1,6 +1,6 @@
 """How far bf16 compute moves a residual network's loss gradient from the float32 one, with the
 identity path in bf16 or in float32 (``model.stream_dtype``): a CPU-sized probe of the bf16
-question in the ResNet-110 gap (BUILD_NOTES, "The identity path's precision").
+question in the ResNet-110 gap (DESIGN.md, "Precision").
 
 At initialisation (or trained variables), training-mode BatchNorm, random (or real CIFAR-10)
 images and labels; one JSON line per setting: the gradient's cosine similarity with the

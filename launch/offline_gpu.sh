@@ -20,7 +20,8 @@
 #   on PYTHONPATH, checks that every module the package needs imports (a missing one is named,
 #   with the --package to add), runs BUNDLE/setup.sh once, then COMMAND (e.g. python3 -m
 #   resnet_ensemble ... --config.data.dir=BUNDLE/data, or launch/reproduce_cifar10.sh).
-#   The environment gets OFFLINE_BUNDLE=BUNDLE and PYTHONUNBUFFERED=1.
+#   The environment gets OFFLINE_BUNDLE=BUNDLE, OFFLINE_OUT (the --out folder) and
+#   PYTHONUNBUFFERED=1.
 #   --budget S stops COMMAND with SIGINT after S seconds: a training run saves a checkpoint
 #   and exits (130), so the next run resumes it.
 #   --runs DIR: for a host that keeps nothing between uses. Before COMMAND, each carried pack
@@ -29,9 +30,10 @@
 #   that does not unpack whole stops the script before COMMAND runs, the run as it was (it is
 #   unpacked beside the run and moved in only when complete). After COMMAND, whatever its exit
 #   status, every run under DIR is packed into --out (default BUNDLE/out) as NAME.tar.part-*
-#   (its newest checkpoint, config.json, metrics, final metrics, train.log; parts of --split
-#   bytes, default 2G). Carry --out home; to resume on a fresh host, put its files in
-#   BUNDLE/resume/ and run the same command again.
+#   (its newest checkpoint and every file beside it: config.json, metrics, the analyses' JSON,
+#   train.log; parts of --split bytes, default 2G). The command finds --out in OFFLINE_OUT
+#   (reproduce_cifar10.sh copies its report and logs there). Carry --out home; to resume on a
+#   fresh host, put its pack files in BUNDLE/resume/ and run the same command again.
 #   Exit status: COMMAND's (1 for a bad carried pack, 2 for a bad command line).
 #
 # Options of both: --dry-run prints the commands (prefixed "+ ") and runs nothing; -h, --help.
@@ -121,7 +123,7 @@ run_there() {
   [ -z "$budget" ] || [[ $budget =~ ^[0-9]+$ ]] || die "--budget $budget: seconds, an integer"
   dir=$(cd "$dir" && pwd)
   out=${out:-$dir/out}
-  export OFFLINE_BUNDLE=$dir PYTHONUNBUFFERED=1
+  export OFFLINE_BUNDLE=$dir OFFLINE_OUT=$out PYTHONUNBUFFERED=1
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR-/tmp/jax_compilation_cache}
   local wheels=("$dir"/wheels/*.whl)
   if [ -e "${wheels[0]}" ] && [ ! -e "$dir/site/.installed" ]; then

@@ -42,8 +42,9 @@
 # configs/cifar10_vgg15.py).
 # Exit status: 0 when every selected stage is done, 3 when one is left to a later call (out of
 # budget, or waiting for a run to finish), 2 for a bad command line, else the failing program's.
-# On a GPU host without internet: launch/offline_gpu.sh run BUNDLE --runs runs/cifar10 --
-#   launch/reproduce_cifar10.sh (see launch/README.md).
+# On a GPU host without internet: launch/offline_gpu.sh run BUNDLE --runs runs --
+#   launch/reproduce_cifar10.sh (see launch/README.md); the report and logs are then also
+#   copied to $OFFLINE_OUT, the folder that goes home with the runs' packs.
 set -uo pipefail  # not -e: a stage out of budget must not stop the others
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -209,5 +210,10 @@ stage report 'false' -- "${program[@]}" --config="$CONFIG_R110" --workdir="$R110
 
 if [ "$failed" != 0 ]; then exit "$failed"; fi
 if [ "$dry_run" = 1 ]; then stamp "dry run: nothing ran"; exit 0; fi
+if [ -n "${OFFLINE_OUT:-}" ]; then  # under launch/offline_gpu.sh: the report and logs go home
+  mkdir -p "$OFFLINE_OUT"
+  for d in "$runs/report" "$runs/logs"; do [ ! -d "$d" ] || cp -R "$d" "$OFFLINE_OUT/"; done
+  stamp "copied the report and logs to $OFFLINE_OUT"
+fi
 if [ "$left" = 1 ]; then stamp "not done yet: rerun the same command to continue"; exit 3; fi
 stamp "done: $runs/report/report.md"

@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Sourced by offline_gpu.sh: a run directory packed into one tar (split into parts if asked)
 # and unpacked again, for hosts that keep nothing between uses. A pack holds the run's newest
-# finished checkpoint, config.json, metrics.jsonl, final_metrics.json and train.log. It is
+# finished checkpoint and every file beside it (config.json, metrics, final metrics, the
+# analyses' JSON, train.log, an exported variables.msgpack). It is
 # unpacked beside the run directory and moved in only once all of it has been read, so a
 # truncated or corrupt pack never costs the checkpoints already there.
 
@@ -25,8 +26,8 @@ newest_step() {
 pack_run() {
   local run=$1 prefix=$2 split_size=${3:-2G} latest f files=()
   latest=$(newest_step "$run")
-  for f in config.json metrics.jsonl final_metrics.json train.log; do
-    [ ! -e "$run/$f" ] || files+=("$f")
+  for f in "$run"/*; do  # not LOCK: a lock belongs to a process of this host
+    [ ! -f "$f" ] || [ "${f##*/}" = LOCK ] || files+=("${f##*/}")
   done
   rm -f "$prefix".tar.part-*
   tar -C "$run" -cf - ${latest:+"checkpoints/$latest"} ${files[@]+"${files[@]}"} \

@@ -467,6 +467,13 @@ def test_offline_run_packs_runs_and_resumes_them_on_a_fresh_host(tmp_path):
     return proc.stdout
 
   train(5)
+  # Files beside the checkpoints (an analysis' JSON) travel too; a lock does not.
+  (tmp_path / "runs" / "st" / "e8" / "lesion.json").write_text("{}")
+  (tmp_path / "runs" / "st" / "e8" / "LOCK").write_text("{}")
+  assert _bash(OFFLINE, "run", bundle, "--runs", "runs", "--out", tmp_path / "out dir", "--",
+               "true", cwd=tmp_path).returncode == 0
+  with tarfile.open(tmp_path / "out dir" / "st--e8.tar.part-aa") as tar:
+    assert "lesion.json" in tar.getnames() and "LOCK" not in tar.getnames()
   packs = sorted(os.listdir(tmp_path / "out dir"))
   assert packs == ["st--e8.tar.part-aa", "st--seed1.tar.part-aa"]
   for pack in packs:
@@ -477,6 +484,7 @@ def test_offline_run_packs_runs_and_resumes_them_on_a_fresh_host(tmp_path):
   out = train(10)
   assert out.count("resume: unpacked step 5 of runs/st/") == 2
   assert "resumed from runs/st at step 5" in out
+  assert (tmp_path / "runs" / "st" / "e8" / "lesion.json").read_text() == "{}"
   for run in ("e8", "seed1"):
     with tarfile.open(tmp_path / "out dir" / f"st--{run}.tar.part-aa") as tar:
       assert "checkpoints/10" in tar.getnames() and "checkpoints/5" not in tar.getnames()
@@ -596,8 +604,8 @@ def test_reproduce_bad_arguments(args, message, tmp_path):
 
 
 def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_path):
-  """A tiny ResNet on the digits for the two stages r110 and paths: a budget too short
-  leaves the run unfinished (exit 3, E6 waits for it); the next call trains it and runs E6;
+  """The two stages r110 and paths: a budget too short leaves the run unfinished (exit 3, E6
+  waits for it); the next call trains it (a tiny ResNet on the digits) and runs E6;
   a third call skips both; asking for more paths per length runs E6 again."""
   env = _cpu_env(CONFIG_R110=QUICKSTART, E6_PATHS="2",
                  FAST="--config.model.depth=8 --config.model.width=4 --config.train.num_steps=4",
@@ -607,7 +615,15 @@ def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_
   def reproduce(*args):
     return _bash(REPRODUCE, "--runs", runs, "--only", "r110,paths", *args, cwd=tmp_path, env=env)
 
+  # A training that outlives its budget (a stand-in python that sleeps when it is asked to
+  # run the package, and is python otherwise, for the done checks).
+  slow = tmp_path / "slow_python"
+  slow.write_text(f'#!/bin/sh\ncase "$*" in *"-m resnet_ensemble"*) exec sleep 60;; esac\n'
+                  f'exec {shlex.quote(sys.executable)} "$@"\n')
+  slow.chmod(0o755)
+  env["PYTHON"] = str(slow)
   cut = reproduce("--budget", "r110=1")
+  env["PYTHON"] = sys.executable
   assert cut.returncode == 3, cut.stdout + cut.stderr
   assert "r110: out of its 1s budget" in cut.stdout
   assert f"paths: waits for {runs}/resnet110_seed0" in cut.stdout

@@ -50,14 +50,8 @@ MODULES="jax flax optax orbax.checkpoint ml_collections clu etils absl numpy mat
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "offline_gpu.sh: error: $*" >&2; exit 2; }
-quote_all() {
-  local out="" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./=:,@%+~-]+$ ]]; then out+="${out:+ }$w"
-    else out+="${out:+ }'${w//\'/\'\\\'\'}'"; fi
-  done
-  printf '%s' "$out"
-}
+# shellcheck source=launch/quote.sh
+source "$REPO/launch/quote.sh"
 dry_run=0
 run() {
   echo "+ $(quote_all "$@")"

@@ -66,14 +66,8 @@ declare -A BUDGET=([r110]=1500 [vgg]=600 [stack]=5400 [lesion_r110]=900 [lesion_
 
 usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "reproduce_cifar10.sh: error: $*" >&2; exit 2; }
-quote_all() {
-  local out="" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./=:,@%+~-]+$ ]]; then out+="${out:+ }$w"
-    else out+="${out:+ }'${w//\'/\'\\\'\'}'"; fi
-  done
-  printf '%s' "$out"
-}
+# shellcheck source=launch/quote.sh
+source "$REPO/launch/quote.sh"
 data=${OFFLINE_BUNDLE:+$OFFLINE_BUNDLE/data}
 data=${data:-$HOME/.cache/cifar10}
 runs=runs/cifar10 only="" dry_run=0 extra=()

@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
-# Every benchmark of issue 6 in one call: the PyTorch reference and ours on the same machine,
-# each step under its own timeout inside a total budget, every JSON line appended to
-# $OUT/bench.jsonl as it is measured (a step cut by its timeout keeps the rows it finished),
-# then the issue's table (bench/table.py) printed and written to $OUT/table.md.
+# Every benchmark in one call: the PyTorch reference and ours on the same machine, each step
+# under its own timeout inside a total budget, every JSON line appended to $OUT/bench.jsonl as
+# it is measured (a step cut by its timeout keeps the rows it finished), then the table
+# (bench/table.py) printed and written to $OUT/table.md.
 #
-#   GPU (device tool, carry [".gpu"], ~7 min):   bash launch/device.sh bash bench/run_all.sh
-#   CPU smoke check (tiny sizes, ~1-2 min):     bash bench/run_all.sh --smoke   (or SMOKE=1)
+#   GPU host (~7 min on an H100):     bash bench/run_all.sh
+#   offline GPU host (bundle holding torch_ref.py, see launch/README.md):
+#                                     launch/offline_gpu.sh run BUNDLE -- bash bench/run_all.sh
+#   CPU smoke check (tiny sizes, ~1-2 min):  bash bench/run_all.sh --smoke   (or SMOKE=1)
 #
 # Environment: OUT (default /tmp/bench_out), BUDGET_S (seconds for all steps together; default
 # 400 on the GPU), STEPS (a space-separated subset of the step names below, run in this order),
-# PYTHON (default python3), TORCH_REF (default .gpu/torch_ref.py), TORCH_COMPILE_MIN_S (60),
+# PYTHON (default python3), TORCH_REF (the PyTorch reference script; default torch_ref.py in
+# $OFFLINE_BUNDLE, else bundle/torch_ref.py), TORCH_COMPILE_MIN_S (60),
 # JAX_COMPILATION_CACHE_DIR (default: a fresh temporary one; empty: no cache),
 # STEP_CAP_S (seconds: replaces every step's own timeout; tests set it high, so a loaded machine
 # cannot cut a step), KEEP=1 to append to an existing bench.jsonl, PROFILE_DIR=/tmp/prof to add a 'profile' row
 # (bench/trace_summary.py: device kernels by time, busy vs idle) after each JAX measurement;
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager torch_compile (GPU only) train128 train1024 eval lesion paths
-# train_effective train_sd (issue 6's table: ~7.8 min on an H100) lesion_shared (E1/E3 with
+# train_effective train_sd (the core table: ~7.8 min on an H100) lesion_shared (E1/E3 with
 # shared weights, beside the per-variant form of 'lesion')
 # train128_g8 train1024_g8 (train.conv_groups=8) train128_x4 train128_x2 (4 or 2 models at
 # once, vmapped: a seed stack) train128_stream32 (model.stream_dtype=float32)
 # train128_2proc (2 processes at once, concurrent.sh) paths_unpaired paths_chunk200
 # train128_cmdbuf_off train128_cmdbuf_while train_effective_cmdbuf_while (GPU only)
 # train_effective_multiply train_sd_multiply.
-# PROFILE_GATED=1 also traces the gated steps (train_effective, train_sd; the 2026-11-27 04:22 UTC calls has theirs).
+# PROFILE_GATED=1 also traces the gated steps (train_effective, train_sd).
 set -uo pipefail  # not -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
@@ -51,7 +54,7 @@ mkdir -p "$OUT"
 JSONL=$OUT/bench.jsonl
 LOG=$OUT/bench.log
 PY=${PYTHON:-python3}
-TORCH_REF=${TORCH_REF:-.gpu/torch_ref.py}
+TORCH_REF=${TORCH_REF:-${OFFLINE_BUNDLE:-bundle}/torch_ref.py}
 [ "${KEEP:-0}" = 1 ] || : > "$JSONL"
 
 if [ "$SMOKE" = 1 ]; then
@@ -132,7 +135,7 @@ step() {  # step NAME CAP_S COMMAND...: runs COMMAND --out=$JSONL under min(CAP_
 step torch_eager 60 "$PY" bench/torch_side.py --ref="$TORCH_REF" $TORCH --time_cap_s=40 \
   --rows=train128_fp32,train1024_bf16,eval,lesion_E1,paths_E6
 if [ "$SMOKE" != 1 ]; then
-  # torch.compile, the issue's batch-1,024 reference: ~75 s of inductor compiling (the 2026-11-27 04:22 UTC calls),
+  # torch.compile, the batch-1,024 reference: ~75 s of inductor compiling on an H100,
   # so second, where the budget cannot squeeze it out; not started with under 60 s left.
   STEP_MIN_S=${TORCH_COMPILE_MIN_S:-60} step torch_compile 150 "$PY" bench/torch_side.py \
     --ref="$TORCH_REF" --rows=compile1024

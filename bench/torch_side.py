@@ -1,8 +1,8 @@
 """The PyTorch reference measured in the same device call, as JSON lines beside ours.
 
-Imports the reference script (``--ref``, default ``.gpu/torch_ref.py``: a copy of
-``../shared/bench/torch_ref.py``, which does not travel to the device) and runs its
-measurements for the rows of issue 6's table, one JSON line each (see common.py). Its
+Imports the reference script (``--ref``, default ``bundle/torch_ref.py``: a copy of the
+PyTorch reference, carried in the offline bundle of launch/offline_gpu.sh) and runs its
+measurements for the rows of the speed table, one JSON line each (see common.py). Its
 ``train_rate``/``eval_rate`` are called as they are; the E1 lesion loop and the sampled-path
 gradient live inside its ``main()``, so they are repeated here line for line. Rows run cheapest
 first (``--rows``); ``--time_cap_s`` skips the rows not started in time, and ``compile1024``
@@ -26,7 +26,7 @@ import common
 
 ROWS = ("train128_fp32", "train128_bf16", "train1024_bf16", "eval", "lesion_E1", "paths_E6",
         "compile1024")
-flags.DEFINE_string("ref", ".gpu/torch_ref.py", "The PyTorch reference script to import.")
+flags.DEFINE_string("ref", "bundle/torch_ref.py", "The PyTorch reference script to import.")
 flags.DEFINE_list("rows", None, f"Rows to measure, in order (default: all of {', '.join(ROWS)}; "
                   "with --smoke all but compile1024).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes (ResNet-8, small batches); runs on the CPU.")

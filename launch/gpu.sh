@@ -42,14 +42,8 @@ if [ $# -eq 0 ]; then
   exit 2
 fi
 
-quote_all() {
-  local out="" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./=:,@%+~-]+$ ]]; then out+="${out:+ }$w"
-    else out+="${out:+ }'${w//\'/\'\\\'\'}'"; fi
-  done
-  printf '%s' "$out"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"
 run() {
   echo "+ $(quote_all "$@")"
   [ "$dry_run" = 1 ] || "$@"

@@ -39,7 +39,8 @@ required:
 optional:
   --project PROJECT   GCP project (default: gcloud's configured project)
   --version RUNTIME   TPU software version (default: tpu-ubuntu2204-base)
-  --mode MODE         train | lesion | paths | report | all (default: train)
+  --mode MODE         train | lesion | gradients | report | all (default: train;
+                      paths: the old name of gradients)
   --setup CMD         a shell command run on every worker after the install, before the run
                       (in the code directory), e.g. to fetch a dataset
   --queued            create a queued resource and wait until it is ACTIVE
@@ -102,8 +103,8 @@ for required in name zone type config workdir; do
   [ -n "${!required}" ] || die_usage "missing required argument --$required"
 done
 case "$mode" in
-  train|lesion|paths|report|all) ;;
-  *) die_usage "--mode must be one of train, lesion, paths, report, all (got '$mode')" ;;
+  train|lesion|gradients|paths|report|all) ;;
+  *) die_usage "--mode must be one of train, lesion, gradients, report, all (got '$mode')" ;;
 esac
 case "$config" in
   /*) die_usage "--config must be relative to the repository root (e.g. configs/X.py)" ;;

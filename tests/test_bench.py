@@ -114,7 +114,7 @@ def test_path_sampling_bench_projects_a_capped_run(tmp_path):
 
 
 def reference_script():
-  for path in (os.path.join(REPO, ".gpu", "torch_ref.py"),
+  for path in (os.path.join(REPO, "bundle", "torch_ref.py"),
                os.path.join(REPO, "..", "shared", "bench", "torch_ref.py")):
     if os.path.exists(path):
       return path
@@ -125,7 +125,7 @@ def test_torch_side_smoke_measures_every_row(tmp_path):
   pytest.importorskip("torch")
   ref = reference_script()
   if ref is None:
-    pytest.skip("no copy of the PyTorch reference (.gpu/torch_ref.py or ../shared/bench)")
+    pytest.skip("no copy of the PyTorch reference (bundle/torch_ref.py or ../shared/bench)")
   env = dict(ENV, CUDA_VISIBLE_DEVICES="")
   rows = run(["bench/torch_side.py", "--smoke", f"--ref={ref}"], out=tmp_path / "t.jsonl",
              env=env)

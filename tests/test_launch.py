@@ -374,105 +374,124 @@ def test_multiprocess_cpu_joins_one_jax_runtime(tmp_path):
     assert f"[p{i}] process {i}/2, 4 devices, sum 6.0" in proc.stdout.splitlines()
 
 
-def _config_dict(d: dict):
-  import ml_collections
-  return ml_collections.ConfigDict(d)
+# --- offline_gpu.sh and reproduce_cifar10.sh -------------------------------------------------
+
+OFFLINE = os.path.join(REPO, "launch", "offline_gpu.sh")
+REPRODUCE = os.path.join(REPO, "launch", "reproduce_cifar10.sh")
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 
 
-def test_a_gpu_run_is_packed_then_published_or_kept_to_resume(tmp_path):
-  """device_train.sh packs a run into one file; publish_run.sh publishes a finished run
-  (variables that load) and keeps an unfinished one's file in .gpu/resume/ for the next call."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, OUT=str(tmp_path / "out"),
-             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-  config = os.path.join(REPO, "configs", "quickstart.py")
-  overrides = ["--config.train.num_steps=10", "--config.train.eval_every=10",
-               "--config.checkpoint.every=10"]
-
-  def sh(*args):
-    proc = subprocess.run(["bash", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc.stdout
-
-  sh(os.path.join(REPO, "launch", "device_train.sh"), config, "runs/qs", "120", *overrides)
-  packed = tmp_path / "out" / "qs.tar.part-aa"
-  with tarfile.open(packed) as tar:
-    assert {"config.json", "final_metrics.json", "checkpoints/10"} <= set(tar.getnames())
-  out = sh(os.path.join(REPO, "launch", "publish_run.sh"), str(tmp_path / "out"), "qs", config,
-           "results/qs", *overrides)
-  assert "finished (step 10)" in out
-  published = tmp_path / "results" / "qs"
-  assert {"config.json", "final_metrics.json", "variables.msgpack"} <= {
-      p.name for p in published.iterdir()}
-  # Marked finished, its parts not kept: device_train.sh will not train it (again from 0).
-  assert [p.name for p in (tmp_path / ".gpu" / "resume").iterdir()] == ["qs.finished"]
-  assert "qs: finished and published" in sh(
-      os.path.join(REPO, "launch", "device_train.sh"), config, "fresh/qs", "120", *overrides)
-  assert not (tmp_path / "fresh" / "qs" / "checkpoints").exists()
-  from resnet_ensemble import models, restore
-  c = json.loads((published / "config.json").read_text())
-  model = models.build(_config_dict(c["model"]), 10)
-  _, step = restore.read_variables(str(published / "variables.msgpack"), model, (8, 8, 1))
-  assert step == 10
-  env["VARIABLES"] = "0"  # an extra seed: its metrics, not its parameters
-  sh(os.path.join(REPO, "launch", "publish_run.sh"), str(tmp_path / "out"), "qs", config,
-     "results/qs_metrics", *overrides)
-  assert {p.name for p in (tmp_path / "results" / "qs_metrics").iterdir()} == {
-      "config.json", "metrics.jsonl", "final_metrics.json", "train.log"}
-  del env["VARIABLES"]
-  # The same run with 20 steps to go is not finished: kept for the next call, nothing published.
-  unfinished = tmp_path / "unfinished"
-  unfinished.mkdir()
-  (tmp_path / "runs" / "qs" / "config.json").write_text(json.dumps(
-      dict(json.loads((tmp_path / "runs" / "qs" / "config.json").read_text()),
-           train={"num_steps": 20})))
-  with tarfile.open(unfinished / "qs2.tar.part-aa", "w") as tar:
-    for name in ("config.json", "checkpoints"):
-      tar.add(tmp_path / "runs" / "qs" / name, arcname=name)
-  out = sh(os.path.join(REPO, "launch", "publish_run.sh"), str(unfinished), "qs2", config,
-           "results/qs2")
-  assert "step 10 of 20, not finished" in out
-  assert (tmp_path / ".gpu" / "resume" / "qs2.tar.part-aa").exists()
-  assert not (tmp_path / "results" / "qs2").exists()
+def _cpu_env(**extra) -> dict:
+  """This interpreter first on PATH (the scripts call python3), JAX on the CPU."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHON=sys.executable,
+              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **extra)
 
 
-def test_a_mixed_stack_is_packed_run_by_run_and_resumed_from_the_packs(tmp_path):
-  """device_train.sh with --config.stack packs each run apart (NAME_RUN); carried back in
-  .gpu/resume/, the packs of the stack's runs, and only those, are unpacked into its runs,
-  which resume together."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, OUT=str(tmp_path / "out"),
-             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-  config = os.path.join(REPO, "configs", "quickstart.py")
+def _bash(script, *args, cwd, env=None, timeout=600):
+  return subprocess.run(["bash", script, *map(str, args)], cwd=cwd, env=env or _cpu_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _pinned(name: str) -> str:
+  with open(os.path.join(REPO, "constraints.txt")) as f:
+    return next(line.strip() for line in f if line.lower().startswith(f"{name}=="))
+
+
+def test_offline_bundle_dry_run(tmp_path):
+  data = tmp_path / "cifar"
+  (data / "cifar-10-batches-bin").mkdir(parents=True)
+  proc = _bash(OFFLINE, "bundle", tmp_path / "b", "--package", "etils==1.15.0", "--data", data,
+               "--file", QUICKSTART, "--setup", "echo ready", "--dry-run", cwd=tmp_path,
+               env=dict(os.environ, PYTHON="python3"))
+  assert proc.returncode == 0, proc.stderr
+  cmds = printed_commands(proc.stdout)
+  download = next(c for c in cmds if c[:4] == ["python3", "-m", "pip", "download"])
+  # Wheels for the host's Python and platform, no dependencies, the CI versions by default.
+  assert {"--no-deps", "--only-binary=:all:"} <= set(download)
+  assert download[download.index("--python-version") + 1] == "3.12"
+  assert download[download.index("-d") + 1] == f"{tmp_path}/b/wheels"
+  assert download[-3:] == [_pinned("ml_collections"), _pinned("clu"), "etils==1.15.0"]
+  assert ["cp", "-R", f"{data}/.", f"{tmp_path}/b/data/"] in cmds
+  assert ["cp", QUICKSTART, f"{tmp_path}/b/"] in cmds
+  assert not (tmp_path / "b").exists()  # a dry run makes nothing
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "needs a BUNDLE"),
+    (["fly", "b"], "unknown command fly"),
+    (["bundle", "b", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+    (["run", "b", "--", "true"], "b: no such bundle directory"),
+    (["run", ".", "--budget", "ten", "--", "true"], "--budget ten"),
+    (["run", "."], "no command after --"),
+])
+def test_offline_bad_arguments(args, message, tmp_path):
+  proc = _bash(OFFLINE, *(args or ["run"]), cwd=tmp_path)
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_offline_run_installs_sets_up_once_and_runs(tmp_path):
+  """run: the bundle's setup.sh once, the checkout and BUNDLE/site on PYTHONPATH, the
+  command's exit status passed on; --budget stops the command with SIGINT."""
+  bundle = tmp_path / "my bundle"
+  bundle.mkdir()
+  (bundle / "setup.sh").write_text("echo set up >> count.txt\n")
+  probe = ("import os, resnet_ensemble, sys; print('bundle', os.environ['OFFLINE_BUNDLE']); "
+           "print('package', resnet_ensemble.__file__); sys.exit(int(sys.argv[1]))")
+  for rc in (0, 5):
+    proc = _bash(OFFLINE, "run", bundle, "--", sys.executable, "-c", probe, rc, cwd=tmp_path)
+    assert proc.returncode == rc, proc.stderr
+    assert f"bundle {bundle}" in proc.stdout
+    assert f"package {REPO}/resnet_ensemble/__init__.py" in proc.stdout
+  assert (bundle / "count.txt").read_text() == "set up\n"
+  proc = _bash(OFFLINE, "run", bundle, "--budget", "1", "--", "sleep", "30", cwd=tmp_path)
+  assert proc.returncode == 124
+
+
+def test_offline_run_packs_runs_and_resumes_them_on_a_fresh_host(tmp_path):
+  """--runs: every run under DIR is packed after the command (a mixed stack run by run, as
+  NAME--RUN); carried back in BUNDLE/resume/, the packs are unpacked into their runs, which
+  resume; a pack for a run that has checkpoints already is left alone."""
+  bundle = tmp_path / "my bundle"
+  bundle.mkdir()
   overrides = ['--config.stack=("e8:gates.sampler=effective,gates.k=2,'
                'gates.keep_downsampling=false","seed1:seed=1")', "--config.model.depth=8",
                "--config.train.eval_every=5", "--config.checkpoint.every=5",
                "--config.train.log_every=5"]
 
-  def train(steps: int) -> str:
-    proc = subprocess.run(
-        ["bash", os.path.join(REPO, "launch", "device_train.sh"), config, "runs/st", "200",
-         *overrides, f"--config.train.num_steps={steps}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  def train(steps: int, *more: str) -> str:
+    proc = _bash(OFFLINE, "run", bundle, "--runs", "runs", "--out", tmp_path / "out dir",
+                 *more, "--", sys.executable, "-m", "resnet_ensemble", f"--config={QUICKSTART}",
+                 "--workdir=runs/st", *overrides, f"--config.train.num_steps={steps}",
+                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 
   train(5)
-  for run in ("e8", "seed1"):
-    with tarfile.open(tmp_path / "out" / f"st_{run}.tar.part-aa") as tar:
-      assert {"config.json", "train.log", "checkpoints/5"} <= set(tar.getnames())
-  assert sorted(os.listdir(tmp_path / "out")) == ["st_e8.tar.part-aa", "st_seed1.tar.part-aa"]
-  shutil.rmtree(tmp_path / "runs")  # a fresh machine: only the carried packs
-  (tmp_path / ".gpu").mkdir()
-  shutil.move(tmp_path / "out", tmp_path / ".gpu" / "resume")
-  shutil.copy(tmp_path / ".gpu" / "resume" / "st_e8.tar.part-aa",
-              tmp_path / ".gpu" / "resume" / "st_other.tar.part-aa")  # another run's pack
+  # Files beside the checkpoints (an analysis' JSON) travel too; a lock does not.
+  (tmp_path / "runs" / "st" / "e8" / "lesion.json").write_text("{}")
+  (tmp_path / "runs" / "st" / "e8" / "LOCK").write_text("{}")
+  assert _bash(OFFLINE, "run", bundle, "--runs", "runs", "--out", tmp_path / "out dir", "--",
+               "true", cwd=tmp_path).returncode == 0
+  with tarfile.open(tmp_path / "out dir" / "st--e8.tar.part-aa") as tar:
+    assert "lesion.json" in tar.getnames() and "LOCK" not in tar.getnames()
+  packs = sorted(os.listdir(tmp_path / "out dir"))
+  assert packs == ["st--e8.tar.part-aa", "st--seed1.tar.part-aa"]
+  for pack in packs:
+    with tarfile.open(tmp_path / "out dir" / pack) as tar:
+      assert {"config.json", "final_metrics.json", "checkpoints/5"} <= set(tar.getnames())
+  shutil.rmtree(tmp_path / "runs")  # a fresh host: only the carried packs
+  shutil.move(tmp_path / "out dir", bundle / "resume")
   out = train(10)
-  assert out.count("unpacked 5 from .gpu/resume/st_") == 2
+  assert out.count("resume: unpacked step 5 of runs/st/") == 2
   assert "resumed from runs/st at step 5" in out
-  assert sorted(os.listdir(tmp_path / "runs" / "st")) == ["e8", "seed1", "train.log"]
+  assert (tmp_path / "runs" / "st" / "e8" / "lesion.json").read_text() == "{}"
   for run in ("e8", "seed1"):
-    with tarfile.open(tmp_path / "out" / f"st_{run}.tar.part-aa") as tar:
-      assert "checkpoints/10" in tar.getnames()
+    with tarfile.open(tmp_path / "out dir" / f"st--{run}.tar.part-aa") as tar:
+      assert "checkpoints/10" in tar.getnames() and "checkpoints/5" not in tar.getnames()
+  # The runs are there now: the carried step-5 packs must not replace their checkpoints.
+  out = _bash(OFFLINE, "run", bundle, "--runs", "runs", "--dry-run", "--", "true",
+              cwd=tmp_path).stdout
+  assert "runs/st/e8 has checkpoints already" in out and "+ unpack_run" not in out
 
 
 def _truncated_pack(path, tmp_path):
@@ -498,13 +517,13 @@ def _old_run(run_dir):
 
 
 def test_a_corrupt_pack_leaves_the_runs_checkpoints_in_place(tmp_path):
-  """publish_run.sh replaces runs/NAME/checkpoints only once the whole pack has unpacked."""
+  """unpack_run replaces RUN/checkpoints only once the whole pack has unpacked."""
   home = tmp_path / "my home"
   _old_run(home / "runs" / "r")
   _truncated_pack(tmp_path / "files at" / "r.tar.part-aa", tmp_path)
   proc = subprocess.run(
-      ["bash", os.path.join(REPO, "launch", "publish_run.sh"), str(tmp_path / "files at"), "r",
-       os.path.join(REPO, "configs", "quickstart.py"), "results/r"],
+      ["bash", "-c", f'source {shlex.quote(os.path.join(REPO, "launch", "runpack.sh"))} && '
+       'unpack_run runs/r "$1"', "_", str(tmp_path / "files at" / "r.tar.part-aa")],
       cwd=home, capture_output=True, text=True, timeout=60)
   assert proc.returncode != 0, proc.stdout
   assert "r.tar.part-aa" in proc.stderr and "runs/r left as it was" in proc.stderr
@@ -512,59 +531,114 @@ def test_a_corrupt_pack_leaves_the_runs_checkpoints_in_place(tmp_path):
   assert [p.name for p in (home / "runs" / "r" / "checkpoints").iterdir()] == ["5"]
   assert json.loads((home / "runs" / "r" / "config.json").read_text())["train"]["num_steps"] == 10
   assert sorted(os.listdir(home / "runs")) == ["r"]  # no half-unpacked directory left behind
-  assert not (home / "results").exists()
 
 
-def test_a_corrupt_resume_pack_stops_device_train_before_training(tmp_path):
+def test_a_corrupt_resume_pack_stops_before_the_command(tmp_path):
   """Unpacked half-way, a resume pack would leave no usable checkpoint and the run would
-  train again from step 0: device_train.sh stops with an error instead, the run dir as it was."""
-  home = tmp_path / "my home"
-  _truncated_pack(home / ".gpu" / "resume" / "r.tar.part-aa", tmp_path)
-  stub = tmp_path / "stub bin"
-  stub.mkdir()
-  (stub / "python3").write_text(  # names the run (--mode=runs), or trains
-      '#!/bin/sh\ncase "$*" in *--mode=runs*) echo runs/r; exit 0;; esac\n'
-      f"touch {shlex.quote(str(tmp_path / 'trained'))}\n")
-  (stub / "python3").chmod(0o755)
-  proc = subprocess.run(
-      ["bash", os.path.join(REPO, "launch", "device_train.sh"), "configs/quickstart.py",
-       "runs/r", "60"], cwd=home, capture_output=True, text=True, timeout=60,
-      env=dict(os.environ, OUT=str(tmp_path / "out"),
-               PATH=f"{stub}{os.pathsep}{os.environ['PATH']}"))
-  assert proc.returncode != 0, proc.stdout
-  assert ".gpu/resume/r.tar.part-aa" in proc.stderr
-  assert not (tmp_path / "trained").exists()
-  assert os.listdir(home / "runs") == ["r"] and os.listdir(home / "runs" / "r") == []
+  train again from step 0: offline_gpu.sh stops with an error instead, the run as it was."""
+  bundle = tmp_path / "my bundle"
+  _truncated_pack(bundle / "resume" / "st--e8.tar.part-aa", tmp_path)
+  proc = _bash(OFFLINE, "run", bundle, "--runs", "runs", "--", "touch", tmp_path / "ran",
+               cwd=tmp_path)
+  assert proc.returncode == 1, proc.stdout
+  assert "st--e8.tar.part-aa is not a whole tar" in proc.stderr
+  assert not (tmp_path / "ran").exists()
+  assert os.listdir(tmp_path / "runs") == ["st"] and os.listdir(tmp_path / "runs" / "st") == []
 
 
-def test_a_seed_stack_trains_packs_and_publishes_under_paths_with_spaces(tmp_path):
-  """device_train.sh and publish_run.sh with a space in the working directory, the workdir
-  (so the run names), $OUT, FILES_AT and DEST."""
-  home = tmp_path / "my home"
-  home.mkdir()
-  out = tmp_path / "out dir"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, OUT=str(out), VARIABLES="0",
-             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-  config = os.path.join(REPO, "configs", "quickstart.py")
+def _stages(stdout: str) -> dict[str, list[str]]:
+  """reproduce_cifar10.sh's printed commands by stage: {stage: argv after the timeout}."""
+  out, stage = {}, None
+  for line in stdout.splitlines():
+    if line.startswith("[") and ": budget " in line:
+      stage = line.split("] ", 1)[1].split(":")[0]
+    elif line.startswith("+ "):
+      words = shlex.split(line[2:])
+      assert words[:3] == ["timeout", "-s", "INT"], line
+      out[stage] = words[3:]
+  return out
 
-  def sh(script, *args):
-    proc = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], cwd=home,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc.stdout
 
-  command = (config, "runs/my run", "200", "--config.seeds=(1,2)", "--config.model.depth=8",
-             "--config.train.num_steps=5", "--config.train.eval_every=5",
-             "--config.checkpoint.every=5", "--config.train.log_every=5")
-  sh("device_train.sh", *command)
-  for seed in (1, 2):
-    with tarfile.open(out / f"my run_seed{seed}.tar.part-aa") as tar:
-      assert {"config.json", "train.log", "checkpoints/5"} <= set(tar.getnames())
-  out_files = tmp_path / "files at"
-  shutil.copytree(out, out_files)
-  published = sh("publish_run.sh", str(out_files), "my run_seed1", config, "results/q s1")
-  assert "my run_seed1: finished (step 5)" in published
-  assert {p.name for p in (home / "results" / "q s1").iterdir()} == {
-      "config.json", "metrics.jsonl", "final_metrics.json", "train.log"}
-  assert (home / ".gpu" / "resume" / "my run_seed1.finished").exists()
-  assert "my run: finished and published" in sh("device_train.sh", *command)
+def test_reproduce_dry_run_prints_the_whole_paper(tmp_path):
+  proc = _bash(REPRODUCE, "--dry-run", "--runs", tmp_path / "r", "--data", "/data/c10",
+               "--budget", "paths=900", cwd=tmp_path, env=dict(_cpu_env(), PYTHON="python3"))
+  assert proc.returncode == 0, proc.stderr
+  stages = _stages(proc.stdout)
+  assert list(stages) == ["r110", "vgg", "stack", "lesion_r110", "lesion_vgg", "lesion_sd",
+                          "paths", "report"]
+  budgets = {s: int(argv[0]) for s, argv in stages.items()}
+  assert budgets["r110"] == 1500 and budgets["paths"] == 900 and budgets["stack"] == 5400
+  argv = {s: a[1:] for s, a in stages.items()}
+  r110, stack = f"{tmp_path}/r/resnet110_seed0", f"{tmp_path}/r/r110_stack"
+  assert argv["r110"][:5] == ["python3", "-m", "resnet_ensemble",
+                              "--config=configs/cifar10_resnet110.py", f"--workdir={r110}"]
+  assert "--config.data.dir=/data/c10" in argv["r110"] and "--mode=train" in argv["r110"]
+  assert option(argv["vgg"], "config") == "configs/cifar10_vgg15.py"
+  # One program for E8, E10's stochastic depth and seeds 1 and 2, in float32 (the last
+  # dtype on the command line is the one that counts).
+  assert option(argv["stack"], "workdir") == stack
+  assert option(argv["stack"], "config.stack") == (
+      '("e8:gates.sampler=effective,gates.k=23","sd:gates.sampler=stochastic_depth,'
+      'gates.p_last=0.5,gates.keep_downsampling=false","seed1:seed=1","seed2:seed=2")')
+  dtypes = [a for a in argv["stack"] if a.startswith("--config.model.dtype=")]
+  assert dtypes[-1] == "--config.model.dtype=float32"
+  assert option(argv["lesion_sd"], "config") == f"configs/run.py:{stack}/sd"
+  assert "--config.lesion.max_k=0" in argv["lesion_sd"] and "--mode=lesion" in argv["lesion_sd"]
+  assert "--config.lesion.max_k=0" not in argv["lesion_r110"]  # E1, E3 and E4
+  assert option(argv["paths"], "config.paths.samples_per_k") == "1000"
+  assert option(argv["report"], "config.report.seed_workdirs") == f"{stack}/seed1,{stack}/seed2"
+  assert option(argv["report"], "config.report.sd_workdir") == f"{stack}/sd"
+  assert option(argv["report"], "config.report.effective_workdir") == f"{stack}/e8"
+  assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--only", "r110,fly"], "--only: no stage fly"),
+    (["--budget", "fly=3"], "no stage fly"),
+    (["--budget", "r110"], "expected STAGE=SECONDS"),
+    (["--bogus"], "unknown argument: --bogus"),
+])
+def test_reproduce_bad_arguments(args, message, tmp_path):
+  proc = _bash(REPRODUCE, *args, "--dry-run", cwd=tmp_path)
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_path):
+  """The two stages r110 and paths: a budget too short leaves the run unfinished (exit 3, E6
+  waits for it); the next call trains it (a tiny ResNet on the digits) and runs E6;
+  a third call skips both; asking for more paths per length runs E6 again."""
+  env = _cpu_env(CONFIG_R110=QUICKSTART, E6_PATHS="2",
+                 FAST="--config.model.depth=8 --config.model.width=4 --config.train.num_steps=4",
+                 CADENCE="--config.train.eval_every=4 --config.checkpoint.every=2")
+  runs = tmp_path / "runs"
+
+  def reproduce(*args):
+    return _bash(REPRODUCE, "--runs", runs, "--only", "r110,paths", *args, cwd=tmp_path, env=env)
+
+  # A training that outlives its budget (a stand-in python that sleeps when it is asked to
+  # run the package, and is python otherwise, for the done checks).
+  slow = tmp_path / "slow_python"
+  slow.write_text(f'#!/bin/sh\ncase "$*" in *"-m resnet_ensemble"*) exec sleep 60;; esac\n'
+                  f'exec {shlex.quote(sys.executable)} "$@"\n')
+  slow.chmod(0o755)
+  env["PYTHON"] = str(slow)
+  cut = reproduce("--budget", "r110=1")
+  env["PYTHON"] = sys.executable
+  assert cut.returncode == 3, cut.stdout + cut.stderr
+  assert "r110: out of its 1s budget" in cut.stdout
+  assert f"paths: waits for {runs}/resnet110_seed0" in cut.stdout
+  assert not (runs / "resnet110_seed0" / "paths.json").exists()
+  whole = reproduce()
+  assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-2000:]
+  assert "r110: finished" in whole.stdout and "paths: finished" in whole.stdout
+  paths = json.loads((runs / "resnet110_seed0" / "paths.json").read_text())
+  assert paths["gradient"]["samples_per_k"] == 2 and paths["checkpoint_step"] == 4
+  again = reproduce()
+  assert again.returncode == 0
+  assert "r110: done, skipped" in again.stdout and "paths: done, skipped" in again.stdout
+  assert "+ timeout" not in again.stdout
+  env["E6_PATHS"] = "4"
+  more = reproduce()
+  assert "r110: done, skipped" in more.stdout and "paths: finished" in more.stdout
+  assert json.loads((runs / "resnet110_seed0" / "paths.json").read_text())[
+      "gradient"]["samples_per_k"] == 4

@@ -130,7 +130,7 @@ def test_table_has_our_numbers_and_the_papers(full_run):
   r = lesion["random"]
   row = rows["error after deleting 10 random blocks"]
   assert f"{100 * r['mean'][6]:.2f} % ± {100 * r['std'][6]:.2f} %" in row and "k = 6" in row
-  # Analytic rows computed with paths.py for our n: central interval 1..5 of 6 holds 62/64.
+  # Analytic rows computed with path_counts.py for our n: central interval 1..5 of 6 holds 62/64.
   assert "96.88 % (lengths 1–5, n = 6)" in rows["share of paths of length 19–35"]
   total = path_counts.total_gradient(N, _paths_json()["gradient"]["mean_norm"])
   lo, hi = path_counts.effective_interval(total, 0.9)

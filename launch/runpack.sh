@@ -1,9 +1,14 @@
 # shellcheck shell=bash
-# Sourced by device_train.sh and publish_run.sh: a run's pack (the NAME.tar.part-* files that
-# device_train.sh writes) is unpacked beside the run directory and moved in only once all of it
-# has been read, so a truncated or corrupt pack never costs the checkpoints already there.
+# Sourced by offline_gpu.sh: a run directory packed into one tar (split into parts if asked)
+# and unpacked again, for hosts that keep nothing between uses. A pack holds the run's newest
+# finished checkpoint and every file beside it (config.json, metrics, final metrics, the
+# analyses' JSON, train.log, an exported variables.msgpack). It is
+# unpacked beside the run directory and moved in only once all of it has been read, so a
+# truncated or corrupt pack never costs the checkpoints already there.
 
 # newest_step DIR: the largest numbered checkpoint in DIR/checkpoints (empty if none).
+# Orbax writes a checkpoint to a temporary name and renames it when complete, so a numbered
+# directory is a finished checkpoint.
 newest_step() {
   local entry step="" name
   for entry in "$1"/checkpoints/*/; do
@@ -13,6 +18,20 @@ newest_step() {
     fi
   done
   printf '%s' "$step"
+}
+
+# pack_run RUN_DIR PREFIX [SPLIT]: writes PREFIX.tar.part-aa, -ab, ... (parts of SPLIT bytes,
+# default 2G, as split -b takes it). Only the newest checkpoint: older ones are of no use to a
+# resume, and the pack is what travels.
+pack_run() {
+  local run=$1 prefix=$2 split_size=${3:-2G} latest f files=()
+  latest=$(newest_step "$run")
+  for f in "$run"/*; do  # not LOCK: a lock belongs to a process of this host
+    [ ! -f "$f" ] || [ "${f##*/}" = LOCK ] || files+=("${f##*/}")
+  done
+  rm -f "$prefix".tar.part-*
+  tar -C "$run" -cf - ${latest:+"checkpoints/$latest"} ${files[@]+"${files[@]}"} \
+    | split -b "$split_size" - "$prefix.tar.part-"
 }
 
 # unpack_run RUN_DIR PART...: untars the concatenated parts into a temporary directory next to
@@ -54,4 +73,11 @@ unpack_run() {
     mv -f "$entry" "$run/" || return 1
   done
   rm -rf "$tmp"
+}
+
+# pack_name RUNS_ROOT RUN_DIR: the run's path below RUNS_ROOT with '/' written '--'
+# (runs/r110_mixed/e8 below runs -> r110_mixed--e8), so nested runs of a stack get flat names.
+pack_name() {
+  local rel=${2#"$1"/}
+  printf '%s' "${rel//\//--}"
 }

@@ -20,7 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common
-from resnet_ensemble import feeds, gates as gates_lib, models, optim, state as state_lib, train
+from resnet_ensemble import (blocks, feeds, gates as gates_lib, models, optim, state as state_lib,
+                             train)
 from resnet_ensemble.sharding import make_mesh
 from resnet_ensemble.seeds import RunStack, runs_of
 
@@ -56,7 +57,7 @@ def main(_):
   resident = feeds.put_resident(dataset, 1000, mesh)
   sample_gates = gates_lib.make_stack_sampler([r.config.gates for r in stack.runs],
                                               model.layout, c.train.batch_size)
-  skip = models.should_skip(c.gates.skip_compute, sampled=sample_gates is not None,
+  skip = blocks.should_skip(c.gates.skip_compute, sampled=sample_gates is not None,
                             vmapped=stack.stacked)
   step = train.make_train_on_batch(
       model, tx, dataset.mean, dataset.std, 0.0, mesh, sample_gates=sample_gates,

@@ -2,7 +2,7 @@
 mini-batch with probability 1 - (i+1)/54 * (1 - 0.5); at test time every residual is scaled by
 its survival probability. Then ``--mode=lesion`` gives Fig. 8's per-block deletion.
 
-On a GPU add ``--config.gates.skip_compute=False``: the same results (``models.should_skip``),
+On a GPU add ``--config.gates.skip_compute=False``: the same results (``blocks.should_skip``),
 and about 40 of the 54 blocks run per batch, too many for skipping to pay for its conditionals
 there (measured on an H100: skipping was slower than computing every block).
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_ensemble import models
+from resnet_ensemble import blocks
 from resnet_ensemble.augment import normalize
 
 
@@ -84,7 +84,7 @@ def grouped_apply(model: nn.Module, groups: int, train: bool) -> Callable:
     per_example = gates is not None and gates.ndim == 2  # (n_blocks, batch)
     # Slices with per-example gates disagree on a block; each slice's cond would also judge a
     # block by its own slice, not by the batch.
-    skip = models.should_skip(skip, sampled=True, vmapped=per_example)
+    skip = blocks.should_skip(skip, sampled=True, vmapped=per_example)
     one = lambda v, xs, g: grouped.apply(  # noqa: E731
         v, xs, gates=g, train=train, skip_compute=skip, mutable=mutable)
     logits, updates = jax.vmap(one, in_axes=(0, 0, 0 if per_example else None),

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from clu import metrics
 
-from resnet_ensemble import (checkpoint, config as config_lib, data as data_lib, gates as gates_lib, models, optim, workdir as workdir_lib, writers)
+from resnet_ensemble import (blocks, checkpoint, config as config_lib, data as data_lib,
+                             gates as gates_lib, models, optim, workdir as workdir_lib, writers)
 from resnet_ensemble.augment import normalize
 from resnet_ensemble.evaluate import cross_entropy, grouped_apply
 from resnet_ensemble.feeds import make_feed
@@ -48,7 +49,7 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
   ``run_keys(seed).gates``): the gate sequence is a function of (seed, step), so a resumed run
   samples the same gates.
   ``skip_compute``: whether a block gated off for the whole batch is skipped, decided by
-  ``models.should_skip``. ``conv_groups``: see ``grouped_apply``."""
+  ``blocks.should_skip``. ``conv_groups``: see ``grouped_apply``."""
   apply = grouped_apply(model, conv_groups, train=True)
 
   def train_on_batch(state: TrainState, images, labels, gate_key: jax.Array | None = None,
@@ -284,7 +285,7 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed,
   train_on_batch = make_train_on_batch(
       model, tx, feed.mean, feed.std, config.optim.label_smoothing, mesh,
       sample_gates=sample_gates,
-      skip_compute=models.should_skip(stack.runs[0].config.gates.skip_compute,
+      skip_compute=blocks.should_skip(stack.runs[0].config.gates.skip_compute,
                                       sampled=sample_gates is not None, vmapped=stack.stacked),
       conv_groups=tc.conv_groups)
   feed.start(model, train_on_batch, log_compile, stack)

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from resnet_ensemble import models
+from resnet_ensemble import blocks, models
 from resnet_ensemble.layout import down_name, stacked_name
 from resnet_ensemble.surgery import permute_blocks
 
@@ -120,10 +120,10 @@ def _forward_in_order(model, v, x, order):
     src = order[pos]
     s = layout.stage_of(src)
     if src in layout.downsampling:
-      block, sub = models.BasicBlock(model.widths[s], stride=2, down=True, norm=_eval_bn), variables_of(down_name(s))
+      block, sub = blocks.BasicBlock(model.widths[s], stride=2, down=True, norm=_eval_bn), variables_of(down_name(s))
     else:
       j = src - layout.stacked_range(s).start
-      block = models.BasicBlock(model.widths[s], norm=_eval_bn)
+      block = blocks.BasicBlock(model.widths[s], norm=_eval_bn)
       sub = jax.tree.map(lambda a: a[j], variables_of(stacked_name(s)))
     h = block.apply(sub, h, jnp.ones(()))
   h = _eval_bn("final_bn").apply(variables_of("final_bn"), h)
@@ -218,7 +218,7 @@ def test_a_float32_stream_keeps_the_identity_path_exact_under_bf16_compute(form)
   merge = (lambda z: z) if preact else jax.nn.relu
   for stream in (jnp.float32, None):
     x = x if stream is jnp.float32 else x.astype(jnp.bfloat16)  # the stream that enters
-    block = models.BasicBlock(features=8, preact=preact, shortcut=shortcut,
+    block = blocks.BasicBlock(features=8, preact=preact, shortcut=shortcut,
                               norm=models._norm(False, jnp.bfloat16), dtype=jnp.bfloat16,
                               stream_dtype=stream)
     variables = block.init(jax.random.key(0), x, jnp.ones(()))

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_ensemble import gates as gates_lib, models, state as state_lib, train
+from resnet_ensemble import blocks, gates as gates_lib, models, state as state_lib, train
 from resnet_ensemble.config import base_config
 from resnet_ensemble.layout import down_name, stacked_name
 from resnet_ensemble.sharding import make_mesh, replicated
@@ -199,8 +199,8 @@ def test_only_the_taken_branch_runs(x, monkeypatch):
       return fn(block, y, gate)
     return branch
 
-  monkeypatch.setattr(models, "_computed", counted(models._computed, "computed"))
-  monkeypatch.setattr(models, "_skipped", counted(models._skipped, "skipped"))
+  monkeypatch.setattr(blocks, "_computed", counted(blocks._computed, "computed"))
+  monkeypatch.setattr(blocks, "_skipped", counted(blocks._skipped, "skipped"))
   step = _make_step(model)
   for g in ([1, 0, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]):
     runs.clear()

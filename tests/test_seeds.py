@@ -17,6 +17,15 @@ from tests.test_train import _params, _probe
 GATED = {"model.depth": 14, "gates.sampler": "effective", "gates.k": 4}
 
 
+def _tolerance(key: str) -> dict:
+  """How close a stacked run's state must be to the run alone (8 devices and grouped
+  convolutions against 1 device: other summation orders). Parameters and BN statistics to float
+  rounding. The momentum trace sums raw gradients, and one activation that lands on the other
+  side of a ReLU's kink (seen on one CPU model, not another) moves one channel's gradient by
+  about 1e-4 while the parameters move by lr times that: the trace gets an absolute bound."""
+  return {"rtol": 1e-5, "atol": 1e-3 if "['trace']" in key else 1e-5}
+
+
 def _losses(workdir) -> list[float]:
   return [r["train_loss"] for r in read_jsonl(str(workdir / "metrics.jsonl")) if "train_loss" in r]
 
@@ -35,8 +44,7 @@ def test_a_stack_on_eight_devices_trains_each_seed_as_if_alone(tmp_path, tiny):
     mine = {k[len(f"seed{seed}"):]: v for k, v in stacked.items() if k.startswith(f"seed{seed}[")}
     assert mine.keys() == leaves.keys() and int(leaves["['step']"]) == 6
     for key, value in leaves.items():
-      np.testing.assert_allclose(mine[key], value, rtol=1e-5, atol=1e-6,
-                                 err_msg=f"seed {seed} {key}")
+      np.testing.assert_allclose(mine[key], value, **_tolerance(key), err_msg=f"seed {seed} {key}")
     np.testing.assert_allclose(_losses(run_dir), _losses(alone_dir), rtol=1e-5)
     for metric in ("eval_error", "eval_error_unscaled", "eval_loss"):
       assert abs(final[f"seed{seed}"][metric] - alone[metric]) <= 1e-5, metric
@@ -90,8 +98,7 @@ def test_a_mixed_stack_on_eight_devices_trains_each_run_as_if_alone(tmp_path, ti
     mine = {k[len(run.name):]: v for k, v in stacked.items() if k.startswith(f"{run.name}[")}
     assert mine.keys() == leaves.keys() and int(leaves["['step']"]) == 6
     for key, value in leaves.items():
-      np.testing.assert_allclose(mine[key], value, rtol=1e-5, atol=1e-6,
-                                 err_msg=f"{run.name} {key}")
+      np.testing.assert_allclose(mine[key], value, **_tolerance(key), err_msg=f"{run.name} {key}")
     np.testing.assert_allclose(_losses(run_dir), _losses(alone_dir), rtol=1e-5)
     # the same metrics as alone: a run without a sampler has no unscaled network
     assert final[run.name].keys() == alone.keys()

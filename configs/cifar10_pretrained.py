@@ -40,11 +40,11 @@ def get_config():
   c.data.std = INPUT_STD
   c.eval.batch_size = 500
   c.lesion.max_k = 20
-  c.lesion.draws = 10
+  c.lesion.draws = 3
   c.lesion.reorder_max_swaps = 10
-  c.lesion.reorder_draws = 10
+  c.lesion.reorder_draws = 2
   c.lesion.chunk = 8
-  c.paths.samples_per_k = 10
+  c.paths.samples_per_k = 5
   c.paths.batch_size = 32
   c.paths.chunk = 16
   return c

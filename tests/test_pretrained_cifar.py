@@ -349,3 +349,45 @@ def test_the_real_exact_subset_reads_as_cifar10():
                                  mean=pretrained_cifar.INPUT_MEAN, std=pretrained_cifar.INPUT_STD))
   assert ds.test_images.shape == (1017, 32, 32, 3) and ds.num_classes == 10
   assert np.bincount(ds.test_labels, minlength=10).min() > 50
+
+
+# --- the CLI flow: every analysis on imported weights, nothing trained ------------------------
+
+
+def test_mode_all_runs_the_analyses_on_imported_weights(tmp_path):
+  """configs/cifar10_pretrained.py with a tiny random ResNet-20 (.safetensors) on a synthetic
+  exact subset: --mode=all writes lesion.json, paths.json and the report without training,
+  and the lesion study's baseline is the direct evaluation of the same images."""
+  safetensors_numpy = pytest.importorskip("safetensors.numpy",
+                                          reason="safetensors is not installed")
+  import importlib.util
+  from resnet_ensemble import __main__ as cli
+  from resnet_ensemble.config import override
+  weights = str(tmp_path / "r20.safetensors")
+  _, variables, sd = imported("resnet20")
+  safetensors_numpy.save_file(sd, weights)
+  subset = write_subset(str(tmp_path / data_lib.EXACT_SUBSET_FILE), n=10)
+  spec = importlib.util.spec_from_file_location(
+      "cifar10_pretrained", os.path.join(REPO, "configs", "cifar10_pretrained.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for field, value in {"weights": weights, "data.dir": str(tmp_path), "eval.batch_size": 4,
+                       "lesion.max_k": 2, "lesion.draws": 2, "lesion.reorder_max_swaps": 1,
+                       "lesion.reorder_draws": 2, "lesion.chunk": 4,
+                       "paths.samples_per_k": 2, "paths.batch_size": 4,
+                       "paths.chunk": 4}.items():
+    override(c, field, value)
+  workdir = str(tmp_path / "w")
+  cli.run_mode("all", c, workdir)
+  import json
+  lesion = json.load(open(os.path.join(workdir, "lesion.json")))
+  paths = json.load(open(os.path.join(workdir, "paths.json")))
+  assert os.path.isfile(os.path.join(workdir, "report.md"))
+  assert not os.path.isdir(os.path.join(workdir, "checkpoints"))
+  assert len(lesion["single"]["error"]) == 9 and paths["n"] == 9
+  assert "exact-pixel test subset" in lesion["data_source"]
+  z = data_lib.read_exact_subset(subset)
+  model = pretrained_cifar.model_for("resnet20", width=WIDTH)
+  direct = np.mean(np.argmax(ours(model, variables, z["test_images"]), 1) != z["test_labels"])
+  assert lesion["baseline"]["error"] == pytest.approx(direct, abs=1e-6)

@@ -39,9 +39,11 @@ def _error(eval_fn, variables, images: np.ndarray, labels: np.ndarray, batch_siz
   return {"images": int(len(labels)), "error": e, "se": binomial_se(e, len(labels))}
 
 
-def measure(config, bin_dir: str = "", bin_name: str = "binary release") -> dict:
+def measure(config, bin_dir: str = "", bin_name: str = "binary release",
+            records_per_file: int | None = 10_000) -> dict:
   """{source: {images, error, se}} for the subset, and with ``bin_dir`` for its test split
-  and for the subset's images as that copy holds them."""
+  and for the subset's images as that copy holds them (``records_per_file``: None reads the
+  small copies tests write)."""
   import jax
   from resnet_ensemble import data as data_lib, pretrained, train
   model, variables = pretrained.load_pretrained(config.arch, config.weights)
@@ -52,7 +54,7 @@ def measure(config, bin_dir: str = "", bin_name: str = "binary release") -> dict
   out = {"weights": config.weights, "blocks": model.layout.n_blocks,
          "exact_subset": _error(eval_fn, variables, subset.test_images, subset.test_labels, bs)}
   if bin_dir:
-    _, _, tx, ty = data_lib.read_cifar10_bin(bin_dir)
+    _, _, tx, ty = data_lib.read_cifar10_bin(bin_dir, records_per_file)
     indices = data_lib.read_exact_subset(data_lib.exact_subset_path(c.dir))["test_indices"]
     if not np.array_equal(ty[indices], subset.test_labels):
       raise ValueError(f"{bin_dir}'s test labels differ from the exact subset's at its indices")

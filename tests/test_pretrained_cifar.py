@@ -391,3 +391,35 @@ def test_mode_all_runs_the_analyses_on_imported_weights(tmp_path):
   model = pretrained_cifar.model_for("resnet20", width=WIDTH)
   direct = np.mean(np.argmax(ours(model, variables, z["test_images"]), 1) != z["test_labels"])
   assert lesion["baseline"]["error"] == pytest.approx(direct, abs=1e-6)
+
+
+def test_source_errors_compare_the_same_images_on_each_source(tmp_path):
+  """source_errors: the subset's error, the binary copy's, and the copy's version of the
+  subset's images (equal to the subset's when the copy holds the same pixels), with SEs."""
+  safetensors_numpy = pytest.importorskip("safetensors.numpy",
+                                          reason="safetensors is not installed")
+  from resnet_ensemble import source_errors
+  from resnet_ensemble.config import base_config
+  _, variables, sd = imported("resnet20")
+  weights = str(tmp_path / "r20.safetensors")
+  safetensors_numpy.save_file(sd, weights)
+  subset = data_lib.read_exact_subset(write_subset(str(tmp_path / data_lib.EXACT_SUBSET_FILE)))
+  test_x = images(90, seed=5)
+  test_y = np.random.default_rng(6).integers(0, 10, 90).astype(np.uint8)
+  test_x[subset["test_indices"]] = subset["test_images"]
+  test_y[subset["test_indices"]] = subset["test_labels"]
+  data_lib.write_cifar10_bin(str(tmp_path / "bin"), test_x[:10], test_y[:10], test_x, test_y)
+  c = base_config()
+  c.weights, c.arch, c.data.dir, c.eval.batch_size = weights, "cifar", str(tmp_path), 8
+  c.data.mean, c.data.std = pretrained_cifar.INPUT_MEAN, pretrained_cifar.INPUT_STD
+  out = source_errors.measure(c, str(tmp_path / "bin"), "copy", None)
+  model = pretrained_cifar.model_for("resnet20", width=WIDTH)
+  direct = np.mean(np.argmax(ours(model, variables, test_x), 1) != test_y)
+  assert out["copy"]["images"] == 90 and out["copy"]["error"] == pytest.approx(direct, abs=1e-6)
+  assert out["copy, subset images"]["error"] == pytest.approx(out["exact_subset"]["error"])
+  e = out["exact_subset"]["error"]
+  assert out["exact_subset"]["se"] == pytest.approx(np.sqrt(e * (1 - e) / 12))
+  test_y[subset["test_indices"][0]] = (test_y[subset["test_indices"][0]] + 1) % 10
+  data_lib.write_cifar10_bin(str(tmp_path / "bin"), test_x[:10], test_y[:10], test_x, test_y)
+  with pytest.raises(ValueError, match="test labels differ"):
+    source_errors.measure(c, str(tmp_path / "bin"), "copy", None)

@@ -19,11 +19,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/cifar10_pretrained.py", lock_config=True)
-flags.DEFINE_string("bin", "", "Folder holding cifar-10-batches-bin/ ('' = the subset only).")
-flags.DEFINE_string("bin_name", "binary release", "What --bin holds, for the output.")
-flags.DEFINE_string("out", "", "JSON file to write ('' = print only).")
-flags.mark_flags_as_required(["config"])
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when this module runs as the program (importing
+  it beside the package's CLI, which has its own --config, must not define them twice)."""
+  config_flags.DEFINE_config_file("config", None, "configs/cifar10_pretrained.py",
+                                  lock_config=True)
+  flags.DEFINE_string("bin", "", "Folder holding cifar-10-batches-bin/ ('' = the subset only).")
+  flags.DEFINE_string("bin_name", "binary release", "What --bin holds, for the output.")
+  flags.DEFINE_string("out", "", "JSON file to write ('' = print only).")
+  flags.mark_flags_as_required(["config"])
 
 
 def binomial_se(error: float, n: int) -> float:
@@ -76,4 +82,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

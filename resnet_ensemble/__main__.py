@@ -113,6 +113,10 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
   ``config_file``: the config's file, named in the report's commands for missing results."""
   from resnet_ensemble import config as config_lib, seeds, train, workdir as workdir_lib
   config_lib.validate(config)
+  if (mode in ("train", "all") and not config.get("weights")
+      and config.data.get("source") == "exact_subset"):
+    raise ValueError("data.source=exact_subset is a test set (the exact-pixel CIFAR-10 test "
+                     "images): evaluate on it (--mode=lesion, paths or report), never train")
   if mode != "report" and not config.get("weights"):
     train.check_config(config)  # model and gates too, before the workdir is touched
   if mode == "runs":  # the workdirs a launcher packs and unpacks
@@ -127,8 +131,7 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
 
 def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
               config_file: str | None) -> None:
-  from resnet_ensemble import (lesion, path_gradients, report, restore, seeds, train,
-                               workdir as workdir_lib)
+  from resnet_ensemble import (lesion, path_gradients, report, restore, seeds, train, workdir as workdir_lib)
   from resnet_ensemble.progress import format_duration, is_main_process, say
   analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
   steps = {"train": [train.train_and_evaluate], "lesion": [analyse(lesion.run_study)],
@@ -138,7 +141,7 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
   imported = bool(config.get("weights"))  # pretrained weights: nothing to train
   if "weights" in config and not imported and mode != "report":
     raise ValueError("this config analyses pretrained weights: set --config.weights=PATH "
-                     "(.safetensors, .pth or .pt) and --config.arch")
+                     "(.safetensors, .pth, .pt or .th) and --config.arch")
   if mode == "train" and imported:
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")

@@ -35,8 +35,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar10"            # digits | cifar10 | imagenet2012
-  c.data.source = "auto"             # cifar10: auto | bin | tfds
-  c.data.dir = "~/.cache/cifar10"    # holds cifar-10-batches-bin/ (or a TFDS data_dir)
+  c.data.source = "auto"             # cifar10: auto | bin | tfds | exact_subset (the
+                                     # test images with exact pixels; a test set only)
+  c.data.dir = "~/.cache/cifar10"    # holds cifar-10-batches-bin/ (or a TFDS data_dir; for
+                                     # exact_subset the .npz(.xz) or the folder holding it)
+  # The input normalisation, per channel in 0..255 units: () = the train split's own mean and
+  # std; networks trained elsewhere need theirs (configs/cifar10_pretrained.py).
+  c.data.mean = ()
+  c.data.std = ()
   c.data.crop_padding = 4            # random crop after zero padding by this many pixels
   c.data.flip = True                 # random horizontal flips
   c.data.image_size = 224            # ImageNet only

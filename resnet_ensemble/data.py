@@ -2,14 +2,21 @@
 
 Sources, in the order users have them: TFDS ``cifar10``; the official binary release
 directory ``cifar-10-batches-bin/`` (parsed with numpy: the pickled python release is never
-unpickled, since unpickling runs code); and scikit-learn's digits, real images that ship inside
-the package, so the quickstart runs offline.
+unpickled, since unpickling runs code); scikit-learn's digits, real images that ship inside
+the package, so the quickstart runs offline; and the exact-pixel CIFAR-10 test subset
+(``exact_subset``: test images only, to evaluate networks trained elsewhere on real pixels).
+
+Inputs are normalised per channel with the train split's mean and std unless ``data.mean`` and
+``data.std`` name others (a network trained elsewhere expects the normalisation it was trained
+with).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
+import lzma
 import os
 
 import numpy as np
@@ -184,16 +191,96 @@ def _tfds_available() -> bool:
     return False
 
 
+EXACT_SUBSET_FILE = "cifar10-test-exact.npz.xz"
+EXACT_SUBSET = "exact_subset"
+
+
+def read_exact_subset(path: str) -> dict[str, np.ndarray]:
+  """The exact-pixel test subset: an ``.npz`` (optionally ``.xz``-compressed) holding
+  ``test_images`` (N, 32, 32, 3) uint8, ``test_indices`` (positions in the test split) and
+  ``test_labels``. A missing file or array is an error naming it; nothing is unpickled."""
+  from etils import epath  # local paths or gs:// alike
+  path = os.path.expanduser(os.fspath(path))
+  if not epath.Path(path).is_file():
+    raise FileNotFoundError(f"exact test subset not found: {path}")
+  raw = epath.Path(path).read_bytes()
+  if path.endswith(".xz"):
+    raw = lzma.decompress(raw)
+  with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+    missing = {"test_images", "test_indices", "test_labels"} - set(z.files)
+    if missing:
+      raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {sorted(z.files)})")
+    out = {k: z[k] for k in ("test_images", "test_indices", "test_labels")}
+  images, labels = out["test_images"], out["test_labels"]
+  if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels) or len(
+      out["test_indices"]) != len(labels):
+    raise ValueError(f"{path}: test_images must be uint8 (N, H, W, C) with N labels and "
+                     f"indices; got {images.dtype} {images.shape}, {len(labels)} labels, "
+                     f"{len(out['test_indices'])} indices")
+  return out
+
+
+def exact_subset_path(directory: str) -> str:
+  """``data.dir`` for ``exact_subset``: the file itself or the folder holding it."""
+  directory = os.path.expanduser(directory)
+  return (os.path.join(directory, EXACT_SUBSET_FILE) if os.path.isdir(directory)
+          else directory)
+
+
+def load_exact_subset(path: str, mean, std) -> ImageDataset:
+  """The exact-pixel test subset as a dataset to evaluate on (it has no train split of its
+  own: its "train" split is the same images, which only E6's gradient batches read; the CLI
+  never trains on it). ``mean``/``std``: the normalisation the network was trained with."""
+  if not mean or not std:
+    raise ValueError(
+        "data.source=exact_subset has no train split to take the input normalisation from: "
+        "set --config.data.mean and --config.data.std to the ones the network was trained "
+        "with (0..255 units)")
+  z = read_exact_subset(path)
+  bad = np.flatnonzero(z["test_labels"] >= len(CIFAR10_LABELS))
+  if bad.size:
+    raise ValueError(f"{path}: {bad.size} labels outside 0-9: not CIFAR-10")
+  x, y = z["test_images"], z["test_labels"].astype(np.int32)
+  return ImageDataset("cifar10", x, y, x, y, 10, tuple(mean), tuple(std),
+                      f"CIFAR-10 exact-pixel test subset ({len(y)} original test images, "
+                      f"{path}; E6 batches from these test images)")
+
+
+def _normalised(dataset: ImageDataset, mean, std) -> ImageDataset:
+  """``dataset`` normalised with ``mean``/``std`` (0..255 units) instead of its train split's
+  own; () keeps those."""
+  if not mean and not std:
+    return dataset
+  channels = dataset.input_shape[-1]
+  if len(mean) != channels or len(std) != channels:
+    raise ValueError(f"data.mean={tuple(mean)} and data.std={tuple(std)} must give one value "
+                     f"per channel ({channels} for {dataset.name})")
+  if any(not float(s) > 0 for s in std):
+    raise ValueError(f"data.std={tuple(std)}: every std must be > 0")
+  return dataclasses.replace(dataset, mean=tuple(float(m) for m in mean),
+                             std=tuple(float(s) for s in std))
+
+
 def load(data_config) -> ImageDataset:
-  """The dataset named by ``config.data``: digits | cifar10 (source auto | bin | tfds)."""
+  """The dataset named by ``config.data``: digits | cifar10 (source auto | bin | tfds |
+  exact_subset), normalised with ``data.mean``/``data.std`` where they are set."""
+  mean, std = tuple(data_config.get("mean", ())), tuple(data_config.get("std", ()))
+  return _normalised(_load(data_config), mean, std)
+
+
+def _load(data_config) -> ImageDataset:
   name, source = data_config.name, data_config.source
   if name == "digits":
     return load_digits()
   if name != "cifar10":
     raise ValueError(f"unknown dataset {name!r} for in-memory training; valid: digits, cifar10 "
                      "(imagenet2012 streams from TFDS)")
-  if source not in ("auto", "bin", "tfds"):
-    raise ValueError(f"unknown data source {source!r}; valid: auto, bin, tfds")
+  if source not in ("auto", "bin", "tfds", EXACT_SUBSET):
+    raise ValueError(f"unknown data source {source!r}; valid: auto, bin, tfds, {EXACT_SUBSET}")
+  if source == EXACT_SUBSET:
+    return load_exact_subset(exact_subset_path(data_config.dir),
+                             tuple(data_config.get("mean", ())),
+                             tuple(data_config.get("std", ())))
   root = _bin_dir(data_config.dir)
   if source == "bin" or (source == "auto" and os.path.isdir(root)
                          and os.path.isfile(os.path.join(root, CIFAR10_TEST_FILE))):

@@ -11,15 +11,12 @@ uint8, ``test_indices`` (positions in the test split) and ``test_labels``. Write
 
 from __future__ import annotations
 
-import io
-import lzma
-
 import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_ensemble import evaluate, restore, workdir as workdir_lib
+from resnet_ensemble import data, evaluate, restore, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The trained run's config file.", lock_config=True)
@@ -29,18 +26,8 @@ flags.mark_flags_as_required(["config", "workdir", "exact"])
 
 
 def load_exact(path: str) -> dict[str, np.ndarray]:
-  """Reads the exact-pixel subset; a missing file is an error naming the path."""
-  p = workdir_lib.path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"exact test subset not found: {path}")
-  raw = p.read_bytes()
-  if path.endswith(".xz"):
-    raw = lzma.decompress(raw)
-  with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-    missing = {"test_images", "test_indices", "test_labels"} - set(z.files)
-    if missing:
-      raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {sorted(z.files)})")
-    return {k: z[k] for k in ("test_images", "test_indices", "test_labels")}
+  """Reads the exact-pixel subset (``data.read_exact_subset``)."""
+  return data.read_exact_subset(path)
 
 
 def measure(config, workdir: str, exact_path: str) -> dict:

@@ -83,14 +83,15 @@ def _abstract_variables(model: models.ResNet) -> dict:
   return flax.core.unfreeze(jax.eval_shape(model.init, jax.random.key(0), x))
 
 
-def _torch_prefix(model: models.ResNet, top: str, index: int | None) -> str:
-  """Torchvision module name of our top-level subtree ``top`` (``index``: stacked position)."""
+def _torch_prefix(model: models.ResNet, top: str, index: int | None, head: str = "fc") -> str:
+  """Torchvision module name of our top-level subtree ``top`` (``index``: stacked position;
+  ``head``: the classifier's module name, ``fc`` in torchvision)."""
   if top == "stem_conv":
     return "conv1"
   if top == "stem_bn":
     return "bn1"
   if top == "head":
-    return "fc"
+    return head
   m = re.fullmatch(r"stage(\d+)_(down|blocks)", top)
   if m is None:
     raise AssertionError(f"unexpected subtree {top!r} in the model")
@@ -136,9 +137,11 @@ def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(shape[i] for i in perm)
 
 
-def _mapping(model: models.ResNet) -> list[tuple[str, tuple[str, ...], int | None, str, tuple]]:
+def _mapping(model: models.ResNet, head: str = "fc"
+             ) -> list[tuple[str, tuple[str, ...], int | None, str, tuple]]:
   """Every variable leaf as (torch key, our path, stacked index or None, kind, our leaf shape):
-  kind is conv | dense | bn (the latter also covers the head's bias)."""
+  kind is conv | dense | bn (the latter also covers the head's bias). ``head``: the
+  classifier's torch module name."""
   entries = []
   for path, leaf in flax.traverse_util.flatten_dict(_abstract_variables(model)).items():
     collection, top, *rest = path
@@ -159,16 +162,16 @@ def _mapping(model: models.ResNet) -> list[tuple[str, tuple[str, ...], int | Non
       kind = "bn"  # a vector: no transpose
     for i in range(count):
       index = i if stacked else None
-      key = f"{_torch_prefix(model, top, index)}{module_suffix}.{leaves[name]}"
+      key = f"{_torch_prefix(model, top, index, head)}{module_suffix}.{leaves[name]}"
       entries.append((key, path, index, kind, shape))
-  return sorted(entries, key=lambda e: _torch_order(e[0]))
+  return sorted(entries, key=lambda e: _torch_order(e[0], head))
 
 
 _LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")
 
 
-def _torch_order(key: str) -> tuple:
-  """Sort key giving torchvision's state_dict order (stem, layers, blocks, modules, fc)."""
+def _torch_order(key: str, head: str = "fc") -> tuple:
+  """Sort key giving torchvision's state_dict order (stem, layers, blocks, modules, head)."""
   *module, leaf = key.split(".")
   if module[0].startswith("layer"):
     layer, block, *sub = module
@@ -176,7 +179,7 @@ def _torch_order(key: str) -> tuple:
     sub = ".".join(sub)
     pos = (2, sub) if sub.startswith("downsample") else (1, sub[-1], sub[:-1] != "conv")
   else:
-    section, pos = ((0,), (module[0] == "bn1",)) if module[0] != "fc" else ((2,), ())
+    section, pos = ((0,), (module[0] == "bn1",)) if module[0] != head else ((2,), ())
   return section, pos, _LEAF_ORDER.index(leaf)
 
 
@@ -208,10 +211,25 @@ def from_state_dict(arch: str, state_dict: Mapping[str, Any], num_classes: int |
   """
   _arch(arch)
   if num_classes is None:
-    fc = state_dict.get("fc.weight")
-    num_classes = int(np.shape(fc)[0]) if fc is not None and np.ndim(fc) == 2 else IMAGENET_CLASSES
+    num_classes = head_rows(state_dict, "fc") or IMAGENET_CLASSES
   model = model_for(arch, num_classes, dtype=dtype, width=width, unroll=unroll)
-  entries = _mapping(model)
+  return model, variables_from_state_dict(model, state_dict, arch)
+
+
+def head_rows(state_dict: Mapping[str, Any], head: str) -> int | None:
+  """Classes of the state dict's classifier ``head`` (None if it has no 2-d ``head.weight``)."""
+  w = state_dict.get(f"{head}.weight")
+  return int(np.shape(w)[0]) if w is not None and np.ndim(w) == 2 else None
+
+
+def variables_from_state_dict(model: models.ResNet, state_dict: Mapping[str, Any], name: str,
+                              head: str = "fc") -> dict:
+  """{"params", "batch_stats"} (float32 numpy) of ``model`` from a torch-named state dict
+  (``head``: the classifier's module name). ``name`` names the network in errors.
+
+  Raises a ValueError listing every missing key, unexpected key and shape mismatch.
+  """
+  entries = _mapping(model, head)
   expected = {key: _torch_shape(kind, shape) for key, _, _, kind, shape in entries}
   bn_prefixes = {k[:-len(".running_mean")] for k in expected if k.endswith(".running_mean")}
 
@@ -224,8 +242,8 @@ def from_state_dict(arch: str, state_dict: Mapping[str, Any], num_classes: int |
       (k, expected[k], tuple(np.shape(state_dict[k])))
       for k in expected if k in state_dict and tuple(np.shape(state_dict[k])) != expected[k])
   if missing or unexpected or mismatched:
-    lines = [f"the state dict does not match {arch} (width {model.widths[0]}, "
-             f"{num_classes} classes):"]
+    lines = [f"the state dict does not match {name} (width {model.widths[0]}, "
+             f"{model.num_classes} classes):"]
     if missing:
       lines.append(f"  {len(missing)} missing key(s): {', '.join(missing)}")
     if unexpected:
@@ -251,21 +269,33 @@ def from_state_dict(arch: str, state_dict: Mapping[str, Any], num_classes: int |
   got = {p: (a.shape, a.dtype) for p, a in flat.items()}
   want = {p: (a.shape, np.dtype(a.dtype)) for p, a in abstract.items()}
   if got != want:
-    raise AssertionError(f"internal mapping error for {arch}: "
+    raise AssertionError(f"internal mapping error for {name}: "
                          f"{sorted(set(got.items()) ^ set(want.items()))}")
-  return model, variables
+  return variables
 
 
 def to_state_dict(arch: str, variables: Mapping[str, Any],
                   width: int | None = None) -> dict[str, np.ndarray]:
   """The torchvision-named state dict (float32, contiguous numpy) of ``arch``'s ``variables``."""
   _arch(arch)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables)))
-  flat = {p: v for p, v in flat.items() if p[0] in ("params", "batch_stats")}
-  head = flat.get(("params", "head", "kernel"))
+  model = model_for(arch, head_classes(variables), width=width)
+  return state_dict_from_variables(model, variables, arch)
+
+
+def head_classes(variables: Mapping[str, Any]) -> int:
+  """Classes of our ``variables``' head (a ValueError if they have none)."""
+  head = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables))).get(
+      ("params", "head", "kernel"))
   if head is None:
     raise ValueError("variables have no params/head/kernel: not a ResNet's variables")
-  model = model_for(arch, int(np.shape(head)[-1]), width=width)
+  return int(np.shape(head)[-1])
+
+
+def state_dict_from_variables(model: models.ResNet, variables: Mapping[str, Any], name: str,
+                              head: str = "fc") -> dict[str, np.ndarray]:
+  """The torch-named state dict (float32, contiguous numpy) of ``model``'s ``variables``."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables)))
+  flat = {p: v for p, v in flat.items() if p[0] in ("params", "batch_stats")}
   abstract = flax.traverse_util.flatten_dict(_abstract_variables(model))
   missing = sorted("/".join(p) for p in abstract if p not in flat)
   unexpected = sorted("/".join(p) for p in flat if p not in abstract)
@@ -273,10 +303,10 @@ def to_state_dict(arch: str, variables: Mapping[str, Any],
                       for p in abstract if p in flat and tuple(np.shape(flat[p])) != abstract[p].shape)
   if missing or unexpected or mismatched:
     raise ValueError(
-        f"variables do not match {arch} (width {model.widths[0]}): missing {missing}, "
+        f"variables do not match {name} (width {model.widths[0]}): missing {missing}, "
         f"unexpected {unexpected}, shape mismatches (path, expected, got) {mismatched}")
   out = {}
-  for key, path, index, kind, _ in _mapping(model):
+  for key, path, index, kind, _ in _mapping(model, head):
     a = np.asarray(jax.device_get(flat[path]), np.float32)
     out[key] = np.ascontiguousarray(_to_torch(kind, a if index is None else a[index]))
   return out
@@ -286,19 +316,24 @@ def to_state_dict(arch: str, variables: Mapping[str, Any],
 # Files.
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """A state dict from ``.safetensors`` (numpy only) or ``.pth``/``.pt`` (torch, weights only).
+# torch.save files: torchvision's (.pth, .pt) and the CIFAR ResNets' (.th).
+TORCH_EXTENSIONS = (".pth", ".pt", ".th")
 
-  ``.pth`` files are read with ``torch.load(weights_only=True)``: a file that needs a full
+
+def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A state dict from ``.safetensors`` (numpy only) or ``.pth``/``.pt``/``.th`` (torch,
+  weights only).
+
+  Torch files are read with ``torch.load(weights_only=True)``: a file that needs a full
   unpickle (one holding arbitrary Python objects) is refused, since unpickling runs code from
   the file. A checkpoint dict wrapping the weights under ``state_dict`` or ``model`` is
   unwrapped, and DataParallel's ``module.`` prefix is stripped.
   """
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()
-  if ext not in (".safetensors", ".pth", ".pt"):
+  if ext not in (".safetensors",) + TORCH_EXTENSIONS:
     raise ValueError(f"unknown weights file type {ext or '(none)'!r} of {path}: expected "
-                     f".safetensors, .pth or .pt")
+                     f".safetensors, {', '.join(TORCH_EXTENSIONS[:-1])} or {TORCH_EXTENSIONS[-1]}")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"weights file not found: {path}")
   if ext == ".safetensors":
@@ -343,5 +378,5 @@ def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(arch: str, path: str | os.PathLike, **kwargs) -> tuple[models.ResNet, dict]:
-  """``from_state_dict(arch, load_weights(path))``."""
+  """``from_state_dict(arch, load_weights(path))`` (CIFAR ResNets: ``pretrained_cifar``)."""
   return from_state_dict(arch, load_weights(path), **kwargs)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_ensemble import (checkpoint, data as data_lib, imagenet, models, pretrained,
-                             workdir as workdir_lib)
+                             pretrained_cifar, workdir as workdir_lib)
 from resnet_ensemble.layout import BlockLayout
 from resnet_ensemble.state import abstract_state
 from resnet_ensemble.progress import say
@@ -100,9 +100,12 @@ def eval_dataset(data_config):
 
 
 def load_pretrained(config) -> Trained:
-  """``config.weights``, a torchvision state dict of ``config.arch``, as the gated Flax model
-  and its variables (step 0: nothing was trained here). ``model.width`` 0 = the arch's own."""
-  model, variables = pretrained.load_pretrained(
+  """``config.weights``, a state dict of ``config.arch`` (torchvision's ImageNet ResNets, or the
+  PyTorch CIFAR ResNets: resnet20, ..., or ``cifar``, the depth the file holds), as the gated
+  Flax model and its variables (step 0: nothing was trained here). ``model.width`` 0 = the
+  arch's own."""
+  importer = pretrained_cifar if pretrained_cifar.is_cifar_arch(config.arch) else pretrained
+  model, variables = importer.load_pretrained(
       config.arch, config.weights, width=config.model.width or None,
       dtype=jnp.dtype(config.model.dtype), unroll=config.model.unroll)
   dataset = eval_dataset(config.data)

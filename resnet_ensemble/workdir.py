@@ -221,7 +221,10 @@ def lock(*workdirs: str) -> Iterator[None]:
 
 
 def _differences(old: dict, new: dict, compared) -> list[str]:
-  a, b = config_lib.flatten(old), config_lib.flatten(new)
+  # A field added after the workdir's run was started has its default there (defaults keep
+  # the behaviour from before the field existed).
+  a = {**config_lib.flatten(config_lib.base_config()), **config_lib.flatten(old)}
+  b = config_lib.flatten(new)
   return [f"{k}: workdir has {a.get(k)!r}, this command has {b.get(k)!r}"
           for k in sorted(set(a) | set(b)) if compared(k) and a.get(k) != b.get(k)]
 

@@ -42,12 +42,12 @@ class ImageDataset:
   mean: tuple[float, ...]   # per-channel mean of the train split, 0..255 units
   std: tuple[float, ...]
   source: str               # where it came from, for reports
+  gradient_split: str = "train (un-augmented)"  # where E6's batches come from
 
   # The evaluation source every analysis takes (``imagenet.StreamedValidation`` is the other):
   # ``resident`` sources go to the device whole (``padded_test``); others stream
   # (``test_batches``). Both give the same (images, labels, mask) batches.
   resident = True
-  gradient_split = "train (un-augmented)"  # where E6's batches come from
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -243,7 +243,8 @@ def load_exact_subset(path: str, mean, std) -> ImageDataset:
   x, y = z["test_images"], z["test_labels"].astype(np.int32)
   return ImageDataset("cifar10", x, y, x, y, 10, tuple(mean), tuple(std),
                       f"CIFAR-10 exact-pixel test subset ({len(y)} original test images, "
-                      f"{path}; E6 batches from these test images)")
+                      f"{path}; E6 batches from these test images)",
+                      gradient_split="test (the exact subset has no train split)")
 
 
 def _normalised(dataset: ImageDataset, mean, std) -> ImageDataset:

@@ -122,7 +122,7 @@ def test_every_figure_is_a_real_png(full_run):
 def test_table_has_our_numbers_and_the_papers(full_run):
   _, _, md = full_run
   rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
-  assert "6.12 %" in rows["ResNet-110 test error"] and "6.10 %" in rows["ResNet-110 test error"]
+  assert "6.12 %" in rows["test error (ResNet-14; the paper's is ResNet-110's)"] and "6.10 %" in rows["test error (ResNet-14; the paper's is ResNet-110's)"]
   eff = rows["effective-path (23 of 54) training test error"]
   assert "5.96 %" in eff
   # k = 10 does not exist in a 6-block network: the largest k <= 10 is used and said so.
@@ -438,7 +438,7 @@ def test_what_was_run_and_the_error_rows(full_run):
          "batch 16." in md
   assert "- Effective-path training (E8): step 640, test error 5.96 %." in md
   assert ("VGG-8 (plain, 6 deletable layers, stages [6], downsampling blocks none)") in md
-  assert "| 6.12 % (ResNet-14, step 640) | 6.10 % |" in _rows(md)["ResNet-110 test error"]
+  assert "| 6.12 % (ResNet-14, step 640) | 6.10 % |" in _rows(md)["test error (ResNet-14; the paper's is ResNet-110's)"]
 
 
 def test_a_partial_lesion_study_lists_each_missing_part(tmp_path):
@@ -492,3 +492,27 @@ def test_report_md_sections_come_in_the_papers_order(full_run):
                     "E7 / Fig. 6c — total gradient per path length",
                     "E9 / Fig. 7 — deletion removes long paths",
                     "E10 / Fig. 8 — stochastic depth", "Missing experiments"]
+
+
+def test_an_imported_cifar_resnet_is_named_by_its_depth_and_a_rising_gradient_says_so(tmp_path):
+  """An imported network whose depth was read from the file (arch "cifar") is named by its
+  block count, its error row says the paper's number is ResNet-110's, and a gradient that grows
+  with path length is not called a decay."""
+  rng = np.random.default_rng(3)
+  main = str(tmp_path / "imported")
+  lesion = _lesion(rng)
+  lesion["config"].update(weights="/w/resnet14.th", arch="cifar")
+  _write(main, "lesion.json", lesion)
+  rising = _paths_json()
+  k = np.arange(N + 1)
+  rising["gradient"].update(mean_norm=(1e-3 * 1.5**k).tolist(),
+                            std_norm=(3e-4 * 1.5**k).tolist())
+  _write(main, "paths.json", rising)
+  report.write_report(main)
+  md = open(os.path.join(main, "report.md")).read()
+  rows = _rows(md)
+  assert "| 6.12 % (ResNet-14 (pretrained), lesion baseline) | 6.10 % |" in rows[
+      "test error (ResNet-14 (pretrained); the paper's is ResNet-110's)"]
+  assert rows["gradient per path length (E6)"].split("|")[2].strip().startswith(
+      "no decay, ×1.500 per extra block")
+  assert "rises from 1.00e-03 at length 0 to 1.14e-02 at length 6" in md

@@ -127,7 +127,10 @@ def _error_rows(runs: read.Runs) -> Rows:
   if is_imagenet(runs):
     rows.append(("ImageNet top-1 validation error", ours, "— (Fig. 4: ResNet-200)"))
   else:
-    rows.append(("ResNet-110 test error", ours, paper.RESNET_ERROR))
+    label = read.model_label(lesion, "ResNet-110") if lesion else "ResNet-110"
+    title = ("ResNet-110 test error" if label == "ResNet-110"
+             else f"test error ({label}; the paper's is ResNet-110's)")
+    rows.append((title, ours, paper.RESNET_ERROR))
   if final and final.get("eval_error") is not None and any(f for _, f in runs.seeds):
     rows.append(("test error over seeds", seed_cell(runs), "—"))
   if runs.effective_workdir is not None:
@@ -162,7 +165,8 @@ def table_rows(runs: read.Runs, *, n: int, delete_k: list[dict] | None,
                paper.PATH_SHARE))
   if fit is not None:
     rows.append(("gradient per path length (E6)",
-                 f"exponential decay, {fit_text(fit)}; log-linear fit over lengths "
+                 f"{'exponential decay' if fit['factor'] < 1 else 'no decay'}, "
+                 f"{fit_text(fit)}; log-linear fit over lengths "
                  f"{fit['first']}–{fit['last']} ({fit['lengths']} lengths), "
                  f"{runs.paths['gradient'].get('samples_per_k', 'n/a')} sampled paths per "
                  "length", paper.DECAY))

@@ -166,7 +166,8 @@ def fig_gradient(page: Page, pj: dict | None) -> dict | None:
     ok = np.isfinite(m)
     first, last = int(np.flatnonzero(ok)[0]), int(np.flatnonzero(ok)[-1])
     text.insert(0, f"The mean gradient norm ({g.get('samples_per_k', 'n/a')} sampled paths per "
-                   f"length, batch {g.get('batch_size', 'n/a')}) falls from "
+                   f"length, batch {g.get('batch_size', 'n/a')}) "
+                   f"{'falls' if m[last] < m[first] else 'rises'} from "
                    f"{_sci(m[first])} at length {int(k[first])} to {_sci(m[last])} at length "
                    f"{int(k[last])}: a log-linear fit over {fit['lengths']} lengths "
                    f"({_lengths(k[ok])}) gives {fit_text(fit)}.")

@@ -104,7 +104,10 @@ def model_label(lesion: dict | None, fallback: str = "ResNet") -> str:
   if is_plain(lesion):
     return f"VGG-{n + 2}"  # stem + n deletable layers + dense
   if config(lesion).get("weights"):
-    return f"{config(lesion).get('arch', 'ResNet')} (pretrained)"
+    arch = config(lesion).get("arch", "ResNet")
+    if arch == "cifar":  # a CIFAR ResNet whose depth was read from the file: 2 layers a block
+      arch = f"ResNet-{2 * n + 2}"
+    return f"{arch} (pretrained)"
   depth = config(lesion).get("model", {}).get("depth")
   return f"ResNet-{depth}" if depth else f"ResNet ({n} blocks)"
 

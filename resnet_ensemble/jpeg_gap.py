@@ -19,10 +19,16 @@ from ml_collections import config_flags
 from resnet_ensemble import data, evaluate, restore, workdir as workdir_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The trained run's config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "The trained run's workdir.")
-flags.DEFINE_string("exact", None, "npz(.xz) with test_images, test_indices, test_labels.")
-flags.mark_flags_as_required(["config", "workdir", "exact"])
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when this module runs as the program (importing
+  it beside the package's CLI, which has its own --config, must not define them twice)."""
+  config_flags.DEFINE_config_file("config", None, "The trained run's config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "The trained run's workdir.")
+  flags.DEFINE_string("exact", None, "npz(.xz) with test_images, test_indices, test_labels.")
+  flags.mark_flags_as_required(["config", "workdir", "exact"])
 
 
 def load_exact(path: str) -> dict[str, np.ndarray]:
@@ -69,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -8,10 +8,11 @@ intact network's shared prefix (``lesion.variant_weights``), side by side. Timin
 a trained net: random-init variables (or ``--variables``) and synthetic test images. One JSON
 line per experiment, and one for the whole suite (when all three ran).
 
-Each form is measured next to the plain forward of the same network on the same images, timed
-in the same process just before it (a ``lesion_forward`` row): every row carries
+Each experiment is measured next to the plain forward of the same network on the same images,
+timed in the same process just before it (a ``lesion_forward`` row): every row carries
 ``x_forward``, its cost per variant-image over the forward's cost per image, a number that
-a noisy CPU and any GPU can compare (1.0: a variant costs one plain forward pass).
+a noisy CPU and any GPU can compare (1.0: a variant costs one plain forward pass). The suite's
+is its seconds over the forward-image seconds of all its variants.
 
     # CPU smoke check (tiny):
     python bench/lesion_suite.py --config=configs/quickstart.py --num_images=100 \
@@ -25,6 +26,7 @@ a noisy CPU and any GPU can compare (1.0: a variant costs one plain forward pass
 import contextlib
 import io
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -94,26 +96,28 @@ def time_experiment(engine, gates, orders, cap_s: float) -> tuple[int, float]:
   return done, time.perf_counter() - t0
 
 
-def forward_row(forward, base: dict, form: str) -> float:
+def forward_row(forward, base: dict, form: str, before: str) -> float:
   """Times the plain forward (``train.make_eval_fn`` over the same test batches, the network
   intact) and emits its row; returns seconds per image."""
   seconds = common.best_call_s(forward, FLAGS.forward_calls)
   per_image = seconds / FLAGS.num_images
-  common.emit({"workload": "lesion_forward", **base, "before": form, "calls": FLAGS.forward_calls,
+  common.emit({"workload": "lesion_forward", **base, "variant_weights": form, "before": before,
+               "calls": FLAGS.forward_calls,
                "seconds": round(seconds, 4), "ms_per_img": round(per_image * 1e3, 4),
                "img_per_s": round(1 / per_image)},
-              human=f"plain forward (before {form}): {per_image * 1e3:.3f} ms/img "
+              human=f"plain forward (before {before}, {form}): {per_image * 1e3:.3f} ms/img "
                     f"({1 / per_image:,.0f} img/s)")
   return per_image
 
 
 def time_form(c, form: str, engine, base: dict, layout, experiments,
-              forward_s: float) -> tuple[dict, dict]:
+              forward: Callable) -> tuple[dict, dict]:
   """Rows for one form of the variants' weights (``lesion.variant_weights``): E1 (its first
   pass also compiles) and the capped E3/E4. Each program is warmed up before it is timed
   (E4, weights per variant, compiles a program of its own under "shared"). Returns
-  {experiment: (variants, projected s, complete)} and the compile fields. ``forward_s``: the
-  plain forward's seconds per image, the denominator of each row's ``x_forward``."""
+  {experiment: (variants, projected s, complete, forward s per image)} and the compile
+  fields. ``forward()``: one plain forward pass, timed before each experiment (the load of a
+  shared machine drifts within minutes): the denominator of the row's ``x_forward``."""
   lc = c.lesion
   base = {**base, "variant_weights": form}
   e1 = lesion.single_deletion_gates(layout)
@@ -135,11 +139,12 @@ def time_form(c, form: str, engine, base: dict, layout, experiments,
     if name == "E4" and form != "prefix":  # warm-up: one chunk of reorders, untimed
       evaluate(engine, None, orders[-engine.chunk:])
       engine.known.clear()
+    forward_s = forward_row(forward, base, form, name)
     cap = 0.0 if name == "E1" else FLAGS.time_cap_s  # E1 is one chunk: always whole
     done, seconds = time_experiment(engine, gates, orders, cap)
     rate = done / seconds
     full_s = seconds if done == count else count / rate
-    measured[name] = (count, full_s, done == count)
+    measured[name] = (count, full_s, done == count, forward_s)
     common.emit({
         "workload": f"lesion_{name}", **base, "variants": count, "variants_done": done,
         "complete": done == count, "seconds": round(seconds, 3),
@@ -180,7 +185,6 @@ def main(_):
   jax.block_until_ready(call())
   engine, shared_e4, timed_e4 = None, {}, False
   for form in dict.fromkeys(forms):
-    forward_s = forward_row(call, base, form)
     engine = lesion.LesionEngine(
         eval_fn, layout, variables, *batches, mesh=mesh, chunk=chunk,
         base_gates=gates_lib.eval_gates(c.gates, layout), variant_weights=form, prefix=prefix)
@@ -189,16 +193,17 @@ def main(_):
     own_e4 = form == "prefix" or not timed_e4
     measured, compiled = time_form(c, form, engine, base, layout,
                                    [e for e in FLAGS.experiments if own_e4 or e != "E4"],
-                                   forward_s)
+                                   call)
     if form != "prefix":
       timed_e4 = True
       shared_e4 = {k: v for k, v in measured.items() if k == "E4"} or shared_e4
       measured.update(shared_e4)
     if set(measured) != set(SUITE):  # a part of the suite is not the suite (table.py)
       continue
-    total_s = sum(s for _, s, _ in measured.values())
-    complete = all(done for _, _, done in measured.values())
-    variants_ = sum(n for n, _, _ in measured.values())
+    total_s = sum(s for _, s, _, _ in measured.values())
+    complete = all(done for _, _, done, _ in measured.values())
+    variants_ = sum(n for n, _, _, _ in measured.values())
+    forward_s = sum(n * f for n, _, _, f in measured.values()) / variants_  # per image
     common.emit({
         "workload": "lesion_suite", **base, "variant_weights": form,
         "experiments": list(measured), "variants": variants_, "complete": complete,

@@ -76,26 +76,32 @@ def test_lesion_suite_bench_times_each_experiment_and_form_and_projects_capped_o
                       ("lesion_suite", "shared"),  # E4: one program in both forms, timed once
                       ("lesion_E1", "prefix"), ("lesion_E3", "prefix"),
                       ("lesion_E4", "prefix"), ("lesion_suite", "prefix")]
-  # the plain forward, timed in the same process before each form: the ratios' denominator
-  assert [f["before"] for f in forwards] == ["per_variant", "shared", "prefix"]
-  assert rows.index(forwards[1]) == rows.index(by["lesion_suite", "per_variant"]) + 1
+  # the plain forward, timed in the same process just before each experiment: the ratio's
+  # denominator
+  assert [(f["variant_weights"], f["before"]) for f in forwards] == [
+      ("per_variant", "E1"), ("per_variant", "E3"), ("per_variant", "E4"), ("shared", "E1"),
+      ("shared", "E3"), ("prefix", "E1"), ("prefix", "E3"), ("prefix", "E4")]
   for f in forwards:
     assert f["ms_per_img"] > 0 and f["images"] == 100 and f["calls"] == 3
+    after = rows[rows.index(f) + 1]
+    assert (after["workload"], after["variant_weights"]) == (f"lesion_{f['before']}",
+                                                             f["variant_weights"])
+    assert after["forward_ms_per_img"] == pytest.approx(f["ms_per_img"], abs=1e-4)
   for form in ("per_variant", "shared", "prefix"):
     e4 = by["lesion_E4", "prefix" if form == "prefix" else "per_variant"]
     assert e4["variants"] == e4["variants_done"] == 4 and e4["complete"]
     e1, e3, suite = (by[f"lesion_{name}", form] for name in ("E1", "E3", "suite"))
-    forward = next(f for f in forwards if f["before"] == form)
     for row in (e1, e3, e4):
       check_common(row, row["workload"])
       assert row["variants_per_s"] > 0 and row["img_per_s"] > 0
       assert row["chunk"] == 4 and row["images"] == 100 and row["n_blocks"] == 9
-    for row in (e1, e3, suite):
-      assert row["forward_ms_per_img"] == pytest.approx(forward["ms_per_img"], abs=1e-4)
-      assert row["x_forward"] > 0
-    # a variant-image over a forward image: seconds / (variants x images) / forward s per image
-    assert e1["x_forward"] == pytest.approx(
-        e1["seconds"] / (9 * 100) / (forward["ms_per_img"] / 1e3), rel=0.02)
+      # a variant-image over a forward image: s / (variants x images) / forward s per image
+      assert row["x_forward"] == pytest.approx(
+          row["seconds"] / (row["variants_done"] * 100) / (row["forward_ms_per_img"] / 1e3),
+          rel=0.02)
+    # the suite: its seconds over the forward-image seconds of all its variants
+    forward_s = sum(r["variants"] * r["forward_ms_per_img"] / 1e3 for r in (e1, e3, e4)) * 100
+    assert suite["x_forward"] == pytest.approx(suite["projected_s"] / forward_s, rel=0.02)
     assert e1["variants"] == e1["variants_done"] == 9 and e1["complete"]  # never capped
     assert e3["variants"] == 24 and e3["variants_done"] == 8 and not e3["complete"]
     assert e3["projected_s"] > e3["seconds"] > 0
@@ -116,7 +122,7 @@ def test_lesion_suite_bench_picks_experiments_and_forms():
   rows = run(["bench/lesion_suite.py"] + LESION + ["--config.lesion.draws=2",
                                                    "--experiments=E1", "--variant_weights=auto"])
   # E1 alone is not the suite: no lesion_suite row (table.py compares whole suites only)
-  assert [r["workload"] for r in rows] == ["lesion_forward", "lesion_E1"]
+  assert [r["workload"] for r in rows] == ["lesion_forward", "lesion_E1"]  # forward, then E1
   assert rows[1]["complete"] and rows[1]["variants"] == 9
   assert rows[1]["variant_weights"] == "prefix"  # auto on the CPU
 

@@ -6,6 +6,10 @@ blocks, E4) plus a gate vector over positions (zeros delete blocks, E1–E3). Th
 the mesh and the test set resident on every device; every chunk has the same shape, so a
 whole study compiles once. ImageNet's validation set does not fit on the device: there each
 chunk of variants makes one pass over a stream of batches instead (``StreamedLesionEngine``).
+
+With resident test images the variants can instead start from the intact network's shared
+prefix (``lesion.variant_weights=prefix``, see shared_prefix.py): the trained network runs once
+per batch, and each variant only from its first deleted or moved block on.
 """
 
 from __future__ import annotations
@@ -206,15 +210,14 @@ class LesionEngine:
     bytes of kept block inputs per batch (default ``prefix_budget_bytes()``); a larger eval
     batch is split into batches that fit."""
     self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights, variables, prefix)
-    self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
     self.images = int(np.sum(test_mask))  # test images each variant is evaluated on
-    if self.form == "prefix":
+    if self.form == "prefix":  # batches whose kept block inputs fit the budget
       budget = prefix_budget_bytes() if prefix_budget is None else prefix_budget
-      batch = shared_prefix.batch_for_budget(test_images.shape[1], prefix.bytes_per_image,
-                                             budget)
-      data = rebatch(test_images, test_labels, test_mask, batch)
-      self.prefix_batch = batch
-      self.args = put_tree((variables, *data), replicated(mesh))
+      self.prefix_batch = shared_prefix.batch_for_budget(
+          test_images.shape[1], prefix.bytes_per_image, budget)
+      test_images, test_labels, test_mask = rebatch(test_images, test_labels, test_mask,
+                                                    self.prefix_batch)
+    self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
 
   def _setup(self, eval_fn: Callable, layout: BlockLayout, mesh, chunk: int,
              base_gates: np.ndarray | None, variant_weights: str, variables,

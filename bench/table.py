@@ -293,8 +293,8 @@ def ratios(rows: list[dict]) -> str:
     if "x_forward" in r:
       lines.append(f"| {w.replace('lesion_', '')} | {r.get('variant_weights', '—')} "
                    f"| {r.get('images', '—')} images, chunk {r.get('chunk', '—')} "
-                   f"| {r['forward_ms_per_img']:.3f} ms/img forward | {r['x_forward']:.2f}x "
-                   f"{'' if r.get('complete', True) else '(projected)'}|")
+                   f"| {r['forward_ms_per_img']:.3f} ms/img forward | {r['x_forward']:.2f}x"
+                   f"{'' if r.get('complete', True) else ' (projected)'} |")
     elif "x_fwd_bwd" in r:
       lines.append(f"| {w} | — | batch {r['batch']}, chunk {r['chunk']} "
                    f"| {r['fwd_bwd_ms']:.2f} ms forward + backward | {r['x_fwd_bwd']:.2f}x |")

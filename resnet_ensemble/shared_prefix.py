@@ -1,11 +1,12 @@
 """Lesion variants evaluated from the intact network's shared prefix.
 
 A variant (gates, block order) computes exactly what the intact network computes up to its
-*first changed position* p: the first block whose gate differs from one or whose order
-differs from the trained one. So each batch of test images runs the intact network once,
+*first changed position* p: the first block whose gate differs from the trained network's
+test-time gate or whose block is not the trained one there. So each batch of test images runs the intact network once,
 keeping the input of every block, and each variant then runs only blocks p..n-1, starting
 from the kept input of block p. Deleting each block once (E1) costs about half of n full
-passes; a variant that damages only the last stage costs a third of one.
+passes; a variant that damages only the last of a CIFAR ResNet's three stages (equal FLOPs
+each) costs about a third of one.
 
 Variants run one after another (``lax.map``), each over the whole batch of images: p bounds a
 loop over the stage's stacked blocks, so a late start skips work instead of masking it (under

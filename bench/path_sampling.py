@@ -5,8 +5,8 @@ Timing does not need a trained net: random-init variables (or ``--variables``) a
 images. One JSON line (see common.py); with ``--time_cap_s`` the rest is projected (every
 chunk costs the same: path length only changes which branch a cotangent takes). The row also
 carries the cost of one plain forward + backward of the same network on the same batch
-(the loss's gradient with respect to the parameters, inference-mode BatchNorm), timed in the
-same process, and ``x_fwd_bwd``: seconds per routed path over that (1.0: a path costs one
+(the loss's gradient with respect to the input images, inference-mode BatchNorm: the backward
+E6 routes, no weight gradients), timed in the same process, and ``x_fwd_bwd``: seconds per routed path over that (1.0: a path costs one
 forward + backward pass):
 
     # CPU smoke check (tiny):
@@ -43,17 +43,19 @@ FLAGS = flags.FLAGS
 
 def fwd_bwd_seconds(model, variables, dataset, batch: int, gates) -> float:
   """The fastest of ``--fwd_bwd_calls`` plain forward + backward passes over one batch of
-  ``batch`` training images (compiled first, not timed)."""
+  ``batch`` training images (compiled first, not timed). The gradient is the input's, as in
+  E6: on the CPU, XLA's weight-gradient convolutions are many times slower than the forward
+  and would make any path look cheap."""
   from resnet_ensemble import train
 
-  def loss(params, x, y):
-    logits = model.apply({**variables, "params": params},
-                         augment.normalize(x, dataset.mean, dataset.std), gates=gates)
+  def loss(variables, x, y):
+    logits = model.apply(variables, x, gates=gates)
     return train.cross_entropy(logits, y).mean()
 
-  grad = jax.jit(jax.grad(loss))
-  x, y = dataset.train_images[:batch], dataset.train_labels[:batch]
-  call = lambda: grad(variables["params"], x, y)  # noqa: E731
+  grad = jax.jit(jax.grad(loss, argnums=1))
+  x = augment.normalize(dataset.train_images[:batch], dataset.mean, dataset.std)
+  y = dataset.train_labels[:batch]
+  call = lambda: grad(variables, x, y)  # noqa: E731
   jax.block_until_ready(call())
   return common.best_call_s(call, FLAGS.fwd_bwd_calls)
 

@@ -3,10 +3,16 @@ program, chunks of variants vmapped over the resident test set).
 
 E1 deletes each block once, E3 deletes k = 0..lesion.max_k random blocks (lesion.draws each),
 E4 reorders by 1..lesion.reorder_max_swaps swaps (lesion.reorder_draws each): the issue's
-suite, with the variants' weights shared and per variant (``lesion.variant_weights``), side
-by side. Timing does not need a trained net: random-init variables (or ``--variables``) and
-synthetic test images. One JSON line per experiment, and one for the whole suite (when all
-three ran):
+suite, with the variants' weights shared, per variant, and the variants evaluated from the
+intact network's shared prefix (``lesion.variant_weights``), side by side. Timing does not need
+a trained net: random-init variables (or ``--variables``) and synthetic test images. One JSON
+line per experiment, and one for the whole suite (when all three ran).
+
+Each experiment is measured next to the plain forward of the same network on the same images,
+timed in the same process just before it (a ``lesion_forward`` row): every row carries
+``x_forward``, its cost per variant-image over the forward's cost per image, a number that
+a noisy CPU and any GPU can compare (1.0: a variant costs one plain forward pass). The suite's
+is its seconds over the forward-image seconds of all its variants.
 
     # CPU smoke check (tiny):
     python bench/lesion_suite.py --config=configs/quickstart.py --num_images=100 \
@@ -20,7 +26,9 @@ three ran):
 import contextlib
 import io
 import time
+from typing import Callable
 
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,7 +36,7 @@ from ml_collections import config_flags
 import common
 from resnet_ensemble import gates as gates_lib, lesion, models
 from resnet_ensemble.evaluate import make_eval_fn
-from resnet_ensemble.sharding import make_mesh
+from resnet_ensemble.sharding import make_mesh, put_tree, replicated
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 SUITE = ("E1", "E3", "E4")
@@ -38,8 +46,11 @@ flags.DEFINE_integer("chunk", 0, "Variants per compiled call (0: the config's le
 flags.DEFINE_integer("num_images", 10_000, "Synthetic test images.")
 flags.DEFINE_integer("slice_chunks", 2, "Chunks per engine call between time-cap checks.")
 flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
-flags.DEFINE_list("variant_weights", ["per_variant", "shared"], "Forms of the variants' "
-                  "weights to time side by side (lesion.variant_weights; E4 with the first).")
+flags.DEFINE_list("variant_weights", ["per_variant", "shared", "prefix"], "Forms of the "
+                  "variants' weights to time side by side (lesion.variant_weights; E4 with the "
+                  "first of shared/per_variant, again with prefix: a program of its own).")
+flags.DEFINE_integer("forward_calls", 3, "Timed plain forward passes before each form (the "
+                     "fastest is the ratio's denominator).")
 FLAGS = flags.FLAGS
 
 
@@ -86,11 +97,28 @@ def time_experiment(engine, gates, orders, cap_s: float) -> tuple[int, float]:
   return done, time.perf_counter() - t0
 
 
-def time_form(c, form: str, engine, base: dict, layout, experiments) -> tuple[dict, dict]:
+def forward_row(forward, base: dict, form: str, before: str) -> float:
+  """Times the plain forward (``train.make_eval_fn`` over the same test batches, the network
+  intact) and emits its row; returns seconds per image."""
+  seconds = common.best_call_s(forward, FLAGS.forward_calls)
+  per_image = seconds / FLAGS.num_images
+  common.emit({"workload": "lesion_forward", **base, "variant_weights": form, "before": before,
+               "calls": FLAGS.forward_calls,
+               "seconds": round(seconds, 4), "ms_per_img": round(per_image * 1e3, 4),
+               "img_per_s": round(1 / per_image)},
+              human=f"plain forward (before {before}, {form}): {per_image * 1e3:.3f} ms/img "
+                    f"({1 / per_image:,.0f} img/s)")
+  return per_image
+
+
+def time_form(c, form: str, engine, base: dict, layout, experiments,
+              forward: Callable) -> tuple[dict, dict]:
   """Rows for one form of the variants' weights (``lesion.variant_weights``): E1 (its first
   pass also compiles) and the capped E3/E4. Each program is warmed up before it is timed
   (E4, weights per variant, compiles a program of its own under "shared"). Returns
-  {experiment: (variants, projected s, complete)} and the compile fields."""
+  {experiment: (variants, projected s, complete, forward s per image)} and the compile
+  fields. ``forward()``: one plain forward pass, timed before each experiment (the load of a
+  shared machine drifts within minutes): the denominator of the row's ``x_forward``."""
   lc = c.lesion
   base = {**base, "variant_weights": form}
   e1 = lesion.single_deletion_gates(layout)
@@ -109,22 +137,26 @@ def time_form(c, form: str, engine, base: dict, layout, experiments) -> tuple[di
     engine.known.clear()
     gates, orders = variants(name, layout, lc, rng)
     count = len(gates) if gates is not None else len(orders)
-    if name == "E4":  # warm-up: one chunk of reorders, untimed
+    if name == "E4" and form != "prefix":  # warm-up: one chunk of reorders, untimed
       evaluate(engine, None, orders[-engine.chunk:])
       engine.known.clear()
+    forward_s = forward_row(forward, base, form, name)
     cap = 0.0 if name == "E1" else FLAGS.time_cap_s  # E1 is one chunk: always whole
     done, seconds = time_experiment(engine, gates, orders, cap)
     rate = done / seconds
     full_s = seconds if done == count else count / rate
-    measured[name] = (count, full_s, done == count)
+    measured[name] = (count, full_s, done == count, forward_s)
     common.emit({
         "workload": f"lesion_{name}", **base, "variants": count, "variants_done": done,
         "complete": done == count, "seconds": round(seconds, 3),
         "projected_s": round(full_s, 3), "variants_per_s": round(rate, 2),
-        "img_per_s": round(rate * FLAGS.num_images), "compile_s": round(compile_s, 2)},
+        "img_per_s": round(rate * FLAGS.num_images), "compile_s": round(compile_s, 2),
+        "forward_ms_per_img": round(forward_s * 1e3, 4),
+        "x_forward": round(1 / (rate * FLAGS.num_images) / forward_s, 3)},
         human=f"lesion {name} ({form}): {count} variants {'in' if done == count else '~'} "
               f"{full_s:.2f} s ({rate:.1f} variants/s, {rate * FLAGS.num_images:,.0f} img/s"
-              f"{'' if done == count else f', projected from {done}'})")
+              f"{'' if done == count else f', projected from {done}'}; "
+              f"{1 / (rate * FLAGS.num_images) / forward_s:.2f}x a plain forward per image)")
   return measured, {"compile_s": round(compile_s, 2), "first_call_s": round(first_s, 2)}
 
 
@@ -144,26 +176,41 @@ def main(_):
           "n_blocks": layout.n_blocks, "dtype": c.model.dtype, "unroll": c.model.unroll,
           "images": FLAGS.num_images, "batch": c.eval.batch_size, "chunk": chunk,
           "variables": source}
-  forms = [lesion.resolve_variant_weights(f, variables) for f in FLAGS.variant_weights]
-  engine, shared_e4 = None, {}
-  for i, form in enumerate(dict.fromkeys(forms)):
+  forms = [lesion.resolve_variant_weights(f, variables, prefix=True)
+           for f in FLAGS.variant_weights]
+  prefix = lesion.Prefix.of(model, dataset.mean, dataset.std, dataset.test_images.shape[1:])
+  forward = jax.jit(eval_fn)
+  args = put_tree((variables, *batches), replicated(mesh))
+  call = lambda: forward(*args)["error"]  # noqa: E731
+  common.progress("compiling the plain forward")
+  jax.block_until_ready(call())
+  engine, shared_e4, timed_e4 = None, {}, False
+  for form in dict.fromkeys(forms):
     engine = lesion.LesionEngine(
         eval_fn, layout, variables, *batches, mesh=mesh, chunk=chunk,
-        base_gates=gates_lib.eval_gates(c.gates, layout), variant_weights=form)
-    # E4 runs the same program in every form: timed with the first form, counted in each.
+        base_gates=gates_lib.eval_gates(c.gates, layout), variant_weights=form, prefix=prefix)
+    # E4 runs the same program with shared and per-variant weights: timed with the first of
+    # them, counted in each; the prefix form runs it in its own program.
+    own_e4 = form == "prefix" or not timed_e4
     measured, compiled = time_form(c, form, engine, base, layout,
-                                   [e for e in FLAGS.experiments if i == 0 or e != "E4"])
-    shared_e4 = {k: v for k, v in measured.items() if k == "E4"} or shared_e4
-    measured.update(shared_e4)
+                                   [e for e in FLAGS.experiments if own_e4 or e != "E4"],
+                                   call)
+    if form != "prefix":
+      timed_e4 = True
+      shared_e4 = {k: v for k, v in measured.items() if k == "E4"} or shared_e4
+      measured.update(shared_e4)
     if set(measured) != set(SUITE):  # a part of the suite is not the suite (table.py)
       continue
-    total_s = sum(s for _, s, _ in measured.values())
-    complete = all(done for _, _, done in measured.values())
-    variants_ = sum(n for n, _, _ in measured.values())
+    total_s = sum(s for _, s, _, _ in measured.values())
+    complete = all(done for _, _, done, _ in measured.values())
+    variants_ = sum(n for n, _, _, _ in measured.values())
+    forward_s = sum(n * f for n, _, _, f in measured.values()) / variants_  # per image
     common.emit({
         "workload": "lesion_suite", **base, "variant_weights": form,
         "experiments": list(measured), "variants": variants_, "complete": complete,
-        "projected_s": round(total_s, 2), **compiled},
+        "projected_s": round(total_s, 2), **compiled,
+        "forward_ms_per_img": round(forward_s * 1e3, 4),
+        "x_forward": round(total_s / (variants_ * FLAGS.num_images) / forward_s, 3)},
         human=f"lesion suite {'+'.join(measured)} ({form}): {variants_} variants "
               f"{'in' if complete else '~'} {total_s:.1f} s (+ compile "
               f"{compiled['compile_s']:.1f} s)")

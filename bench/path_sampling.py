@@ -3,7 +3,11 @@ chunk of paths (a new batch of training images each), the routed backward passes
 
 Timing does not need a trained net: random-init variables (or ``--variables``) and synthetic
 images. One JSON line (see common.py); with ``--time_cap_s`` the rest is projected (every
-chunk costs the same: path length only changes which branch a cotangent takes):
+chunk costs the same: path length only changes which branch a cotangent takes). The row also
+carries the cost of one plain forward + backward of the same network on the same batch
+(the loss's gradient with respect to the input images, inference-mode BatchNorm: the backward
+E6 routes, no weight gradients), timed in the same process, and ``x_fwd_bwd``: seconds per routed path over that (1.0: a path costs one
+forward + backward pass):
 
     # CPU smoke check (tiny):
     python bench/path_sampling.py --config=configs/quickstart.py --config.paths.samples_per_k=4 \
@@ -23,6 +27,7 @@ from ml_collections import config_flags
 
 import common
 from resnet_ensemble import augment, gates as gates_lib, models, path_gradients
+from resnet_ensemble.evaluate import cross_entropy
 from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -30,9 +35,28 @@ flags.DEFINE_integer("num_examples", 50_000, "Synthetic training set size (batch
 flags.DEFINE_string("variables", "", "An exported variables.msgpack (default: random init).")
 flags.DEFINE_bool("paired", True, "Route complementary pairs, as run_study does; --nopaired "
                   "times one path per routed backward (workload paths_E6[unpaired]).")
+flags.DEFINE_integer("fwd_bwd_calls", 3, "Timed plain forward + backward passes (the fastest "
+                     "is the ratio's denominator).")
 flags.DEFINE_string("variant", "", "A setting under trial (e.g. a larger paths.chunk): the "
                     "row's workload becomes 'paths_E6[VARIANT]', listed apart in the table.")
 FLAGS = flags.FLAGS
+
+
+def fwd_bwd_seconds(model, variables, dataset, batch: int, gates) -> float:
+  """The fastest of ``--fwd_bwd_calls`` plain forward + backward passes over one batch of
+  ``batch`` training images (compiled first, not timed). The gradient is the input's, as in
+  E6: on the CPU, XLA's weight-gradient convolutions are many times slower than the forward
+  and would make any path look cheap."""
+  def loss(variables, x, y):
+    logits = model.apply(variables, x, gates=gates)
+    return cross_entropy(logits, y).mean()
+
+  grad = jax.jit(jax.grad(loss, argnums=1))
+  x = augment.normalize(dataset.train_images[:batch], dataset.mean, dataset.std)
+  y = dataset.train_labels[:batch]
+  call = lambda: grad(variables, x, y)  # noqa: E731
+  jax.block_until_ready(call())
+  return common.best_call_s(call, FLAGS.fwd_bwd_calls)
 
 
 def main(_):
@@ -87,6 +111,8 @@ def main(_):
     if FLAGS.time_cap_s and time.perf_counter() - t0 >= FLAGS.time_cap_s:
       break
   seconds = time.perf_counter() - t0
+  fwd_bwd_s = fwd_bwd_seconds(model, variables, dataset, pc.batch_size,
+                              gates_lib.eval_gates(c.gates, layout))
   complete = done == rows
   rate = done * per_row / seconds  # paths routed per second
   full_s = seconds if complete else rows * per_row / rate
@@ -99,11 +125,13 @@ def main(_):
       "dtype": c.model.dtype, "unroll": c.model.unroll, "batch": pc.batch_size, "chunk": chunk,
       "lengths": n + 1, "samples_per_k": pc.samples_per_k, "paths": total, "paths_done": done,
       "complete": complete, "seconds": round(seconds, 3), "projected_s": round(full_s, 2),
-      "paths_per_s": round(rate, 1), "compile_s": round(compile_s, 2), "variables": source},
+      "paths_per_s": round(rate, 1), "compile_s": round(compile_s, 2), "variables": source,
+      "fwd_bwd_ms": round(fwd_bwd_s * 1e3, 3), "x_fwd_bwd": round(1 / rate / fwd_bwd_s, 3)},
       human=f"E6 {n + 1} lengths x {pc.samples_per_k} paths, batch {pc.batch_size}, chunk "
             f"{chunk}{' pairs' if FLAGS.paired else ''}: {'' if complete else '~'}{full_s:.1f} s "
             f"({rate:,.0f} paths/s{'' if complete else f', projected from {done}'}; "
-            f"compile {compile_s:.1f} s)")
+            f"compile {compile_s:.1f} s; {1 / rate / fwd_bwd_s:.2f}x a plain forward + "
+            f"backward of {fwd_bwd_s * 1e3:.1f} ms per path)")
   common.profile(lambda: compiled(*args(0, 0)), {"workload": workload,
                                                  "batch": pc.batch_size, "chunk": chunk})
 

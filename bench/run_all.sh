@@ -20,7 +20,8 @@
 # keep it out of $OUT (the traces are many files; the rows carry the summary).
 # Step names: torch_eager torch_compile (GPU only) train128 train1024 eval lesion paths
 # train_effective train_sd (the core table: ~7.8 min on an H100) lesion_shared (E1/E3 with
-# shared weights, beside the per-variant form of 'lesion')
+# shared weights, beside the per-variant form of 'lesion') lesion_prefix (the suite from the
+# intact network's shared prefix)
 # train128_g8 train1024_g8 (train.conv_groups=8) train128_x4 train128_x2 (4 or 2 models at
 # once, vmapped: a seed stack) train128_stream32 (model.stream_dtype=float32)
 # train128_2proc (2 processes at once, concurrent.sh) paths_unpaired paths_chunk200
@@ -154,6 +155,9 @@ step train_effective 70 "$PY" bench/train_step.py $EFFECTIVE $TRAIN --config.tra
 step train_sd 70 "$PY" bench/train_step.py $SD $TRAIN --config.train.batch_size=$B_SMALL $PROF_GATED
 step lesion_shared 70 "$PY" bench/lesion_suite.py $NET $LESION --variant_weights=shared \
   --experiments=E1,E3
+# The variants from the intact network's shared prefix (lesion.variant_weights=prefix, auto on
+# the CPU): each variant runs only the blocks from its first change on, one after another.
+step lesion_prefix 90 "$PY" bench/lesion_suite.py $NET $LESION --variant_weights=prefix
 # The batch as 8 slices over 8 weight copies: grouped convolutions (train.conv_groups).
 step train128_g8 70 "$PY" bench/train_step.py $NET $TRAIN --config.train.batch_size=$B_SMALL \
   --config.train.conv_groups=8 --variant=g8 $PROF

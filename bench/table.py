@@ -281,6 +281,29 @@ def variants(rows: list[dict]) -> str:
                     "| --- | --- | --- | --- | --- | --- |"] + lines)
 
 
+def ratios(rows: list[dict]) -> str:
+  """Each analysis over the plain pass it is made of, both timed in the same process: E1/E3/E4
+  and the suite per variant-image over the forward per image (``x_forward``), E6 per path over
+  a forward + backward (``x_fwd_bwd``). Comparable across a noisy CPU and any GPU."""
+  lines = []
+  for r in rows:
+    if r.get("impl") != "jax" or "skipped" in r or "error" in r:
+      continue
+    w = r.get("workload", "")
+    if "x_forward" in r:
+      lines.append(f"| {w.replace('lesion_', '')} | {r.get('variant_weights', '—')} "
+                   f"| {r.get('images', '—')} images, chunk {r.get('chunk', '—')} "
+                   f"| {r['forward_ms_per_img']:.3f} ms/img forward | {r['x_forward']:.2f}x"
+                   f"{'' if r.get('complete', True) else ' (projected)'} |")
+    elif "x_fwd_bwd" in r:
+      lines.append(f"| {w} | — | batch {r['batch']}, chunk {r['chunk']} "
+                   f"| {r['fwd_bwd_ms']:.2f} ms forward + backward | {r['x_fwd_bwd']:.2f}x |")
+  if not lines:
+    return ""
+  return "\n".join(["| analysis | form | size | plain pass (same process) | cost per variant-image"
+                    " (E6: per path) / plain pass |", "| --- | --- | --- | --- | --- |"] + lines)
+
+
 def profiles(rows: list[dict]) -> str:
   """One line per ``profile`` row (run_all.sh with PROFILE_DIR): where the device time goes."""
   lines = []
@@ -308,6 +331,9 @@ def main(argv: list[str]) -> int:
     return 2
   rows = read(argv[1])
   print(header(rows) + "\n\n" + table(rows))
+  against = ratios(rows)
+  if against:
+    print("\nAnalyses over the plain pass they are made of (same process):\n\n" + against)
   tried = variants(rows)
   if tried:
     print("\nSettings tried on the train step (same call):\n\n" + tried)

@@ -131,7 +131,8 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
 
 def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
               config_file: str | None) -> None:
-  from resnet_ensemble import (lesion, path_gradients, report, restore, seeds, train, workdir as workdir_lib)
+  from resnet_ensemble import (lesion, path_gradients, report, restore, seeds, train,
+                               workdir as workdir_lib)
   from resnet_ensemble.progress import format_duration, is_main_process, say
   analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
   steps = {"train": [train.train_and_evaluate], "lesion": [analyse(lesion.run_study)],

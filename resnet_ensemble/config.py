@@ -93,9 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.lesion.reorder_draws = 50        # E4: draws per k
   c.lesion.chunk = 32                # damaged networks evaluated per compiled call
   # E1/E3 variants: "shared" weights (one convolution over variants x images), "per_variant"
-  # copies (a grouped convolution, as E4's reorders need) or "auto": per_variant on GPUs for
-  # nets of <= 64 channels, where grouped convolutions ran faster, shared elsewhere.
-  # The errors are the same.
+  # copies (a grouped convolution, as E4's reorders need), "prefix" (each variant from the
+  # intact network's kept block inputs, from its first change on; resident test images) or
+  # "auto": prefix on the CPU, per_variant on GPUs for nets of <= 64 channels, where grouped
+  # convolutions ran faster, shared elsewhere. The errors are
+  # the same.
   c.lesion.variant_weights = "auto"
 
   c.paths = ml_collections.ConfigDict()

@@ -68,37 +68,63 @@ def test_lesion_suite_bench_times_each_experiment_and_form_and_projects_capped_o
   rows = run(["bench/lesion_suite.py"] + LESION + ["--config.lesion.draws=8",
                                                    "--time_cap_s=0.000001"],
              out=tmp_path / "b.jsonl")
-  by = {(r["workload"], r["variant_weights"]): r for r in rows}
+  forwards = [r for r in rows if r["workload"] == "lesion_forward"]
+  by = {(r["workload"], r["variant_weights"]): r for r in rows if r not in forwards}
   assert list(by) == [("lesion_E1", "per_variant"), ("lesion_E3", "per_variant"),
                       ("lesion_E4", "per_variant"), ("lesion_suite", "per_variant"),
                       ("lesion_E1", "shared"), ("lesion_E3", "shared"),
-                      ("lesion_suite", "shared")]  # E4: one program in both forms, timed once
-  e4 = by["lesion_E4", "per_variant"]
-  assert e4["variants"] == e4["variants_done"] == 4 and e4["complete"]
-  for form in ("per_variant", "shared"):
+                      ("lesion_suite", "shared"),  # E4: one program in both forms, timed once
+                      ("lesion_E1", "prefix"), ("lesion_E3", "prefix"),
+                      ("lesion_E4", "prefix"), ("lesion_suite", "prefix")]
+  # the plain forward, timed in the same process just before each experiment: the ratio's
+  # denominator
+  assert [(f["variant_weights"], f["before"]) for f in forwards] == [
+      ("per_variant", "E1"), ("per_variant", "E3"), ("per_variant", "E4"), ("shared", "E1"),
+      ("shared", "E3"), ("prefix", "E1"), ("prefix", "E3"), ("prefix", "E4")]
+  for f in forwards:
+    assert f["ms_per_img"] > 0 and f["images"] == 100 and f["calls"] == 3
+    after = rows[rows.index(f) + 1]
+    assert (after["workload"], after["variant_weights"]) == (f"lesion_{f['before']}",
+                                                             f["variant_weights"])
+    assert after["forward_ms_per_img"] == pytest.approx(f["ms_per_img"], abs=1e-4)
+  for form in ("per_variant", "shared", "prefix"):
+    e4 = by["lesion_E4", "prefix" if form == "prefix" else "per_variant"]
+    assert e4["variants"] == e4["variants_done"] == 4 and e4["complete"]
     e1, e3, suite = (by[f"lesion_{name}", form] for name in ("E1", "E3", "suite"))
     for row in (e1, e3, e4):
       check_common(row, row["workload"])
       assert row["variants_per_s"] > 0 and row["img_per_s"] > 0
       assert row["chunk"] == 4 and row["images"] == 100 and row["n_blocks"] == 9
+      # a variant-image over a forward image: s / (variants x images) / forward s per image
+      assert row["x_forward"] == pytest.approx(
+          row["seconds"] / (row["variants_done"] * 100) / (row["forward_ms_per_img"] / 1e3),
+          rel=0.02)
+    # the suite: its seconds over the forward-image seconds of all its variants
+    forward_s = sum(r["variants"] * r["forward_ms_per_img"] / 1e3 for r in (e1, e3, e4)) * 100
+    assert suite["x_forward"] == pytest.approx(suite["projected_s"] / forward_s, rel=0.02)
     assert e1["variants"] == e1["variants_done"] == 9 and e1["complete"]  # never capped
     assert e3["variants"] == 24 and e3["variants_done"] == 8 and not e3["complete"]
     assert e3["projected_s"] > e3["seconds"] > 0
     assert suite["variants"] == 37 and not suite["complete"]
     assert suite["projected_s"] == pytest.approx(
         e1["projected_s"] + e3["projected_s"] + e4["projected_s"], abs=0.02)
-  faster = min((by["lesion_E1", f] for f in ("per_variant", "shared")), key=lambda r: r["seconds"])
-  cell = load_table().table(rows).split("\n")[5]  # the E1 row names the faster form
+  faster = min((by["lesion_E1", f] for f in ("per_variant", "shared", "prefix")),
+               key=lambda r: r["seconds"])
+  table = load_table()
+  cell = table.table(rows).split("\n")[5]  # the E1 row names the faster form
   assert cell.startswith("| E1") and f"weights {faster['variant_weights'].replace('_', ' ')}" in cell
+  against = table.ratios(rows).splitlines()
+  assert len(against) == 2 + 11 and against[2].startswith("| E1 | per_variant | 100 images")
+  assert f"{e1['x_forward']:.2f}x" in against[-4]  # prefix's E1
 
 
 def test_lesion_suite_bench_picks_experiments_and_forms():
   rows = run(["bench/lesion_suite.py"] + LESION + ["--config.lesion.draws=2",
                                                    "--experiments=E1", "--variant_weights=auto"])
   # E1 alone is not the suite: no lesion_suite row (table.py compares whole suites only)
-  assert [r["workload"] for r in rows] == ["lesion_E1"]
-  assert rows[0]["complete"] and rows[0]["variants"] == 9
-  assert rows[0]["variant_weights"] == "shared"  # auto on the CPU
+  assert [r["workload"] for r in rows] == ["lesion_forward", "lesion_E1"]  # forward, then E1
+  assert rows[1]["complete"] and rows[1]["variants"] == 9
+  assert rows[1]["variant_weights"] == "prefix"  # auto on the CPU
 
 
 def test_path_sampling_bench_projects_a_capped_run(tmp_path):
@@ -111,6 +137,11 @@ def test_path_sampling_bench_projects_a_capped_run(tmp_path):
   assert row["lengths"] == 10 and row["paths"] == 40 and row["batch"] == 16
   assert row["paths_done"] == 12 and not row["complete"]  # one chunk, then the cap
   assert row["paths_per_s"] > 0 and row["projected_s"] > row["seconds"]
+  # a routed path over a plain forward + backward at the same batch, timed in the same process
+  assert row["fwd_bwd_ms"] > 0
+  assert row["x_fwd_bwd"] == pytest.approx(
+      row["seconds"] / 12 / (row["fwd_bwd_ms"] / 1e3), rel=0.02)
+  assert "| paths_E6 | — | batch 16, chunk 6 |" in load_table().ratios(rows)
 
 
 def reference_script():

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_ensemble import evaluate, lesion, restore, train
+from resnet_ensemble import evaluate, lesion, restore, shared_prefix, train
 from resnet_ensemble.layout import BlockLayout, check_order
 from resnet_ensemble.sharding import make_mesh
 from resnet_ensemble.surgery import permute_blocks
@@ -78,12 +78,15 @@ def _tiny_engine(trained_tiny):
   t = restore.load_trained(config, workdir)
   eval_fn = evaluate.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   batches = t.dataset.padded_test(config.eval.batch_size)
+  prefix = lesion.Prefix.of(t.model, t.dataset.mean, t.dataset.std,
+                            t.dataset.test_images.shape[1:])
   make = lambda **kw: lesion.LesionEngine(eval_fn, t.layout, t.variables,  # noqa: E731
-                                          *batches, mesh=make_mesh(), chunk=4, **kw)
+                                          *batches, mesh=make_mesh(), chunk=4, prefix=prefix,
+                                          **kw)
   return t, eval_fn, batches, make
 
 
-@pytest.mark.parametrize("variant_weights", ["shared", "per_variant"])
+@pytest.mark.parametrize("variant_weights", ["shared", "per_variant", "prefix"])
 def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny, variant_weights):
   t, eval_fn, batches, make = _tiny_engine(trained_tiny)
   workdir = trained_tiny[1]
@@ -103,15 +106,20 @@ def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny, variant_wei
     permuted = permute_blocks(t.variables, t.layout, order)
     assert err == pytest.approx(float(alone(permuted, *batches)["error"]), abs=1e-6)
   # Shared: gated variants share one program, reordered ones another. Per variant: one
-  # program (weights of their own) serves both.
-  shared = variant_weights == "shared"
-  assert engine.fn_gated._cache_size() == int(shared) and engine.fn._cache_size() == 1
+  # program (weights of their own) serves both; so does the prefix form's own program.
+  if variant_weights == "prefix":
+    assert engine.fn_prefix._cache_size() == 1
+    assert engine.fn_gated._cache_size() == engine.fn._cache_size() == 0
+  else:
+    shared = variant_weights == "shared"
+    assert engine.fn_gated._cache_size() == int(shared) and engine.fn._cache_size() == 1
 
 
 def test_variant_weights_auto_and_unknown(monkeypatch):
   narrow = {"conv": {"kernel": np.zeros((3, 3, 16, 64))}}
   wide = {"conv": {"kernel": np.zeros((3, 3, 64, 256))}}
   assert lesion.resolve_variant_weights("auto", narrow) == "shared"  # these tests: CPU
+  assert lesion.resolve_variant_weights("auto", narrow, prefix=True) == "prefix"
   assert lesion.resolve_variant_weights("per_variant", wide) == "per_variant"
 
   class Gpu:
@@ -120,8 +128,77 @@ def test_variant_weights_auto_and_unknown(monkeypatch):
   monkeypatch.setattr(lesion.jax, "devices", lambda: [Gpu()])
   assert lesion.resolve_variant_weights("auto", narrow) == "per_variant"
   assert lesion.resolve_variant_weights("auto", wide) == "shared"
+  assert lesion.resolve_variant_weights("auto", narrow, prefix=True) == "per_variant"
   with pytest.raises(ValueError, match="lesion.variant_weights='grouped'; valid: auto"):
     lesion.resolve_variant_weights("grouped")
+
+
+def test_prefix_form_gives_every_variant_the_error_of_todays_engine(trained_tiny):
+  """Every E1 deletion, E3 draws and E4 swaps, with stochastic-depth-like test-time gates and
+  a memory budget that splits each eval batch: the same errors (and losses) as the shared /
+  per-variant engine, which evaluates each variant as a full pass."""
+  t, eval_fn, batches, make = _tiny_engine(trained_tiny)
+  rng = np.random.default_rng(3)
+  base = np.linspace(1.0, 0.5, 9).astype(np.float32)
+  gates = np.concatenate([np.ones((1, 9), np.float32), lesion.single_deletion_gates(t.layout),
+                          lesion.random_deletion_gates(rng, t.layout, 2, 6),
+                          lesion.random_deletion_gates(rng, t.layout, 5, 6)])
+  orders = lesion.random_swap_orders(rng, t.layout, 2, 6)
+  today = make(variant_weights="per_variant", base_gates=base)
+  kept = today.args[1].shape[1] * lesion.Prefix.of(
+      t.model, t.dataset.mean, t.dataset.std, t.dataset.test_images.shape[1:]).bytes_per_image
+  prefix = make(variant_weights="prefix", base_gates=base, prefix_budget=kept // 3)
+  assert prefix.prefix_batch < today.args[1].shape[1]  # the budget split the batches
+  np.testing.assert_array_equal(prefix.evaluate(gates), today.evaluate(gates))
+  np.testing.assert_array_equal(prefix.evaluate(orders=orders), today.evaluate(orders=orders))
+  both = (gates[10:16], orders)  # deletions and swaps in one variant
+  np.testing.assert_array_equal(prefix.evaluate(*both), today.evaluate(*both))
+
+
+def test_first_changed_position_of_each_variant():
+  base = np.asarray([1.0, 0.5, 0.5, 1.0], np.float32)
+  gates = np.asarray([base, base * [1, 1, 0, 1], base * [0, 1, 1, 1], base], np.float32)
+  orders = np.asarray([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 3, 2]])
+  np.testing.assert_array_equal(shared_prefix.first_changed(gates, orders, base), [4, 2, 0, 2])
+  assert shared_prefix.batch_for_budget(1000, 2 << 20, 1 << 30) == 512
+  assert shared_prefix.batch_for_budget(100, 10, 1 << 30, multiple=8) == 96
+  assert shared_prefix.batch_for_budget(100, 1 << 40, 1, multiple=8) == 8
+
+
+def test_prefix_form_on_a_plain_network_and_a_bottleneck_resnet():
+  """The shared prefix for the other block kinds: max-pooling between stages (plain) and a
+  downsampling first stage (bottleneck): each variant's numbers equal its full pass."""
+  from resnet_ensemble import models, shared_prefix
+  nets = [models.PlainNet(stage_sizes=(2, 3, 2), width=8),
+          models.ResNet(stage_sizes=(2, 1, 2), widths=(4, 8, 8), block="bottleneck",
+                        stem="cifar", stem_width=8)]
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 16, 16, 16, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, (2, 16)).astype(np.int32)
+  mask = np.ones((2, 16), np.float32)
+  mask[1, 10:] = 0
+  for model in nets:
+    layout = model.layout
+    variables = model.init(jax.random.key(0), images[0].astype(np.float32))
+    # moved running statistics, so that no block is close to the identity
+    variables = jax.tree.map(lambda a: a + 0.2 * rng.standard_normal(a.shape).astype(a.dtype),
+                             variables)
+    n = layout.n_blocks
+    base = np.linspace(1.0, 0.7, n).astype(np.float32)
+    gates = np.concatenate([np.ones((1, n)), lesion.single_deletion_gates(layout),
+                            lesion.random_deletion_gates(rng, layout, 2, 3)]).astype(np.float32)
+    orders = np.tile(np.arange(n), (len(gates), 1))
+    if any(len(layout.stacked_range(s)) >= 2 for s in range(layout.num_stages)):
+      gates = np.concatenate([gates, np.ones((3, n), np.float32)])
+      orders = np.concatenate([orders, lesion.random_swap_orders(rng, layout, 1, 3)])
+    fn = jax.jit(shared_prefix.make_prefix_evaluator(model, (128.0,) * 3, (64.0,) * 3))
+    out = fn(variables, images, labels, mask, base, gates * base, orders.astype(np.int32))
+    alone = jax.jit(train.make_eval_fn(model, (128.0,) * 3, (64.0,) * 3))
+    for g, o, err, loss in zip(gates, orders, out["error"], out["loss"]):
+      ref = alone(permute_blocks(variables, layout, o), images, labels, mask, g * base)
+      assert float(err) == pytest.approx(float(ref["error"]), abs=1e-6)
+      assert float(loss) == pytest.approx(float(ref["loss"]), rel=1e-5)
+    assert len(set(np.round(np.asarray(out["loss"]), 4))) > len(gates) // 2  # variants differ
 
 
 def test_repeated_variants_are_evaluated_once(trained_tiny):

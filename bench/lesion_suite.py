@@ -1,4 +1,4 @@
-"""The lesion suite timed per experiment, through ``lesion.LesionEngine`` (one compiled
+"""The lesion suite timed per experiment, through ``lesion_engine.LesionEngine`` (one compiled
 program, chunks of variants vmapped over the resident test set).
 
 E1 deletes each block once, E3 deletes k = 0..lesion.max_k random blocks (lesion.draws each),
@@ -34,7 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common
-from resnet_ensemble import gates as gates_lib, lesion, models
+from resnet_ensemble import gates as gates_lib, lesion, lesion_engine, models
 from resnet_ensemble.evaluate import make_eval_fn
 from resnet_ensemble.sharding import make_mesh, put_tree, replicated
 
@@ -176,9 +176,9 @@ def main(_):
           "n_blocks": layout.n_blocks, "dtype": c.model.dtype, "unroll": c.model.unroll,
           "images": FLAGS.num_images, "batch": c.eval.batch_size, "chunk": chunk,
           "variables": source}
-  forms = [lesion.resolve_variant_weights(f, variables, prefix=True)
+  forms = [lesion_engine.resolve_variant_weights(f, variables, prefix=True)
            for f in FLAGS.variant_weights]
-  prefix = lesion.Prefix.of(model, dataset.mean, dataset.std, dataset.test_images.shape[1:])
+  prefix = lesion_engine.Prefix.of(model, dataset.mean, dataset.std, dataset.test_images.shape[1:])
   forward = jax.jit(eval_fn)
   args = put_tree((variables, *batches), replicated(mesh))
   call = lambda: forward(*args)["error"]  # noqa: E731
@@ -186,7 +186,7 @@ def main(_):
   jax.block_until_ready(call())
   engine, shared_e4, timed_e4 = None, {}, False
   for form in dict.fromkeys(forms):
-    engine = lesion.LesionEngine(
+    engine = lesion_engine.LesionEngine(
         eval_fn, layout, variables, *batches, mesh=mesh, chunk=chunk,
         base_gates=gates_lib.eval_gates(c.gates, layout), variant_weights=form, prefix=prefix)
     # E4 runs the same program with shared and per-variant weights: timed with the first of

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_ensemble import evaluate, lesion, restore, shared_prefix, train
+from resnet_ensemble import evaluate, lesion, lesion_engine, restore, shared_prefix, train
 from resnet_ensemble.layout import BlockLayout, check_order
 from resnet_ensemble.sharding import make_mesh
 from resnet_ensemble.surgery import permute_blocks
@@ -78,9 +78,9 @@ def _tiny_engine(trained_tiny):
   t = restore.load_trained(config, workdir)
   eval_fn = evaluate.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   batches = t.dataset.padded_test(config.eval.batch_size)
-  prefix = lesion.Prefix.of(t.model, t.dataset.mean, t.dataset.std,
+  prefix = lesion_engine.Prefix.of(t.model, t.dataset.mean, t.dataset.std,
                             t.dataset.test_images.shape[1:])
-  make = lambda **kw: lesion.LesionEngine(eval_fn, t.layout, t.variables,  # noqa: E731
+  make = lambda **kw: lesion_engine.LesionEngine(eval_fn, t.layout, t.variables,  # noqa: E731
                                           *batches, mesh=make_mesh(), chunk=4, prefix=prefix,
                                           **kw)
   return t, eval_fn, batches, make
@@ -118,19 +118,19 @@ def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny, variant_wei
 def test_variant_weights_auto_and_unknown(monkeypatch):
   narrow = {"conv": {"kernel": np.zeros((3, 3, 16, 64))}}
   wide = {"conv": {"kernel": np.zeros((3, 3, 64, 256))}}
-  assert lesion.resolve_variant_weights("auto", narrow) == "shared"  # these tests: CPU
-  assert lesion.resolve_variant_weights("auto", narrow, prefix=True) == "prefix"
-  assert lesion.resolve_variant_weights("per_variant", wide) == "per_variant"
+  assert lesion_engine.resolve_variant_weights("auto", narrow) == "shared"  # these tests: CPU
+  assert lesion_engine.resolve_variant_weights("auto", narrow, prefix=True) == "prefix"
+  assert lesion_engine.resolve_variant_weights("per_variant", wide) == "per_variant"
 
   class Gpu:
     platform = "gpu"
 
-  monkeypatch.setattr(lesion.jax, "devices", lambda: [Gpu()])
-  assert lesion.resolve_variant_weights("auto", narrow) == "per_variant"
-  assert lesion.resolve_variant_weights("auto", wide) == "shared"
-  assert lesion.resolve_variant_weights("auto", narrow, prefix=True) == "per_variant"
+  monkeypatch.setattr(lesion_engine.jax, "devices", lambda: [Gpu()])
+  assert lesion_engine.resolve_variant_weights("auto", narrow) == "per_variant"
+  assert lesion_engine.resolve_variant_weights("auto", wide) == "shared"
+  assert lesion_engine.resolve_variant_weights("auto", narrow, prefix=True) == "per_variant"
   with pytest.raises(ValueError, match="lesion.variant_weights='grouped'; valid: auto"):
-    lesion.resolve_variant_weights("grouped")
+    lesion_engine.resolve_variant_weights("grouped")
 
 
 def test_prefix_form_gives_every_variant_the_error_of_todays_engine(trained_tiny):
@@ -145,7 +145,7 @@ def test_prefix_form_gives_every_variant_the_error_of_todays_engine(trained_tiny
                           lesion.random_deletion_gates(rng, t.layout, 5, 6)])
   orders = lesion.random_swap_orders(rng, t.layout, 2, 6)
   today = make(variant_weights="per_variant", base_gates=base)
-  kept = today.args[1].shape[1] * lesion.Prefix.of(
+  kept = today.args[1].shape[1] * lesion_engine.Prefix.of(
       t.model, t.dataset.mean, t.dataset.std, t.dataset.test_images.shape[1:]).bytes_per_image
   prefix = make(variant_weights="prefix", base_gates=base, prefix_budget=kept // 3)
   assert prefix.prefix_batch < today.args[1].shape[1]  # the budget split the batches
@@ -238,7 +238,7 @@ def test_a_study_cut_short_keeps_what_it_finished_and_resumes(trained_tiny, monk
   (Path(workdir) / "lesion.json").write_text('{"earlier": "complete study"}')
   uninterrupted = lesion.run_study(config, workdir)
   (Path(workdir) / "lesion.json").write_text('{"earlier": "complete study"}')
-  evaluate = lesion.LesionEngine.evaluate
+  evaluate = lesion_engine.LesionEngine.evaluate
   evaluated = []
 
   def preempted_in_e4(self, gates=None, orders=None, desc=""):
@@ -246,7 +246,7 @@ def test_a_study_cut_short_keeps_what_it_finished_and_resumes(trained_tiny, monk
       raise KeyboardInterrupt("preempted")
     return evaluate(self, gates, orders, desc)
 
-  monkeypatch.setattr(lesion.LesionEngine, "evaluate", preempted_in_e4)
+  monkeypatch.setattr(lesion_engine.LesionEngine, "evaluate", preempted_in_e4)
   with pytest.raises(KeyboardInterrupt):
     lesion.run_study(config, workdir)
   partial = json.loads((Path(workdir) / lesion.PARTIAL).read_text())
@@ -258,7 +258,7 @@ def test_a_study_cut_short_keeps_what_it_finished_and_resumes(trained_tiny, monk
     evaluated.append(desc)
     return evaluate(self, gates, orders, desc)
 
-  monkeypatch.setattr(lesion.LesionEngine, "evaluate", recorded)
+  monkeypatch.setattr(lesion_engine.LesionEngine, "evaluate", recorded)
   out = lesion.run_study(config, workdir)  # resumes: E3 kept, E4 run; replaces both files
   assert not any(d.startswith("E3") for d in evaluated) and "E4 reorder blocks" in evaluated
   assert out == json.loads(json.dumps(uninterrupted))

@@ -17,7 +17,7 @@ tfds = pytest.importorskip(
     "tensorflow_datasets", reason="ImageNet input needs TFDS: pip install 'resnet-ensemble[tfds]'")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors is not installed")
 
-from resnet_ensemble import evaluate, imagenet, lesion, pretrained, restore  # noqa: E402
+from resnet_ensemble import evaluate, imagenet, lesion, lesion_engine, pretrained, restore  # noqa: E402
 from resnet_ensemble.sharding import make_mesh  # noqa: E402
 from resnet_ensemble.surgery import permute_blocks  # noqa: E402
 
@@ -161,8 +161,8 @@ def test_mode_all_runs_every_analysis_on_the_streamed_images_without_training(ne
 def test_streamed_engine_reorders_and_compiles_once(net, monkeypatch, tmp_path):
   monkeypatch.setattr(imagenet, "make_split", _mock(imagenet.make_split))
   t = restore.load_trained(net["config"], str(tmp_path))
-  engine = lesion.make_engine(net["config"], t, make_mesh())
-  assert isinstance(engine, lesion.StreamedLesionEngine) and engine.chunk == 8
+  engine = lesion_engine.make_engine(net["config"], t, make_mesh())
+  assert isinstance(engine, lesion_engine.StreamedLesionEngine) and engine.chunk == 8
   rng = np.random.default_rng(0)
   orders = lesion.random_swap_orders(rng, t.layout, 1, 10)  # one swap: never the trained order
   gates = lesion.random_deletion_gates(rng, t.layout, 1, 10)

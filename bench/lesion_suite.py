@@ -98,7 +98,7 @@ def time_experiment(engine, gates, orders, cap_s: float) -> tuple[int, float]:
 
 
 def forward_row(forward, base: dict, form: str, before: str) -> float:
-  """Times the plain forward (``train.make_eval_fn`` over the same test batches, the network
+  """Times the plain forward (``evaluate.make_eval_fn`` over the same test batches, the network
   intact) and emits its row; returns seconds per image."""
   seconds = common.best_call_s(forward, FLAGS.forward_calls)
   per_image = seconds / FLAGS.num_images

@@ -193,7 +193,7 @@ def test_prefix_form_on_a_plain_network_and_a_bottleneck_resnet():
       orders = np.concatenate([orders, lesion.random_swap_orders(rng, layout, 1, 3)])
     fn = jax.jit(shared_prefix.make_prefix_evaluator(model, (128.0,) * 3, (64.0,) * 3))
     out = fn(variables, images, labels, mask, base, gates * base, orders.astype(np.int32))
-    alone = jax.jit(train.make_eval_fn(model, (128.0,) * 3, (64.0,) * 3))
+    alone = jax.jit(evaluate.make_eval_fn(model, (128.0,) * 3, (64.0,) * 3))
     for g, o, err, loss in zip(gates, orders, out["error"], out["loss"]):
       ref = alone(permute_blocks(variables, layout, o), images, labels, mask, g * base)
       assert float(err) == pytest.approx(float(ref["error"]), abs=1e-6)

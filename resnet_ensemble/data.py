@@ -20,6 +20,7 @@ import lzma
 import os
 
 import numpy as np
+from etils import epath  # local paths or gs:// alike
 
 CIFAR10_RECORD = 1 + 32 * 32 * 3  # label byte, then 1024 R, 1024 G, 1024 B (row-major)
 CIFAR10_RECORDS_PER_FILE = 10_000  # each of the six official batch files, train and test
@@ -199,7 +200,6 @@ def read_exact_subset(path: str) -> dict[str, np.ndarray]:
   """The exact-pixel test subset: an ``.npz`` (optionally ``.xz``-compressed) holding
   ``test_images`` (N, 32, 32, 3) uint8, ``test_indices`` (positions in the test split) and
   ``test_labels``. A missing file or array is an error naming it; nothing is unpickled."""
-  from etils import epath  # local paths or gs:// alike
   path = os.path.expanduser(os.fspath(path))
   if not epath.Path(path).is_file():
     raise FileNotFoundError(f"exact test subset not found: {path}")

@@ -225,15 +225,32 @@ class Unrolled:
   head: Callable[[Array], Array]
 
 
+def variables_of(variables, name: str) -> dict:
+  """The params (and BatchNorm statistics, where it has them) of the submodule ``name``."""
+  tree = {"params": variables["params"][name]}
+  stats = variables.get("batch_stats", {})
+  if name in stats:
+    tree["batch_stats"] = stats[name]
+  return tree
+
+
+def inference_stages(model: "ResNet | PlainNet"):
+  """Per stage: (s, downsampling block or None, stacked block, enter_stage or None), each a
+  module factory with BatchNorm in inference mode: the parts from which ``unroll`` (E6) and
+  the shared-prefix lesion form rebuild the network."""
+  norm = _norm(False, model.dtype)
+  for s, down, stacked in model.stage_blocks(norm):
+    enter = functools.partial(model.enter_stage, s) if hasattr(model, "enter_stage") else None
+    yield s, down, stacked, enter
+
+
 def unroll(model: "ResNet | PlainNet", variables) -> Unrolled:
   """The per-block view of ``model`` with ``variables`` (for routed gradients, E6)."""
   norm = _norm(False, model.dtype)
   params, stats = variables["params"], variables.get("batch_stats", {})
 
   def sub(name, index=None):
-    tree = {"params": params[name]}
-    if name in stats:
-      tree["batch_stats"] = stats[name]
+    tree = variables_of(variables, name)
     return tree if index is None else jax.tree.map(lambda a: a[index], tree)
 
   def part(fn, names):
@@ -243,8 +260,7 @@ def unroll(model: "ResNet | PlainNet", variables) -> Unrolled:
 
   layout = model.layout
   branches, merges = [], []
-  for s, down, stacked in model.stage_blocks(norm):
-    enter = functools.partial(model.enter_stage, s) if hasattr(model, "enter_stage") else None
+  for s, down, stacked, enter in inference_stages(model):
     blocks = ([(down(), sub(down_name(s)))] if down is not None else []) + [
         (stacked(), sub(stacked_name(s), j)) for j in range(len(layout.stacked_range(s)))]
     for position, (block, tree) in enumerate(blocks):

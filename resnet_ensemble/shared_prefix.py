@@ -18,7 +18,6 @@ weights per variant. The kept inputs cost memory: ``kept_bytes_per_image`` says 
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -64,19 +63,8 @@ def batch_for_budget(images_per_batch: int, bytes_per_image: int, budget_bytes: 
 def _stages(model):
   """Per stage: (positions, downsampling block or None, stacked block, enter_stage or None),
   the blocks as inference-mode modules (BatchNorm with running statistics)."""
-  norm = models._norm(False, model.dtype)  # the inference BatchNorm the model itself uses
-  layout = model.layout
-  for s, down, stacked in model.stage_blocks(norm):
-    enter = functools.partial(model.enter_stage, s) if hasattr(model, "enter_stage") else None
-    yield (layout.stage_range(s), None if down is None else down(), stacked(), enter)
-
-
-def _tree(variables, name: str):
-  stats = variables.get("batch_stats", {})
-  tree = {"params": variables["params"][name]}
-  if name in stats:
-    tree["batch_stats"] = stats[name]
-  return tree
+  for s, down, stacked, enter in models.inference_stages(model):
+    yield (model.layout.stage_range(s), None if down is None else down(), stacked(), enter)
 
 
 def _ends(model, variables):
@@ -99,10 +87,10 @@ def _intact_pass(model, variables, x: jax.Array, base_gates: jax.Array):
     first = positions.start
     if down is not None:
       stage["down"] = x
-      x = down.apply(_tree(variables, down_name(s)), x, base_gates[first])
+      x = down.apply(models.variables_of(variables, down_name(s)), x, base_gates[first])
       first += 1
     if first < positions.stop:
-      tree = _tree(variables, stacked_name(s))
+      tree = models.variables_of(variables, stacked_name(s))
 
       def body(x, step, stacked=stacked):
         params, gate = step
@@ -125,10 +113,10 @@ def _variant_logits(model, variables, kept, intact_logits, gates: jax.Array,
     if down is not None:
       x_in = stage["down"] if own is None else jnp.where(start < first, own, stage["down"])
       if "stacked" not in stage:  # a stage of one block: always run it
-        x = down.apply(_tree(variables, down_name(s)), x_in, gates[first])
+        x = down.apply(models.variables_of(variables, down_name(s)), x_in, gates[first])
         continue
       ran = lambda x_in=x_in, s=s, first=first, down=down: down.apply(  # noqa: E731
-          _tree(variables, down_name(s)), x_in, gates[first])
+          models.variables_of(variables, down_name(s)), x_in, gates[first])
       index = jnp.clip(start - first - 1, 0, len(positions) - 2)
       x = jax.lax.cond(start <= first, ran, lambda stage=stage, index=index: stage["stacked"][index])
       first += 1
@@ -136,7 +124,7 @@ def _variant_logits(model, variables, kept, intact_logits, gates: jax.Array,
       index = jnp.clip(start - first, 0, len(positions) - 1)
       x = stage["stacked"][index] if own is None else jnp.where(
           start < first, own, stage["stacked"][index])
-    tree = _tree(variables, stacked_name(s))
+    tree = models.variables_of(variables, stacked_name(s))
 
     def body(j, x, stacked=stacked, tree=tree, first=first):
       block = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, order[j] - first, 0, False),

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from resnet_ensemble import data as data_lib, pretrained, pretrained_cifar
+from tests.test_pretrained import Payload  # stands in for arbitrary pickled code
 
 TORCH_REASON = "torch is not installed (pip install torch==2.13.0 for the CPU build)"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,11 +238,6 @@ def test_th_as_published_round_trip(tmp_path):
   assert model.stage_sizes == (5, 5, 5)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back)):
     np.testing.assert_array_equal(a, b)
-
-
-class Payload:
-  def __init__(self):
-    self.x = 1
 
 
 def test_a_file_needing_a_full_unpickle_is_refused(tmp_path):

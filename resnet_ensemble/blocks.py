@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_ensemble import conv
+
 Array = jax.Array
 ModuleDef = Any
 
@@ -28,7 +30,8 @@ def make_conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.C
   # Explicit symmetric padding (PyTorch's), not 'SAME': identical to torchvision at stride 2.
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv.make_conv_fn())
 
 
 def _broadcast_gate(gate: Array, like: Array) -> Array:

@@ -31,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"          # compute dtype; params and BN statistics stay float32
   c.model.stream_dtype = ""          # residual nets: the identity path's dtype between blocks
                                      # ("" = dtype; float32 with bf16 compute: exact sums)
-  c.model.unroll = 1                 # scan unroll over a stage's blocks; 0 = fully unrolled
+  c.model.unroll = -1                # scan unroll over a stage's blocks: k, 0 = fully, -1 = by
+                                     # platform (fully on the CPU, rolled on accelerators)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "cifar10"            # digits | cifar10 | imagenet2012

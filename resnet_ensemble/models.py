@@ -28,6 +28,16 @@ from resnet_ensemble.layout import BlockLayout, down_name, stacked_name
 Array = jax.Array
 ModuleDef = Any
 
+def scan_unroll(unroll: int, length: int, platform: str | None = None) -> int:
+  """The unroll factor of a scan over ``length`` blocks: ``unroll`` > 0 as given (at most
+  ``length``), 0 fully unrolled, < 0 chosen for the platform: fully unrolled on the CPU, whose
+  backend runs a rolled loop's backward convolutions 10-40x slower (BUILD_NOTES, "CPU training
+  step"), rolled elsewhere (an accelerator compiles a rolled loop far faster)."""
+  if unroll < 0:
+    unroll = 0 if (platform or jax.default_backend()) == "cpu" else 1
+  return length if unroll == 0 else min(unroll, length)
+
+
 def _scan_blocks(block: nn.Module, x: Array, gates: Array, unroll: int,
                  skip_compute: bool = False) -> Array:
   """Runs ``len(gates)`` copies of ``block`` (stacked params and batch stats) in sequence; with
@@ -38,7 +48,7 @@ def _scan_blocks(block: nn.Module, x: Array, gates: Array, unroll: int,
 
   scan = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
                  split_rngs={"params": True}, in_axes=0, length=gates.shape[0],
-                 unroll=gates.shape[0] if unroll <= 0 else min(unroll, gates.shape[0]))
+                 unroll=scan_unroll(unroll, gates.shape[0]))
   return scan(block, x, gates)[0]
 
 
@@ -74,7 +84,7 @@ class ResNet(nn.Module):
   # The identity path's dtype, between blocks: None = ``dtype``. With bf16 compute, float32
   # keeps the sum of 54 residuals at full precision while every branch still runs in bf16.
   stream_dtype: Any = None
-  unroll: int = 1                      # scan unroll factor; <= 0 means fully unrolled
+  unroll: int = -1                     # scan unroll: k, 0 = fully, < 0 = by platform (scan_unroll)
   expansion: int | None = None         # bottleneck output / inner width (4; wide ResNets: 2)
   norm_axis_name: str | None = None    # BatchNorm statistics also over this vmap/pmap axis
 
@@ -161,7 +171,7 @@ class PlainNet(nn.Module):
   width: int = 128
   num_classes: int = 10
   dtype: Any = jnp.float32
-  unroll: int = 1
+  unroll: int = -1
   norm_axis_name: str | None = None    # BatchNorm statistics also over this vmap/pmap axis
 
   @property

@@ -63,7 +63,7 @@ def _arch(arch: str) -> tuple[str, tuple[int, ...], int, int]:
 
 
 def model_for(arch: str, num_classes: int = IMAGENET_CLASSES, dtype: Any = jnp.float32,
-              width: int | None = None, unroll: int = 1) -> models.ResNet:
+              width: int | None = None, unroll: int = -1) -> models.ResNet:
   """The gated Flax ResNet with torchvision ``arch``'s layout (post-activation, ImageNet stem,
   projection shortcuts). ``width`` (default 64) scales all stages (tests use narrow copies)."""
   block, stages, default_width, wide = _arch(arch)
@@ -203,7 +203,7 @@ def _as_array(value) -> np.ndarray:
 
 def from_state_dict(arch: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
                     width: int | None = None, dtype: Any = jnp.float32,
-                    unroll: int = 1) -> tuple[models.ResNet, dict]:
+                    unroll: int = -1) -> tuple[models.ResNet, dict]:
   """(gated Flax model, {"params", "batch_stats"} as float32 numpy) from a torchvision-named
   state dict of ``arch``. ``num_classes`` defaults to ``fc.weight``'s rows (else 1000).
 

@@ -57,7 +57,7 @@ def _blocks_per_stage(arch: str) -> int:
 
 
 def model_for(arch: str, num_classes: int = CLASSES, dtype: Any = jnp.float32,
-              width: int | None = None, unroll: int = 1) -> models.ResNet:
+              width: int | None = None, unroll: int = -1) -> models.ResNet:
   """The gated post-activation option-A ResNet of ``arch`` (``width``: first stage's, 16)."""
   n, w = _blocks_per_stage(arch), width or WIDTH
   return models.ResNet(stage_sizes=(n, n, n), widths=(w, 2 * w, 4 * w), block="basic",
@@ -89,7 +89,7 @@ def arch_of(state_dict: Mapping[str, Any]) -> str:
 
 def from_state_dict(arch: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
                     width: int | None = None, dtype: Any = jnp.float32,
-                    unroll: int = 1) -> tuple[models.ResNet, dict]:
+                    unroll: int = -1) -> tuple[models.ResNet, dict]:
   """(gated Flax model, float32 numpy variables) from their state dict of ``arch`` (``cifar``:
   the arch the dict holds). A dict of another arch or width is a ValueError naming every
   missing, unexpected and misshapen tensor."""

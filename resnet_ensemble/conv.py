@@ -10,7 +10,8 @@ that small already is left whole (tiny models compile as before). The forward pa
 input gradient are XLA's own (slicing them gains nothing).
 
 ``make_conv_fn(platform)`` says which function a layer uses: this one on the CPU,
-``lax.conv_general_dilated`` elsewhere (a GPU's cuDNN has no such cliff).
+``lax.conv_general_dilated`` elsewhere (a GPU's cuDNN has no such cliff). ``loops_are_slow``
+says the CPU's other cliff once: convolutions' backward inside a compiled loop.
 """
 
 from __future__ import annotations
@@ -74,7 +75,16 @@ def sliced_weight_grad_conv(lhs: Array, rhs: Array, window_strides, padding, **k
   return f(lhs, rhs)
 
 
+def loops_are_slow(platform: str | None = None) -> bool:
+  """Does a convolution's backward inside a compiled loop (``scan``, ``while``) run on a slow
+  path on ``platform`` (default: JAX's default backend)? On the CPU it does: XLA does not give
+  a loop body's backward convolutions the layout its fast kernels take, and they ran 10-40x
+  slower than the same convolutions outside a loop (BUILD_NOTES, "CPU training step"). So on
+  the CPU the block scans are unrolled (``models.scan_unroll``) and the steps of a training
+  call run one compiled step at a time (``feeds.ResidentFeed.train``)."""
+  return (platform or jax.default_backend()) == "cpu"
+
+
 def make_conv_fn(platform: str | None = None) -> Callable[..., Array]:
   """The convolution a layer computes with on ``platform`` (default: JAX's default backend)."""
-  platform = platform or jax.default_backend()
-  return sliced_weight_grad_conv if platform == "cpu" else lax.conv_general_dilated
+  return sliced_weight_grad_conv if loops_are_slow(platform) else lax.conv_general_dilated

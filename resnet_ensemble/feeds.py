@@ -15,7 +15,7 @@ import flax
 import jax
 import numpy as np
 
-from resnet_ensemble import data as data_lib, imagenet
+from resnet_ensemble import conv, data as data_lib, imagenet
 from resnet_ensemble.augment import batch_indices, random_crop_flip
 from resnet_ensemble.evaluate import make_eval_fn
 from resnet_ensemble.progress import say
@@ -108,14 +108,28 @@ class ResidentFeed:
     self._eval = jax.jit(stack.vmap(eval_fn, (0, None, None, None, 0)), out_shardings=rep)
 
   def train(self, state: TrainState, k: int):
-    args = (self._stack.seed_arg, self._stack.index_arg)
+    """k steps: one compiled call, or on the CPU k calls of one step (``conv.loops_are_slow``:
+    a compiled loop would run every convolution's backward on XLA's slow path)."""
+    if not conv.loops_are_slow(self.mesh.devices.flat[0].platform):
+      return self._compiled_steps(k, state)(state, self.resident, *self._args)
+    total = None
+    for _ in range(k):
+      state, m = self._compiled_steps(1, state)(state, self.resident, *self._args)
+      total = m if total is None else total.merge(m)
+    return state, total
+
+  @property
+  def _args(self) -> tuple:
+    return self._stack.seed_arg, self._stack.index_arg
+
+  def _compiled_steps(self, k: int, state: TrainState):
     if k not in self._compiled:
       t0 = time.perf_counter()
       fn = self._stack.vmap(self._make(num_steps=k), (0, None, 0, 0))
       jitted = jax.jit(fn, out_shardings=(replicated(self.mesh),) * 2, donate_argnums=0)
-      self._compiled[k] = jitted.lower(state, self.resident, *args).compile()
+      self._compiled[k] = jitted.lower(state, self.resident, *self._args).compile()
       self._log_compile(f"train_{k}_steps", time.perf_counter() - t0)
-    return self._compiled[k](state, self.resident, *args)
+    return self._compiled[k]
 
   def evaluate(self, state: TrainState, gates=None) -> dict:
     """``{eval_loss, eval_accuracy, eval_error}``: scalars, or one value per run of a stack

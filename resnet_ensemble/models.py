@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_ensemble import blocks
+from resnet_ensemble import blocks, conv
 from resnet_ensemble.blocks import BasicBlock, BatchNorm, BottleneckBlock, PlainLayer
 from resnet_ensemble.layout import BlockLayout, down_name, stacked_name
 
@@ -34,7 +34,7 @@ def scan_unroll(unroll: int, length: int, platform: str | None = None) -> int:
   backend runs a rolled loop's backward convolutions 10-40x slower (BUILD_NOTES, "CPU training
   step"), rolled elsewhere (an accelerator compiles a rolled loop far faster)."""
   if unroll < 0:
-    unroll = 0 if (platform or jax.default_backend()) == "cpu" else 1
+    unroll = 0 if conv.loops_are_slow(platform) else 1
   return length if unroll == 0 else min(unroll, length)
 
 

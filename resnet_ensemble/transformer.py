@@ -28,7 +28,8 @@ branches read the same input, so a layer is one node of the unraveled graph, not
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -393,6 +394,60 @@ class GatedTransformer(nn.Module):
     else:
       logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
     return logits.astype(jnp.float32)
+
+
+class _Part(nn.Module):
+  """Runs ``fn(x)`` in a compact scope, so the parameter names ``fn`` creates match the ones the
+  whole model's ``__call__`` creates (the embedding or the head on its own)."""
+
+  fn: Callable
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return self.fn(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unrolled:
+  """A model as embed -> 2L residual branches -> head, each a pure function of the stream:
+  ``y = x + f_b(x)`` for branch b in forward order (attn_0, mlp_0, ...), the view in which
+  gradients are routed along paths."""
+
+  embed: Callable[[Array], Array]
+  branches: tuple[Callable[[Array], Array], ...]
+  head: Callable[[Array], Array]
+
+
+def unroll(model: GatedTransformer, variables) -> Unrolled:
+  """The per-branch view of ``model`` with ``variables`` (layers in their stacked order)."""
+  params = variables["params"]
+  layer = Layer(model.layer_config)
+
+  def tree(l):
+    return {"params": jax.tree.map(lambda a: a[l], params["blocks"])}
+
+  def attn(x, t):
+    rotary = None
+    if model.positions == "rotary":
+      rotary = rotary_tables(jnp.arange(x.shape[1]), model.head_size, model.rope_theta)
+    return layer.apply(t, x, rotary, method=Layer.attn_branch).astype(x.dtype)
+
+  def mlp(x, t):
+    return layer.apply(t, x, method=Layer.mlp_branch).astype(x.dtype)
+
+  branches = []
+  for l in range(model.n_layers):
+    t = tree(l)
+    branches += [functools.partial(lambda x, t: attn(x, t), t=t),
+                 functools.partial(lambda x, t: mlp(x, t), t=t)]
+
+  def part(fn, names):
+    return functools.partial(_Part(fn).apply, {"params": {k: params[k] for k in names
+                                                          if k in params}})
+
+  embed = part(model.embed, ("embed", "pos_embed"))
+  head = part(model.head, ("embed", "final_norm", "lm_head"))
+  return Unrolled(embed=embed, branches=tuple(branches), head=head)
 
 
 def gpt2(vocab_size: int, n_layers: int, d_model: int, n_heads: int, d_ff: int | None = None,

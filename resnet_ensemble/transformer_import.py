@@ -304,7 +304,7 @@ def variables_from_state_dict(model: transformer.GatedTransformer, family: str,
   expected = {key: shape for key, _, _, shape, _ in entries}
   missing = sorted(k for k in expected if k not in state)
   unexpected = sorted(k for k in state if k not in expected)
-  mismatched = sorted(f"{k} {tuple(np.shape(state[k]))} (config.json: {expected[k]})"
+  mismatched = sorted(f"{k} is {tuple(np.shape(state[k]))}, config.json needs {expected[k]}"
                       for k in expected if k in state and tuple(np.shape(state[k])) != expected[k])
   if missing or unexpected or mismatched:
     parts = [f"{what} {_abbreviated(keys)}" for what, keys in

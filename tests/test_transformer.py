@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_ensemble import transformer, transformer_import as ti
+from resnet_ensemble import lm_eval, transformer, transformer_import as ti
 from resnet_ensemble.transformer import GateError
 from resnet_ensemble.transformer_import import ModelFolderError
 
@@ -341,3 +341,62 @@ def test_missing_files_and_hub_names_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(ModelFolderError) as e:
       fn()
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation windows and the measures of many variants.
+
+TEXT = ("Residual networks behave like ensembles of relatively shallow networks. "
+        "Deleting a single layer barely changes the error. ") * 3
+
+
+def test_byte_windows():
+  tokens = lm_eval.byte_tokens(TEXT)
+  assert tokens.dtype == np.int32 and bytes(tokens.astype(np.uint8)).decode() == TEXT
+  w = lm_eval.windows(tokens, 8)
+  assert w.shape == (len(tokens[:-1]) // 8, 9)
+  np.testing.assert_array_equal(w[1], tokens[8:17])  # each token predicted once
+  assert lm_eval.windows(tokens, 8, stride=4).shape[0] == (len(tokens) - 9) // 4 + 1
+  batches, mask = lm_eval.batched(w, 4)
+  assert batches.shape[1:] == (4, 9) and mask.sum() == len(w)
+  with pytest.raises(lm_eval.TextError, match="has 5 tokens, shorter than one window of 9") as e:
+    lm_eval.windows(lm_eval.byte_tokens("short"), 8)
+  assert "\n" not in str(e.value)
+
+
+def _reference_measures(model, variables, w, gates, order=None):
+  """One variant at a time, in numpy: mean loss, top-1 accuracy, KL(intact || variant)."""
+  tokens, targets = jnp.asarray(w[:, :-1]), w[:, 1:]
+  logp = np.asarray(jax.nn.log_softmax(model.apply(variables, tokens, gates=gates, order=order)))
+  intact = np.asarray(jax.nn.log_softmax(model.apply(variables, tokens)))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  kl = (np.exp(intact) * (intact - logp)).sum(-1)
+  return {"loss": nll.mean(), "top1": (logp.argmax(-1) == targets).mean(), "kl": kl.mean()}
+
+
+@pytest.mark.parametrize("reorder", [False, True], ids=["gated", "reordered"])
+def test_vmapped_variants_equal_one_at_a_time(reorder):
+  model = transformer.gpt2(lm_eval.BYTE_VOCAB, LAYERS, 32, 4, max_positions=8)
+  w = lm_eval.windows(lm_eval.byte_tokens(TEXT), 8)
+  variables = model.init(jax.random.key(0), jnp.asarray(w[:1, :-1]))
+  batches, mask = lm_eval.batched(w, 7)  # padded: len(w) = 45 is not a multiple of 7
+  assert mask.min() == 0
+  gates = np.stack([np.ones(6), transformer.branch_gates(6, [2]),
+                    transformer.layer_gates(np.array([0.0, 1.0, 1.0]))]).astype(np.float32)
+  orders = np.array([[0, 1, 2], [2, 1, 0], [0, 0, 2]]) if reorder else None
+  fn = lm_eval.make_variant_evaluator(model, reorder=reorder)
+  out = fn(variables, jnp.asarray(batches), jnp.asarray(mask), jnp.asarray(gates),
+           *(() if orders is None else (jnp.asarray(orders),)))
+  assert out["count"][0] == w.size - len(w)
+  for g in range(len(gates)):
+    want = _reference_measures(model, variables, w, gates[g],
+                               None if orders is None else orders[g])
+    for k, v in want.items():
+      np.testing.assert_allclose(out[k][g], v, rtol=1e-4, atol=1e-6, err_msg=f"{k} of {g}")
+  assert abs(float(out["kl"][0])) < 1e-6  # the intact variant
+  assert float(out["kl"][1]) > 0
+  with pytest.raises(GateError, match=r"gates must have shape \(variants, 6\)"):
+    fn(variables, batches, mask, gates[:, :4], *(() if orders is None else (orders,)))
+  if reorder:
+    with pytest.raises(GateError, match="outside the 3 layers"):
+      fn(variables, batches, mask, gates, orders + 1)

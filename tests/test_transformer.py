@@ -400,3 +400,14 @@ def test_vmapped_variants_equal_one_at_a_time(reorder):
   if reorder:
     with pytest.raises(GateError, match="outside the 3 layers"):
       fn(variables, batches, mask, gates, orders + 1)
+
+
+def test_the_readme_example_runs(hf, capsys):
+  """README.md's transformer example, on the tiny folder instead of a real GPT-2 or Llama."""
+  _, _, safe, _ = hf
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+    readme = f.read()
+  code = readme.split("<!-- transformer-example -->\n```python\n", 1)[1].split("```", 1)[0]
+  assert '"models/gpt2"' in code
+  exec(compile(code.replace('"models/gpt2"', repr(str(safe))), "README.md", "exec"), {})
+  assert "'attn_0'" in capsys.readouterr().out

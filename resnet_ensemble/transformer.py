@@ -177,6 +177,7 @@ class Attention(nn.Module):
   qkv_bias: bool
   out_bias: bool
   dtype: Any = jnp.float32
+  sliding_window: int | None = None   # a query sees only the last ``sliding_window`` keys
 
   @nn.compact
   def __call__(self, x: Array, rotary: tuple[Array, Array] | None) -> Array:
@@ -194,6 +195,9 @@ class Attention(nn.Module):
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(self.head_dim)
     causal = jnp.tril(jnp.ones((t, t), bool))
+    if self.sliding_window is not None:
+      q_pos, k_pos = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+      causal &= k_pos > q_pos - self.sliding_window
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, self.n_heads * self.head_dim)
@@ -242,6 +246,7 @@ class LayerConfig:
   out_bias: bool
   mlp_bias: bool
   dtype: Any
+  sliding_window: int | None = None
 
 
 class Layer(nn.Module):
@@ -253,7 +258,7 @@ class Layer(nn.Module):
     c = self.cfg
     self.attn_norm = _norm(c.norm, c.norm_eps, "attn_norm")
     self.attn = Attention(c.n_heads, c.kv_heads, c.head_size, c.d_model, c.qkv_bias,
-                          c.out_bias, c.dtype, name="attn")
+                          c.out_bias, c.dtype, c.sliding_window, name="attn")
     self.mlp_norm = _norm(c.norm, c.norm_eps, "mlp_norm")
     self.mlp = Mlp(c.mlp, c.d_ff, c.d_model, c.activation, c.mlp_bias, c.dtype, name="mlp")
 
@@ -309,6 +314,7 @@ class GatedTransformer(nn.Module):
   out_bias: bool = True
   mlp_bias: bool = True
   tie_embeddings: bool = True
+  sliding_window: int | None = None  # Mistral's: a query attends to the last this many tokens
   dtype: Any = jnp.float32
   unroll: int = 1                    # scan unroll factor; <= 0 means fully unrolled
 
@@ -320,6 +326,8 @@ class GatedTransformer(nn.Module):
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
     if self.n_heads % self.kv_heads:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window must be positive or None; got {self.sliding_window}")
     if self.positions == "rotary" and self.head_size % 2:
       raise ValueError(f"rotary positions need an even head_dim; got {self.head_size}")
     super().__post_init__()
@@ -340,7 +348,7 @@ class GatedTransformer(nn.Module):
   def layer_config(self) -> LayerConfig:
     return LayerConfig(self.d_model, self.n_heads, self.kv_heads, self.head_size, self.d_ff,
                        self.norm, self.norm_eps, self.mlp, self.activation, self.qkv_bias,
-                       self.out_bias, self.mlp_bias, self.dtype)
+                       self.out_bias, self.mlp_bias, self.dtype, self.sliding_window)
 
   @nn.compact
   def __call__(self, tokens: Array, gates: Array | None = None, order=None) -> Array:

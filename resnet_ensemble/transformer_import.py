@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 and Llama checkpoints as gated Flax transformers (``transformer.py``).
+"""Hugging Face GPT-2 and Llama (Mistral, Qwen2) checkpoints as gated Flax transformers.
 
 A model is a local folder in Hugging Face's layout: ``config.json`` and the weights, as
 ``model.safetensors`` (or its shards, ``model.safetensors.index.json``) or a PyTorch state dict
@@ -21,6 +21,9 @@ folder's ``tokenizer.json`` (the ``tokenizers`` package). The names map as
     ....post_attention_layernorm             blocks/mlp_norm/scale[l]
     ....mlp.{gate,up,down}_proj              blocks/mlp/{gate,up,down}/kernel[l] (transposed)
     model.norm.weight, lm_head.weight        final_norm/scale, lm_head/kernel (transposed)
+
+Mistral and Qwen2 use Llama's names; Mistral adds a sliding window (the same in every layer),
+Qwen2 biases on q, k and v.
 
 GPT-2's ``Conv1D`` weights are already (in, out), a torch ``Linear``'s are (out, in). Every
 problem (an unknown architecture or config key, a missing or mismatched tensor, a missing
@@ -49,7 +52,10 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TOKENIZER_FILE = "tokenizer.json"
 
-FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+# model_type -> its causal-LM architecture. Mistral and Qwen2 are Llama's layer with a sliding
+# window (Mistral) or biases on q, k, v (Qwen2), and Llama's tensor names.
+FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # Families whose layers run attention and MLP side by side on the same input (GPT-J,
 # Pythia/GPT-NeoX, Falcon's parallel_attn, Phi): a layer there is one node of the unraveled
@@ -75,20 +81,25 @@ _HARMLESS_PREFIXES = ("_", "summary_")  # summary_*: GPT2DoubleHeadsModel's clas
 
 # Per family: the keys read (with their defaults, Hugging Face's), and keys that must hold a
 # value (the one this module computes) or be absent.
+_LLAMA_KEYS = {
+    "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": None, "intermediate_size": 11008,
+    "head_dim": None, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "rope_parameters": None, "rope_scaling": None, "max_position_embeddings": 2048}
 _READ = {
     "gpt2": {"vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
              "n_positions": 1024, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
              "n_ctx": None, "reorder_and_upcast_attn": False},
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": None, "intermediate_size": 11008,
-              "head_dim": None, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "rope_parameters": None, "rope_scaling": None, "attention_bias": False,
-              "mlp_bias": False, "max_position_embeddings": 2048, "pretraining_tp": 1},
+    "llama": {**_LLAMA_KEYS, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
+    "mistral": {**_LLAMA_KEYS, "sliding_window": None},
+    "qwen2": {**_LLAMA_KEYS, "sliding_window": None, "max_window_layers": None},
 }
 _FIXED = {
     "gpt2": {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
              "add_cross_attention": False},
-    "llama": {},
+    "llama": {}, "mistral": {},
+    # Qwen2's sliding window applies to some layers only: the layers would differ.
+    "qwen2": {"use_sliding_window": False},
 }
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                 "silu": "silu", "swish": "silu", "relu": "relu"}
@@ -131,7 +142,8 @@ def read_config(folder: str) -> dict:
 
 
 def family_of(config: Mapping[str, Any], path: str) -> str:
-  """The family (``gpt2``, ``llama``) of a config, or a ModelFolderError saying why not."""
+  """The model_type (a key of ``FAMILIES``) of a config, or a ModelFolderError saying why
+  not."""
   kind = config.get("model_type")
   parallel = (kind in ("gptj", "phi") or (kind == "gpt_neox" and
               config.get("use_parallel_residual", True)) or config.get("parallel_attn")
@@ -152,7 +164,11 @@ def _check_keys(config: Mapping[str, Any], family: str, path: str) -> None:
   for key, value in _FIXED[family].items():
     if key in config and config[key] != value:
       _fail(f"{path}: {key}={config[key]!r} is not supported (only {value!r})")
-  known = set(_READ[family]) | set(_FIXED[family]) | _HARMLESS
+  kinds = set(config.get("layer_types") or ["full_attention"])
+  if kinds != {"full_attention"}:
+    _fail(f"{path}: layer_types {sorted(kinds)}: only full attention in every layer is supported "
+          f"(the stacked layers must be interchangeable)")
+  known = set(_READ[family]) | set(_FIXED[family]) | _HARMLESS | {"layer_types"}
   unknown = sorted(k for k in config if k not in known and not k.endswith(_HARMLESS_SUFFIXES)
                    and not k.startswith(_HARMLESS_PREFIXES))
   if unknown:
@@ -191,6 +207,12 @@ def model_from_config(config: Mapping[str, Any], path: str = CONFIG_FILE,
           n_heads=int(c["n_head"]), d_ff=c["n_inner"] and int(c["n_inner"]),
           max_positions=int(c["n_positions"]), norm_eps=float(c["layer_norm_epsilon"]),
           activation=_ACTIVATIONS[act], tie_embeddings=tie, dtype=dtype)
+    # Qwen2 keeps sliding_window in its config while use_sliding_window is false (refused
+    # when true): only Mistral's applies.
+    window = c.get("sliding_window") if family == "mistral" else None
+    bias = {"qwen2": (True, False, False)}.get(
+        family, (bool(c.get("attention_bias")), bool(c.get("attention_bias")),
+                 bool(c.get("mlp_bias"))))
     return transformer.llama(
         vocab_size=int(c["vocab_size"]), n_layers=int(c["num_hidden_layers"]),
         d_model=int(c["hidden_size"]), n_heads=int(c["num_attention_heads"]),
@@ -198,8 +220,8 @@ def model_from_config(config: Mapping[str, Any], path: str = CONFIG_FILE,
         n_kv_heads=int(c["num_key_value_heads"] or c["num_attention_heads"]),
         head_dim=c["head_dim"] and int(c["head_dim"]), norm_eps=float(c["rms_norm_eps"]),
         activation=_ACTIVATIONS[act], rope_theta=_rope_theta(c, path),
-        qkv_bias=bool(c["attention_bias"]), out_bias=bool(c["attention_bias"]),
-        mlp_bias=bool(c["mlp_bias"]), tie_embeddings=tie, dtype=dtype)
+        qkv_bias=bias[0], out_bias=bias[1], mlp_bias=bias[2], tie_embeddings=tie,
+        sliding_window=None if window is None else int(window), dtype=dtype)
   except (TypeError, ValueError) as e:
     if isinstance(e, ModelFolderError):
       raise
@@ -216,7 +238,8 @@ _T: _Transform = lambda a: a.T  # noqa: E731
 
 def _entries(model: transformer.GatedTransformer, family: str
              ) -> list[tuple[str, tuple[str, ...], int | None, tuple[int, ...], _Transform]]:
-  """(torch key, our params path, stacked layer or None, torch shape, torch -> ours)."""
+  """(torch key, our params path, stacked layer or None, torch shape, torch -> ours);
+  ``family``: gpt2, or any Llama-named family."""
   d, v, ff = model.d_model, model.vocab_size, model.d_ff
   q, kv = model.n_heads * model.head_size, model.kv_heads * model.head_size
   out = []
@@ -274,7 +297,7 @@ def _entries(model: transformer.GatedTransformer, family: str
 
 
 # The base model's prefix in the ...ForCausalLM state dict, and buffers older versions saved.
-_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+_PREFIX = {"gpt2": "transformer.", "llama": "model.", "mistral": "model.", "qwen2": "model."}
 _BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 

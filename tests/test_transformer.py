@@ -122,19 +122,26 @@ def test_order_sets_the_gate_count_and_windows_fit_the_positions():
 
 
 def _torch_model(family: str):
+  """A tiny random ``family`` (gpt2, llama, mistral with a window of 4 of the 16 tokens, or
+  qwen2), grouped-query where the family has it (4 query, 2 key/value heads)."""
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
-  torch.manual_seed(0 if family == "gpt2" else 1)
+  torch.manual_seed(sorted(FAMILIES).index(family))
   if family == "gpt2":
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=LAYERS,
                                      n_head=4, bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
   else:
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=LAYERS, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=SEQ,
-                                      rms_norm_eps=1e-5)
-    model = transformers.LlamaForCausalLM(config)
+    config_cls, model_cls, extra = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    }[family]
+    config = getattr(transformers, config_cls)(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+        rms_norm_eps=1e-5, **extra)
+    model = getattr(transformers, model_cls)(config)
   with torch.no_grad():  # every tensor away from its initial value (norm scales, biases too)
     for p in model.parameters():
       p.add_(0.1 * torch.randn_like(p))
@@ -151,7 +158,10 @@ def _write_tokenizer(path):
   tok.save(str(path))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def hf(request, tmp_path_factory):
   """(family, torch model, folder with model.safetensors + tokenizer.json, folder with
   pytorch_model.bin and no tokenizer)."""
@@ -175,7 +185,7 @@ def _reference(model, tokens, order=None, zero=None):
   holder = model.transformer if family == "gpt2" else model.model
   name = "h" if family == "gpt2" else "layers"
   layers = getattr(holder, name)
-  count = model.config.num_hidden_layers
+  count, types = model.config.num_hidden_layers, getattr(model.config, "layer_types", None)
   hooks = []
   if zero is not None:
     layer, kind = zero
@@ -186,12 +196,16 @@ def _reference(model, tokens, order=None, zero=None):
   if order is not None:
     setattr(holder, name, torch.nn.ModuleList([layers[i] for i in order]))
     model.config.num_hidden_layers = len(order)
+    if types is not None:  # Qwen2 reads each layer's attention kind from this list
+      model.config.layer_types = [types[i] for i in order]
   try:
     with torch.no_grad():
       return model(torch.as_tensor(tokens, dtype=torch.long), use_cache=False).logits.numpy()
   finally:
     setattr(holder, name, layers)
     model.config.num_hidden_layers = count
+    if types is not None:
+      model.config.layer_types = types
     for h in hooks:
       h.remove()
 
@@ -208,8 +222,13 @@ def test_logits_match_pytorch(hf):
     print(f"{family} {os.path.basename(folder)}: max |logit diff| {diff:.2e} "
           f"(logits up to {np.abs(want).max():.1f})")
     assert diff < TOL
-  if family == "llama":
+  if family != "gpt2":
     assert imported.model.kv_heads == 2 and imported.model.n_heads == 4
+  assert imported.model.sliding_window == (4 if family == "mistral" else None)
+  if family == "mistral":  # the window matters: without it the logits differ
+    full = imported.model.clone(sliding_window=None).apply(imported.variables, jnp.asarray(tokens))
+    assert float(np.abs(np.asarray(full) - want).max()) > 1e-3
+  assert imported.model.qkv_bias == (family in ("gpt2", "qwen2"))
 
 
 def test_a_zero_gate_is_the_branch_zeroed_by_a_hook(hf):
@@ -280,7 +299,7 @@ def _copy(src, dst, config=None, weights=True):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model_type": "bert"}, "unknown model_type 'bert'; supported: gpt2, llama"),
+    ({"model_type": "bert"}, "unknown model_type 'bert'; supported: gpt2, llama, mistral, qwen2"),
     ({"architectures": ["GPT2ForSequenceClassification"]}, "unknown architecture"),
     ({"frobnicate": 3}, "unknown config key(s) frobnicate"),
     ({"model_type": "gpt_neox", "use_parallel_residual": True},
@@ -307,6 +326,12 @@ def test_bad_llama_folders_are_one_line(tmp_path):
       ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope type 'llama3'"),
       ({"num_key_value_heads": 4}, "layers.0.self_attn.k_proj.weight is (16, 32), config.json needs (32, 32)"),
       ({"hidden_act": "tanhshrink"}, "hidden_act='tanhshrink' is not supported"),
+      ({"layer_types": ["sliding_attention"] + ["full_attention"] * (LAYERS - 1)},
+       "only full attention in every layer"),
+      ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
+       "use_sliding_window=True is not supported"),
+      ({"model_type": "mistral", "architectures": ["LlamaForCausalLM"]},
+       "unknown architecture LlamaForCausalLM for model_type 'mistral'"),
   ]
   for i, (change, message) in enumerate(cases):
     with pytest.raises(ModelFolderError) as e:

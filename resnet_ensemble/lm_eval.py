@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_ensemble.transformer import GatedTransformer, GateError, check_order
+from resnet_ensemble.transformer import GatedTransformer, InputError, check_order
 
 BYTE_VOCAB = 256
 
@@ -124,12 +124,12 @@ def make_variant_evaluator(model: GatedTransformer, reorder: bool = False) -> Ca
       if not isinstance(orders, jax.core.Tracer):
         o = np.asarray(orders)
         if o.ndim != 2 or o.shape[0] != gates.shape[0]:
-          raise GateError(f"orders must have shape (variants, layers run) with {gates.shape[0]} "
+          raise InputError(f"orders must have shape (variants, layers run) with {gates.shape[0]} "
                           f"variants; got {o.shape}")
         orders = np.stack([check_order(model.n_layers, row) for row in o])
       runs = orders.shape[1]
     if gates.ndim != 2 or gates.shape[1] != 2 * runs:
-      raise GateError(f"gates must have shape (variants, {2 * runs}): one per branch of the "
+      raise InputError(f"gates must have shape (variants, {2 * runs}): one per branch of the "
                       f"{runs} layers run; got {gates.shape}")
     return compiled(variables, batches, mask, gates, orders)
 

@@ -19,7 +19,8 @@ index positions of that run, as for the ResNets' reordered blocks.
 One module covers two families (``gpt2``, ``llama`` give their settings):
 
 - GPT-2: LayerNorm, a GELU MLP, learned positions, biases everywhere, tied embeddings;
-- Llama: RMSNorm, a SwiGLU MLP, rotary positions, grouped-query attention (``n_kv_heads``).
+- Llama: RMSNorm, a SwiGLU MLP, rotary positions, grouped-query attention (``n_kv_heads``);
+  Mistral adds a sliding window (``sliding_window``), Qwen2 biases on q, k and v.
 
 Parallel attention + MLP blocks (GPT-J, Pythia/GPT-NeoX) are not this module: there both
 branches read the same input, so a layer is one node of the unraveled graph, not two.
@@ -45,8 +46,8 @@ POSITIONS = ("learned", "rotary")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 
 
-class GateError(ValueError):
-  """Gates or an order that do not fit the model (a user error: one line)."""
+class InputError(ValueError):
+  """Gates, an order or tokens that do not fit the model (a user error: one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +105,14 @@ def check_order(n_layers: int, order) -> np.ndarray:
   0..n_layers-1 (repeats allowed: a layer run twice). Returns it as int32 numpy."""
   a = np.asarray(order)
   if a.ndim != 1 or a.size == 0:
-    raise GateError(f"an order is a 1-d index array over the {n_layers} layers; got shape "
+    raise InputError(f"an order is a 1-d index array over the {n_layers} layers; got shape "
                     f"{a.shape}")
   if not (np.issubdtype(a.dtype, np.integer) or
           (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))):
-    raise GateError(f"an order holds layer indices (integers); got {a.dtype} values {a.tolist()}")
+    raise InputError(f"an order holds layer indices (integers); got {a.dtype} values {a.tolist()}")
   bad = [int(i) for i in a if not 0 <= i < n_layers]
   if bad:
-    raise GateError(f"order {a.astype(int).tolist()} holds indices {bad} outside the "
+    raise InputError(f"order {a.astype(int).tolist()} holds indices {bad} outside the "
                     f"{n_layers} layers 0..{n_layers - 1}")
   return a.astype(np.int32)
 
@@ -121,11 +122,11 @@ def _check_gates(gates, n_branches: int, batch: int, dtype) -> Array:
     return jnp.ones((n_branches,), dtype)
   gates = jnp.asarray(gates)
   if gates.ndim not in (1, 2) or gates.shape[0] != n_branches:
-    raise GateError(
+    raise InputError(
         f"gates must have shape ({n_branches},) or ({n_branches}, batch): one per branch "
         f"(attention, MLP) of the {n_branches // 2} layers run; got shape {gates.shape}")
   if gates.ndim == 2 and gates.shape[1] != batch:
-    raise GateError(f"per-example gates have batch size {gates.shape[1]}, the input has {batch}")
+    raise InputError(f"per-example gates have batch size {gates.shape[1]}, the input has {batch}")
   return gates
 
 
@@ -354,7 +355,7 @@ class GatedTransformer(nn.Module):
   def __call__(self, tokens: Array, gates: Array | None = None, order=None) -> Array:
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
-      raise GateError(f"tokens must have shape (batch, time); got {tokens.shape}")
+      raise InputError(f"tokens must have shape (batch, time); got {tokens.shape}")
     if order is not None and not isinstance(order, jax.core.Tracer):
       order = check_order(self.n_layers, order)
     runs = self.n_layers if order is None else order.shape[0]
@@ -380,11 +381,11 @@ class GatedTransformer(nn.Module):
   def embed(self, tokens: Array, table: nn.Embed | None = None) -> Array:
     """Tokens -> the stream the first layer reads (token plus learned position embedding).
     ``table``: the token embedding, when the caller made it (the tied head reads it too)."""
-    x = (table or self._token_embedding())(tokens)
+    x = (self._token_embedding() if table is None else table)(tokens)
     if self.positions == "learned":
       t = tokens.shape[1]
       if t > self.max_positions:
-        raise GateError(f"a window of {t} tokens is longer than the model's "
+        raise InputError(f"a window of {t} tokens is longer than the model's "
                         f"{self.max_positions} learned positions")
       x = x + nn.Embed(self.max_positions, self.d_model, name="pos_embed")(jnp.arange(t))[None]
     return x
@@ -398,7 +399,8 @@ class GatedTransformer(nn.Module):
     """The last layer's output -> float32 logits (final norm, then the tied or own head)."""
     x = _norm(self.norm, self.norm_eps, "final_norm")(x)
     if self.tie_embeddings:
-      logits = (table or self._token_embedding()).attend(x.astype(self.dtype))
+      table = self._token_embedding() if table is None else table
+      logits = table.attend(x.astype(self.dtype))
     else:
       logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
     return logits.astype(jnp.float32)
@@ -446,8 +448,7 @@ def unroll(model: GatedTransformer, variables) -> Unrolled:
   branches = []
   for l in range(model.n_layers):
     t = tree(l)
-    branches += [functools.partial(lambda x, t: attn(x, t), t=t),
-                 functools.partial(lambda x, t: mlp(x, t), t=t)]
+    branches += [functools.partial(attn, t=t), functools.partial(mlp, t=t)]
 
   def part(fn, names):
     return functools.partial(_Part(fn).apply, {"params": {k: params[k] for k in names

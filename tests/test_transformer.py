@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from resnet_ensemble import lm_eval, transformer, transformer_import as ti
-from resnet_ensemble.transformer import GateError
+from resnet_ensemble.transformer import InputError
 from resnet_ensemble.transformer_import import ModelFolderError
 
 TOL = 1e-4
@@ -83,7 +83,7 @@ def test_wrong_gates_are_one_line(gates, message):
   model = _tiny("gpt2")
   tokens = jnp.asarray(_tokens())
   variables = model.init(jax.random.key(0), tokens)
-  with pytest.raises(GateError, match=message) as e:
+  with pytest.raises(InputError, match=message) as e:
     model.apply(variables, tokens, gates=gates)
   assert "\n" not in str(e.value)
 
@@ -99,7 +99,7 @@ def test_invalid_order_is_one_line(order, message):
   model = _tiny("llama")
   tokens = jnp.asarray(_tokens())
   variables = model.init(jax.random.key(0), tokens)
-  with pytest.raises(GateError, match=message) as e:
+  with pytest.raises(InputError, match=message) as e:
     model.apply(variables, tokens, order=order)
   assert "\n" not in str(e.value)
 
@@ -111,9 +111,9 @@ def test_order_sets_the_gate_count_and_windows_fit_the_positions():
   # A repeat runs 4 layers: 8 gates.
   assert model.apply(variables, tokens, order=[0, 1, 1, 2], gates=jnp.ones(8)).shape == (
       2, SEQ, VOCAB)
-  with pytest.raises(GateError, match=r"shape \(8,\)"):
+  with pytest.raises(InputError, match=r"shape \(8,\)"):
     model.apply(variables, tokens, order=[0, 1, 1, 2], gates=jnp.ones(6))
-  with pytest.raises(GateError, match="longer than the model's 16 learned positions"):
+  with pytest.raises(InputError, match="longer than the model's 16 learned positions"):
     model.apply(variables, jnp.zeros((1, SEQ + 1), jnp.int32))
 
 
@@ -420,10 +420,10 @@ def test_vmapped_variants_equal_one_at_a_time(reorder):
       np.testing.assert_allclose(out[k][g], v, rtol=1e-4, atol=1e-6, err_msg=f"{k} of {g}")
   assert abs(float(out["kl"][0])) < 1e-6  # the intact variant
   assert float(out["kl"][1]) > 0
-  with pytest.raises(GateError, match=r"gates must have shape \(variants, 6\)"):
+  with pytest.raises(InputError, match=r"gates must have shape \(variants, 6\)"):
     fn(variables, batches, mask, gates[:, :4], *(() if orders is None else (orders,)))
   if reorder:
-    with pytest.raises(GateError, match="outside the 3 layers"):
+    with pytest.raises(InputError, match="outside the 3 layers"):
       fn(variables, batches, mask, gates, orders + 1)
 
 

@@ -125,12 +125,12 @@ def make_variant_evaluator(model: GatedTransformer, reorder: bool = False) -> Ca
         o = np.asarray(orders)
         if o.ndim != 2 or o.shape[0] != gates.shape[0]:
           raise InputError(f"orders must have shape (variants, layers run) with {gates.shape[0]} "
-                          f"variants; got {o.shape}")
+                           f"variants; got {o.shape}")
         orders = np.stack([check_order(model.n_layers, row) for row in o])
       runs = orders.shape[1]
     if gates.ndim != 2 or gates.shape[1] != 2 * runs:
       raise InputError(f"gates must have shape (variants, {2 * runs}): one per branch of the "
-                      f"{runs} layers run; got {gates.shape}")
+                       f"{runs} layers run; got {gates.shape}")
     return compiled(variables, batches, mask, gates, orders)
 
   return checked

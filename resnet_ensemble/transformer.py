@@ -106,14 +106,14 @@ def check_order(n_layers: int, order) -> np.ndarray:
   a = np.asarray(order)
   if a.ndim != 1 or a.size == 0:
     raise InputError(f"an order is a 1-d index array over the {n_layers} layers; got shape "
-                    f"{a.shape}")
+                     f"{a.shape}")
   if not (np.issubdtype(a.dtype, np.integer) or
           (np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)))):
     raise InputError(f"an order holds layer indices (integers); got {a.dtype} values {a.tolist()}")
   bad = [int(i) for i in a if not 0 <= i < n_layers]
   if bad:
     raise InputError(f"order {a.astype(int).tolist()} holds indices {bad} outside the "
-                    f"{n_layers} layers 0..{n_layers - 1}")
+                     f"{n_layers} layers 0..{n_layers - 1}")
   return a.astype(np.int32)
 
 
@@ -183,7 +183,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, rotary: tuple[Array, Array] | None) -> Array:
     b, t, _ = x.shape
-    dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)  # noqa: E731
+    def dense(n, bias, name):
+      return nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
     q = dense(self.n_heads * self.head_dim, self.qkv_bias, "q")(x)
     k = dense(self.n_kv_heads * self.head_dim, self.qkv_bias, "k")(x)
     v = dense(self.n_kv_heads * self.head_dim, self.qkv_bias, "v")(x)
@@ -217,11 +218,13 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    dense = lambda n, name: nn.Dense(n, use_bias=self.bias, dtype=self.dtype, name=name)  # noqa: E731
+    def dense(n, name):
+      return nn.Dense(n, use_bias=self.bias, dtype=self.dtype, name=name)
     act = _activation(self.activation)
     if self.kind == "gelu":
       return dense(self.features, "proj")(act(dense(self.hidden, "fc")(x)))
-    return dense(self.features, "down")(act(dense(self.hidden, "gate")(x)) * dense(self.hidden, "up")(x))
+    hidden = act(dense(self.hidden, "gate")(x)) * dense(self.hidden, "up")(x)
+    return dense(self.features, "down")(hidden)
 
 
 def _norm(kind: str, eps: float, name: str) -> nn.Module:
@@ -386,7 +389,7 @@ class GatedTransformer(nn.Module):
       t = tokens.shape[1]
       if t > self.max_positions:
         raise InputError(f"a window of {t} tokens is longer than the model's "
-                        f"{self.max_positions} learned positions")
+                         f"{self.max_positions} learned positions")
       x = x + nn.Embed(self.max_positions, self.d_model, name="pos_embed")(jnp.arange(t))[None]
     return x
 

@@ -324,7 +324,8 @@ def test_bad_llama_folders_are_one_line(tmp_path):
   src = _source(tmp_path, "llama")
   cases = [
       ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope type 'llama3'"),
-      ({"num_key_value_heads": 4}, "layers.0.self_attn.k_proj.weight is (16, 32), config.json needs (32, 32)"),
+      ({"num_key_value_heads": 4},
+       "layers.0.self_attn.k_proj.weight is (16, 32), config.json needs (32, 32)"),
       ({"hidden_act": "tanhshrink"}, "hidden_act='tanhshrink' is not supported"),
       ({"layer_types": ["sliding_attention"] + ["full_attention"] * (LAYERS - 1)},
        "only full attention in every layer"),
@@ -350,7 +351,8 @@ def test_missing_files_and_hub_names_are_one_line(tmp_path, monkeypatch):
   src = _source(tmp_path, "gpt2")
   no_weights = _copy(src, tmp_path / "no_weights", weights=False)
   cases = [
-      (lambda: ti.load(no_weights, tokenizer=False), "holds no weights: expected model.safetensors"),
+      (lambda: ti.load(no_weights, tokenizer=False),
+       "holds no weights: expected model.safetensors"),
       (lambda: ti.load(tmp_path, tokenizer=False), "has no config.json"),
       (lambda: ti.load(tmp_path / "absent" / "x", tokenizer=False), "is not a folder"),
   ]

@@ -5,14 +5,14 @@
 # (bench/table.py) printed and written to $OUT/table.md.
 #
 #   GPU host (~7 min on an H100):     bash bench/run_all.sh
-#   offline GPU host (bundle holding torch_ref.py, see launch/README.md):
+#   offline GPU host (see launch/README.md):
 #                                     launch/offline_gpu.sh run BUNDLE -- bash bench/run_all.sh
 #   CPU smoke check (tiny sizes, ~1-2 min):  bash bench/run_all.sh --smoke   (or SMOKE=1)
 #
 # Environment: OUT (default /tmp/bench_out), BUDGET_S (seconds for all steps together; default
 # 400 on the GPU), STEPS (a space-separated subset of the step names below, run in this order),
-# PYTHON (default python3), TORCH_REF (the PyTorch reference script; default torch_ref.py in
-# $OFFLINE_BUNDLE, else bundle/torch_ref.py), TORCH_COMPILE_MIN_S (60),
+# PYTHON (default python3), TORCH_REF (the PyTorch side; default bench/torch_resnet.py),
+# TORCH_COMPILE_MIN_S (60),
 # JAX_COMPILATION_CACHE_DIR (default: a fresh temporary one; empty: no cache),
 # STEP_CAP_S (seconds: replaces every step's own timeout; tests set it high, so a loaded machine
 # cannot cut a step), KEEP=1 to append to an existing bench.jsonl, PROFILE_DIR=/tmp/prof to add a 'profile' row
@@ -55,7 +55,7 @@ mkdir -p "$OUT"
 JSONL=$OUT/bench.jsonl
 LOG=$OUT/bench.log
 PY=${PYTHON:-python3}
-TORCH_REF=${TORCH_REF:-${OFFLINE_BUNDLE:-bundle}/torch_ref.py}
+TORCH_REF=${TORCH_REF:-bench/torch_resnet.py}
 [ "${KEEP:-0}" = 1 ] || : > "$JSONL"
 
 if [ "$SMOKE" = 1 ]; then

@@ -1,8 +1,9 @@
 """The PyTorch reference measured in the same device call, as JSON lines beside ours.
 
-Imports the reference script (``--ref``, default ``bundle/torch_ref.py``: a copy of the
-PyTorch reference, carried in the offline bundle of launch/offline_gpu.sh) and runs its
-measurements for the rows of the speed table, one JSON line each (see common.py). Its
+Imports the reference script (``--ref``, default ``bench/torch_resnet.py``, the PyTorch
+ResNets of this repository; any script with the same ``ResNet``/``train_rate``/``eval_rate``
+interface may be passed) and runs its measurements for the rows of the speed table, one JSON
+line each (see common.py). Its
 ``train_rate``/``eval_rate`` are called as they are; the E1 lesion loop and the sampled-path
 gradient live inside its ``main()``, so they are repeated here line for line. Rows run cheapest
 first (``--rows``); ``--time_cap_s`` skips the rows not started in time, and ``compile1024``
@@ -10,6 +11,7 @@ first (``--rows``); ``--time_cap_s`` skips the rows not started in time, and ``c
 
     python bench/torch_side.py --out=$OUT/bench.jsonl            # GPU (CUDA)
     python bench/torch_side.py --smoke                           # CPU: ResNet-8, tiny batches
+    python bench/torch_side.py --cpu --depth=20 --rows=train128_fp32   # CPU, full sizes
 
 Without torch, without CUDA (and no ``--smoke``) or without the reference file it writes one
 ``skipped`` row and exits 0.
@@ -26,10 +28,20 @@ import common
 
 ROWS = ("train128_fp32", "train128_bf16", "train1024_bf16", "eval", "lesion_E1", "paths_E6",
         "compile1024")
-flags.DEFINE_string("ref", "bundle/torch_ref.py", "The PyTorch reference script to import.")
+flags.DEFINE_string("ref", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "torch_resnet.py"),
+                    "The PyTorch reference script to import.")
 flags.DEFINE_list("rows", None, f"Rows to measure, in order (default: all of {', '.join(ROWS)}; "
                   "with --smoke all but compile1024).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes (ResNet-8, small batches); runs on the CPU.")
+flags.DEFINE_bool("cpu", False, "Full sizes on the CPU (for rows beside the JAX side's CPU rows).")
+flags.DEFINE_integer("depth", 110, "CIFAR ResNet depth 6n+2 (bench/torch_resnet.py).")
+flags.DEFINE_integer("width", 16, "First stage's width.")
+flags.DEFINE_bool("preact", False, "Pre-activation blocks (default: post-activation).")
+flags.DEFINE_string("shortcut", "zero_pad", "zero_pad (option A) | projection.")
+flags.DEFINE_integer("in_channels", 3, "Input channels.")
+flags.DEFINE_integer("image", 32, "Input height and width.")
+flags.DEFINE_integer("train_batch", 0, "Batch of the train128_* rows (0: 128).")
 FLAGS = flags.FLAGS
 
 
@@ -46,24 +58,34 @@ class Side:
   def __init__(self, ref, smoke: bool):
     import torch
     self.ref, self.torch, self.smoke = ref, torch, smoke
-    self.n = 1 if smoke else 18  # blocks per stage: ResNet-8 or ResNet-110
+    self.n = 1 if smoke else (FLAGS.depth - 2) // 6  # blocks per stage
     self.dev = ref.dev
+    # The shape flags, passed only where they differ from the reference's defaults (so a
+    # reference script that knows only ResNet(n) still runs the paper's network).
+    self.shape = {k: v for k, v in (("width", FLAGS.width), ("preact", FLAGS.preact),
+                                    ("shortcut", FLAGS.shortcut),
+                                    ("in_channels", FLAGS.in_channels))
+                  if v != {"width": 16, "preact": False, "shortcut": "zero_pad",
+                           "in_channels": 3}[k]}
+    self.image = {"image": FLAGS.image} if FLAGS.image != 32 else {}
 
   def model(self, channels_last: bool):
-    m = self.ref.ResNet(self.n).to(self.dev)
+    m = self.ref.ResNet(self.n, **self.shape).to(self.dev)
     return m.to(memory_format=self.torch.channels_last) if channels_last else m
 
   def batch(self, b: int) -> int:
     return min(b, 16) if self.smoke else b
 
   def train(self, batch: int, amp: bool, cl: bool, compiled: bool = False) -> dict:
-    b = self.batch(batch)
+    b = self.batch(FLAGS.train_batch or batch if batch == 128 else batch)
     steps, warm = (2, 1) if self.smoke else (40, 3 if compiled else 10)
+    if FLAGS.cpu:
+      steps, warm = 10, 3
     m = self.model(cl)
     if compiled:
       m = self.torch.compile(m)
     t0 = time.perf_counter()
-    rate = self.ref.train_rate(m, b, amp, cl, steps=steps, warm=warm)
+    rate = self.ref.train_rate(m, b, amp, cl, steps=steps, warm=warm, **self.image)
     row = {"workload": "train", "batch": b, "dtype": "bfloat16" if amp else "float32",
            "channels_last": cl, "compiled": compiled, "img_per_s": round(rate),
            "ms_per_step": round(1000 * b / rate, 3)}
@@ -72,15 +94,18 @@ class Side:
     return row
 
   def eval(self) -> dict:
-    b = 32 if self.smoke else 2000
-    rate = self.ref.eval_rate(self.model(True), b, True, True, steps=2 if self.smoke else 20)
-    return {"workload": "eval", "batch": b, "dtype": "bfloat16", "channels_last": True,
-            "img_per_s": round(rate)}
+    b = 32 if self.smoke else (500 if FLAGS.cpu else 2000)
+    amp = not FLAGS.cpu  # bf16 on a GPU; float32 on the CPU, as the JAX side's CPU rows
+    rate = self.ref.eval_rate(self.model(True), b, amp, True,
+                              steps=2 if self.smoke else (4 if FLAGS.cpu else 20),
+                              **self.image)
+    return {"workload": "eval", "batch": b, "dtype": "bfloat16" if amp else "float32",
+            "channels_last": True, "img_per_s": round(rate)}
 
   def lesion_e1(self) -> dict:
     """torch_ref.main's sweep: one eval pass over the test images per deleted block."""
     torch, ref = self.torch, self.ref
-    images, step = (64, 32) if self.smoke else (10_000, 2000)
+    images, step = (64, 32) if self.smoke else ((500, 500) if FLAGS.cpu else (10_000, 2000))
     m = self.model(True).eval()
     nb = len(m.blocks)
     x = torch.randn(images, 3, 32, 32, device=self.dev).to(memory_format=torch.channels_last)
@@ -99,7 +124,8 @@ class Side:
             "variants_per_s": round(nb / seconds, 2)}
 
   def paths_e6(self) -> dict:
-    """torch_ref.main's sampled-path gradient: one path per backward pass (batch 128, fp32)."""
+    """The reference's sampled-path gradient: one path per backward pass (batch 128, fp32;
+    the post-activation network's blocks)."""
     torch, F, ref = self.torch, self.torch.nn.functional, self.ref
     b = self.batch(128)
     m = self.model(False).train()
@@ -119,7 +145,7 @@ class Side:
       g, = torch.autograd.grad(loss, xb)
       return g.norm().item()
 
-    warm, n = (1, 3) if self.smoke else (5, 100)
+    warm, n = (1, 3) if self.smoke else ((1, 10) if FLAGS.cpu else (5, 100))
     for _ in range(warm):
       one_path(min(20, nb))
     ref.sync()
@@ -163,22 +189,23 @@ def main(_):
                 human="torch side skipped: torch is not installed")
     return
   cuda = torch.cuda.is_available()
-  if not cuda and not FLAGS.smoke:
+  if not cuda and not (FLAGS.smoke or FLAGS.cpu):
     common.emit({"workload": "torch_env", **base, "torch": torch.__version__,
-                 "skipped": "no CUDA device (use --smoke on a CPU)"},
-                human="torch side skipped: no CUDA device (use --smoke on a CPU)")
+                 "skipped": "no CUDA device (use --smoke or --cpu on a CPU)"},
+                human="torch side skipped: no CUDA device (use --smoke or --cpu on a CPU)")
     return
   if not os.path.exists(FLAGS.ref):
     common.emit({"workload": "torch_env", **base, "skipped": f"no reference at {FLAGS.ref}"},
                 human=f"torch side skipped: no reference script at {FLAGS.ref}")
     return
   ref = load(FLAGS.ref)
-  if not cuda:  # smoke on the CPU: the reference hard-codes CUDA in two globals
+  if not cuda:  # on the CPU: a reference may hard-code CUDA in two globals
     ref.dev, ref.sync = "cpu", lambda: None
   side = Side(ref, FLAGS.smoke)
   device = torch.cuda.get_device_name(0) if cuda else "cpu"
   base.update(device=device, torch=torch.__version__,
-              model=f"torch_ref-ResNet-{6 * side.n + 2}")
+              model=f"torch-ResNet-{6 * side.n + 2}", cpu_full_size=FLAGS.cpu,
+              threads=torch.get_num_threads())
   common.emit({"workload": "torch_env", **base, "ref": FLAGS.ref},
               human=f"torch {torch.__version__} on {device}: {FLAGS.ref}")
   rows = FLAGS.rows or [r for r in ROWS if not (FLAGS.smoke and r == "compile1024")]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,28 +145,16 @@ def test_path_sampling_bench_projects_a_capped_run(tmp_path):
   assert "| paths_E6 | — | batch 16, chunk 6 |" in load_table().ratios(rows)
 
 
-def reference_script():
-  for path in (os.path.join(REPO, "bundle", "torch_ref.py"),
-               os.path.join(REPO, "..", "shared", "bench", "torch_ref.py")):
-    if os.path.exists(path):
-      return path
-  return None
-
-
 def test_torch_side_smoke_measures_every_row(tmp_path):
-  pytest.importorskip("torch")
-  ref = reference_script()
-  if ref is None:
-    pytest.skip("no copy of the PyTorch reference (bundle/torch_ref.py or ../shared/bench)")
+  """The PyTorch side runs from the repository alone (bench/torch_resnet.py)."""
   env = dict(ENV, CUDA_VISIBLE_DEVICES="")
-  rows = run(["bench/torch_side.py", "--smoke", f"--ref={ref}"], out=tmp_path / "t.jsonl",
-             env=env)
+  rows = run(["bench/torch_side.py", "--smoke"], out=tmp_path / "t.jsonl", env=env)
   assert rows[0]["workload"] == "torch_env" and "skipped" not in rows[0]
   by = {r["row"]: r for r in rows[1:]}
   assert list(by) == ["train128_fp32", "train128_bf16", "train1024_bf16", "eval", "lesion_E1",
                       "paths_E6"]
   for row in by.values():
-    assert row["impl"] == "torch" and row["smoke"] and row["model"] == "torch_ref-ResNet-8"
+    assert row["impl"] == "torch" and row["smoke"] and row["model"] == "torch-ResNet-8"
   assert by["train128_fp32"]["dtype"] == "float32" and by["train128_fp32"]["img_per_s"] > 0
   assert by["train1024_bf16"]["channels_last"] and by["train1024_bf16"]["ms_per_step"] > 0
   assert by["eval"]["img_per_s"] > 0
@@ -361,3 +350,36 @@ def test_precision_probe_compares_each_setting_with_float32():
       ("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32")]
   assert rows[0]["grad_rel_error"] == 0.0 and abs(rows[0]["grad_cosine"] - 1.0) < 1e-5
   assert all(0.0 < r["grad_rel_error"] for r in rows[1:])
+
+
+@pytest.mark.parametrize("preact,shortcut", [(True, "projection"), (False, "zero_pad")])
+def test_torch_resnet_is_the_jax_network(preact, shortcut):
+  """The PyTorch side times the same network: as many parameters, block for block, as the
+  JAX ResNet of the same form (ResNet-20, width 8, one input channel as the quickstart's)."""
+  import jax
+  import jax.numpy as jnp
+  from resnet_ensemble import models
+  torch_resnet = load_bench_module("torch_resnet")
+  t = torch_resnet.ResNet(3, width=8, in_channels=1, preact=preact, shortcut=shortcut)
+  m = models.ResNet(stage_sizes=(3, 3, 3), widths=(8, 16, 32), preact=preact, shortcut=shortcut)
+  v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+  count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+  assert sum(p.numel() for p in t.parameters()) == count(v["params"])
+  assert sum(b.numel() for b in t.buffers() if b.dtype.is_floating_point) == count(v["batch_stats"])
+
+
+def test_cpu_ratios_pairs_each_jax_row_with_the_next_torch_row():
+  ratios = load_bench_module("cpu_ratios")
+  rows = [{"workload": "train[r20]", "impl": "jax", "model": "cifar_resnet-20", "batch": 128,
+           "ms_per_step": 450.0},
+          {"workload": "torch_env", "impl": "torch"},
+          {"workload": "train", "impl": "torch", "batch": 128, "ms_per_step": 300.0},
+          {"workload": "eval", "impl": "jax", "model": "cifar_resnet-110", "batch": 500,
+           "img_per_s": 200},
+          {"workload": "eval", "impl": "torch", "batch": 500, "skipped": "time cap"},
+          {"workload": "paths_E6", "impl": "jax", "batch": 128, "paths_per_s": 1.5},
+          {"workload": "paths_E6", "impl": "torch", "batch": 128, "paths_per_s": 1.2}]
+  table = ratios.table(rows)
+  assert "| train[r20] | cifar_resnet-20 | 128 | 450.0 ms_per_step | 300.0 | 1.50 |" in table
+  assert "| paths_E6 |  | 128 | 1.5 paths_per_s | 1.2 | 0.80 |" in table
+  assert "eval" not in table  # its PyTorch row was skipped: no ratio against another row

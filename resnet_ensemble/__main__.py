@@ -131,7 +131,7 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
 
 def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
               config_file: str | None) -> None:
-  from resnet_ensemble import (lesion, path_gradients, report, restore, seeds, train,
+  from resnet_ensemble import (lesion, paper, path_gradients, report, restore, seeds, train,
                                workdir as workdir_lib)
   from resnet_ensemble.progress import format_duration, is_main_process, say
   analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
@@ -146,6 +146,10 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
   if mode == "train" and imported:
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")
+  if mode == "all" and paper.is_paper(config) and not imported:
+    written = paper.run(config, workdir, allow_unfinished, config_file)
+    say(f"report: {written[-1]} and {len(written) - 1} figures")
+    return
   seeds.check_mode(config, mode, workdir)
   latest = workdir_lib.latest_step(workdir)
   if mode == "train" and exported and latest is None:

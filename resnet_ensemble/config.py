@@ -106,6 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.paths.batch_size = 128           # E6: training images per forward (a new batch per chunk)
   c.paths.chunk = 50                 # paths per compiled call (they share one forward)
 
+  c.paper = ml_collections.ConfigDict()  # --mode=all on a stack: the whole paper (paper.py)
+  c.paper.plain = False              # also train and analyse the plain network (Fig. 3)
+  c.paper.plain_stages = (5, 4, 4)   # its gated layers per stage (VGG-15)
+  c.paper.plain_width = 128          # its width
+
   c.report = ml_collections.ConfigDict()
   c.report.vgg_workdir = ""          # a trained plain network's workdir (Fig. 3, VGG panel)
   c.report.sd_workdir = ""           # stochastic-depth model's workdir (Fig. 8)
@@ -163,6 +168,7 @@ RESUME_MAY_CHANGE = (
     "data.dir", "data.source",  # where the same dataset is read from
     "gates.skip_compute",    # speed only: the same numbers (tests/test_skip.py)
     "eval", "lesion", "paths", "report", "checkpoint",
+    "paper",                 # what --mode=all runs beside the run: not what the run computes
 )
 
 # The fields an analysis must share with the run it analyses: what the network and its data

@@ -123,13 +123,13 @@ def test_table_has_our_numbers_and_the_papers(full_run):
   _, _, md = full_run
   rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
   assert "6.12 %" in rows["test error (ResNet-14; the paper's is ResNet-110's)"] and "6.10 %" in rows["test error (ResNet-14; the paper's is ResNet-110's)"]
-  eff = rows["effective-path (23 of 54) training test error"]
+  eff = rows["effective-path (23 of 6) training test error (the paper's 23 of 54)"]
   assert "5.96 %" in eff
-  # k = 10 does not exist in a 6-block network: the largest k <= 10 is used and said so.
+  # A 6-block network's row deletes the paper's share of its blocks: 10 of 54 -> 1 of 6.
   lesion = json.load(open(os.path.join(full_run[0], "lesion.json")))
   r = lesion["random"]
-  row = rows["error after deleting 10 random blocks"]
-  assert f"{100 * r['mean'][6]:.2f} % ± {100 * r['std'][6]:.2f} %" in row and "k = 6" in row
+  row = rows["error after deleting 1 random blocks (1 of 6: the paper's 10 of 54)"]
+  assert f"{100 * r['mean'][1]:.2f} % ± {100 * r['std'][1]:.2f} %" in row
   # Analytic rows computed with path_counts.py for our n: central interval 1..5 of 6 holds 62/64.
   assert "96.88 % (lengths 1–5, n = 6)" in rows["share of paths of length 19–35"]
   total = path_counts.total_gradient(N, _paths_json()["gradient"]["mean_norm"])
@@ -409,7 +409,7 @@ def test_e3_and_e4_sections_state_the_fixtures_numbers(full_run):
   r = lesion["random"]
   rise = 100 * np.max(np.diff(r["mean"]))
   assert (f"All blocks eligible (20 draws per k): mean error {100 * r['mean'][0]:.2f} % at k = 0, "
-          f"{100 * r['mean'][6]:.2f} % ± {100 * r['std'][6]:.2f} % at k = 6") in md
+          f"{100 * r['mean'][1]:.2f} % ± {100 * r['std'][1]:.2f} % at k = 1") in md  # 10 of 54 -> 1 of 6
   assert f"the largest rise between consecutive k is {rise:.2f} percentage points" in md
   ro = lesion["reorder"]
   tau, err = np.concatenate(ro["tau"]), np.concatenate(ro["error"])
@@ -462,8 +462,8 @@ def test_a_partial_lesion_study_lists_each_missing_part(tmp_path):
   assert cmds["E4 (lesion.json has no 'reorder'):"] == lesion_cmd
   assert not any(what.startswith(("E1 ", "E3 (")) for what in cmds)
   # Fig. 5a draws the variant that ran; the table row has it alone.
-  row = _rows(md)["error after deleting 10 random blocks"]
-  assert "(all blocks eligible; k = 6: largest k ≤ 10 run)" in row and "never deleted" not in row
+  row = _rows(md)["error after deleting 1 random blocks (1 of 6: the paper's 10 of 54)"]
+  assert "(all blocks eligible)" in row and "never deleted" not in row
 
 
 def test_block_count_from_the_config_when_no_analysis_ran(tmp_path):

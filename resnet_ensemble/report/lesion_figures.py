@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from resnet_ensemble.report import read
+from resnet_ensemble.report import paper, read
 from resnet_ensemble.report.page import Page, pct, pp
 
 
@@ -172,7 +172,7 @@ def fig_delete_k(page: Page, lesion: dict | None) -> list[dict] | None:
     ax.errorbar(k, s["mean"], yerr=whiskers, fmt="o-",
                 ms=3, lw=1, color=color, capsize=2, elinewidth=0.7,
                 label=f"{label} (mean ± std, min/max)")
-    i10, last = k_row(s["k"], 10), len(s["k"]) - 1
+    i10, last = k_row(s["k"], paper.delete_k(read.layout(lesion)[0])), len(s["k"]) - 1
     steps = np.diff(s["mean"])
     text.append(
       f"{label.capitalize()} ({entry.get('draws', 'n/a')} draws per k): mean error "

@@ -95,6 +95,25 @@ def seed_cell(runs: read.Runs) -> str:
           f"({each})")
 
 
+def scale_note(runs: read.Runs) -> list[str]:
+  """Where the main run is smaller than the paper's (another data set, depth or length of
+  training), a first paragraph that says so and names the command for the paper's scale."""
+  cfg = read.config(runs.lesion) or read.config(runs.paths)
+  if not cfg or cfg.get("weights"):
+    return []
+  model, data, steps = cfg.get("model", {}), cfg.get("data", {}), cfg.get("train", {})
+  label = read.model_label(runs.lesion) if runs.lesion else f"depth {model.get('depth')}"
+  num_steps = steps.get("num_steps")
+  if (data.get("name") == "cifar10" and label == "ResNet-110"
+      and (num_steps or 0) >= 64_000) or data.get("name") == "imagenet2012":
+    return []
+  return [f"**Small-scale numbers**: {label} (width {model.get('width') or 'standard'}) on "
+          f"{data.get('name')}, {num_steps} training steps. They show every experiment at "
+          "work, not the paper's values; the paper's scale (ResNet-110 on CIFAR-10, 64k "
+          "steps, every run and analysis) is `launch/reproduce_cifar10.sh` (launch/README.md).",
+          ""]
+
+
 def unfinished_banner(runs: read.Runs) -> list[str]:
   """The report's first line when any analysis ran on an unfinished run
   (``--allow_unfinished``): its numbers are not the trained network's."""
@@ -137,9 +156,15 @@ def _error_rows(runs: read.Runs) -> Rows:
     e = (eff_final or {}).get("eval_error")
     extra = [f"{key} {pct(v)}" for key, v in sorted((eff_final or {}).items())
              if "error" in key and key != "eval_error" and isinstance(v, (int, float))]
-    rows.append(("effective-path (23 of 54) training test error",
-                 (pct(e) + (f" ({'; '.join(extra)})" if extra else "")) if e is not None
-                 else "missing", paper.EFFECTIVE_ERROR))
+    gates = (read.run_config(runs.effective_workdir).get("gates") or {})
+    n = read.layout(lesion)[0] if lesion else paper.N
+    k = gates.get("k", 23)
+    full = (f"; the full network: {seed_cell(runs)}" if e is not None and final
+            and final.get("eval_error") is not None and any(f for _, f in runs.seeds) else "")
+    rows.append((f"effective-path ({k} of {n}) training test error"
+                 + ("" if n == paper.N else " (the paper's 23 of 54)"),
+                 (pct(e) + (f" ({'; '.join(extra)})" if extra else "") + full)
+                 if e is not None else "missing", paper.EFFECTIVE_ERROR))
   return rows
 
 
@@ -150,16 +175,19 @@ def table_rows(runs: read.Runs, *, n: int, delete_k: list[dict] | None,
   computed (lesion_figures.fig_delete_k, path_figures.fig_path_lengths, .fig_gradient,
   .effective), so the table quotes the figures' own numbers."""
   rows = _error_rows(runs)
+  k = paper.delete_k(n)
+  e3 = (f"error after deleting {k} random blocks"
+        + ("" if n == paper.N else f" ({k} of {n}: the paper's {paper.DELETE_K} of {paper.N})"))
   if delete_k is not None:
     cells = []
     for v in delete_k:
       s, i = v["stats"], v["i10"]
       kk = int(s["k"][i])
       cells.append(f"{pct(s['mean'][i])} ± {pct(s['std'][i])} ({v['label']}"
-                   + (f"; k = {kk}: largest k ≤ 10 run" if kk != 10 else "") + ")")
-    rows.append(("error after deleting 10 random blocks", "; ".join(cells), paper.DELETE_10))
+                   + (f"; k = {kk}: largest k ≤ {k} run" if kk != k else "") + ")")
+    rows.append((e3, "; ".join(cells), paper.DELETE_10))
   else:
-    rows.append(("error after deleting 10 random blocks", "missing", paper.DELETE_10))
+    rows.append((e3, "missing", paper.DELETE_10))
   lo, hi, share = e5
   rows.append(("share of paths of length 19–35", f"{pct(share)} (lengths {lo}–{hi}, n = {n})",
                paper.PATH_SHARE))
@@ -266,8 +294,9 @@ def render(runs: read.Runs, rows: Rows, sections: list[tuple[str, str | None, li
   md = unfinished_banner(runs)
   md += ["# Residual networks behave like ensembles of relatively shallow networks — "
          "reproduction report", "",
-         "Veit, Wilber, Belongie (NeurIPS 2016). Errors are test-set error rates.", "",
-         "## What was run", ""]
+         "Veit, Wilber, Belongie (NeurIPS 2016). Errors are test-set error rates.", ""]
+  md += scale_note(runs)
+  md += ["## What was run", ""]
   md += run_lines(runs)
   md += ["", "## Ours vs paper", "", "| quantity | ours | paper |", "| --- | --- | --- |"]
   md += [f"| {q} | {o} | {p} |" for q, o, p in rows]

@@ -13,6 +13,7 @@ RESNET_ERROR = "6.10 %"
 EFFECTIVE_ERROR = "5.96 %"
 # E3 / Fig. 5a: error after deleting 10 random blocks of ResNet-110 (read off the figure).
 DELETE_10 = "≈ 0.2 (≈ 20 %)"
+DELETE_K = 10  # of N blocks: another network's row deletes the same share of its blocks
 # E5 / Fig. 6a: share of the 2^54 paths whose length lies in 19..35.
 PATH_SHARE = "> 95 % (98.0 %)"
 # E6 / Fig. 6b: gradient magnitude per path length, sampled 1,000 times per length.
@@ -34,3 +35,8 @@ E9_DELETED = (1, 10, 20)
 # E7 (ours): the paper says "nearly all" the gradient; the report takes the shortest interval
 # of lengths holding this share of the total gradient.
 E7_MASS = 0.9
+
+
+def delete_k(n: int) -> int:
+  """The k of E3's row for a network of ``n`` blocks: the paper's 10 of 54, the same share."""
+  return DELETE_K if n == N else max(1, round(DELETE_K * n / N))

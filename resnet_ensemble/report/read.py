@@ -68,6 +68,11 @@ def read_runs(workdir: str, *, vgg_workdir: str | None, sd_workdir: str | None,
               effective_workdir=effective_workdir, effective_final=effective_final)
 
 
+def run_config(workdir: str | None) -> dict:
+  """A run's own config.json ({} if none): what it was trained with."""
+  return dict(load(workdir, "config.json") or {})
+
+
 def config(result: dict | None) -> dict:
   """The run config stored in a result file ({} if none), as a plain dict."""
   return dict((result or {}).get("config") or {})

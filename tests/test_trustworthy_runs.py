@@ -133,15 +133,31 @@ def test_a_changed_seed_is_refused_and_runtime_fields_may_change(tmp_path):
   assert int(_restore(workdir)["step"]) == 6
 
 
-def test_a_checkpoint_of_another_structure_is_named_and_nothing_renamed(tmp_path):
-  """Past the config guard (no config.json), the checkpoint's own metadata still guards."""
+def test_a_deleted_config_json_does_not_switch_the_guard_off(tmp_path):
+  """Each checkpoint records its run's config: without config.json another seed is still
+  refused, config.json is written back from the checkpoints, and the original command resumes."""
   workdir = str(tmp_path / "w")
   train.train_and_evaluate(tiny_config(**{"train.num_steps": 3}), workdir)
   os.remove(os.path.join(workdir, "config.json"))
   before = _checkpoints(workdir)
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="seed: workdir has 0, this command has 1"):
+    train.train_and_evaluate(tiny_config(**{"seed": 1}), workdir)
+  assert _checkpoints(workdir) == before
+  assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 0  # written back
+  train.train_and_evaluate(tiny_config(), workdir)
+  assert int(_restore(workdir)["step"]) == 6
+
+
+def test_a_checkpoint_of_another_structure_is_named_and_nothing_renamed(tmp_path):
+  """Past the config guard (an analysis compares only model and data), the checkpoint's own
+  metadata still guards: another optimizer's state is named, nothing renamed."""
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(tiny_config(**{"train.num_steps": 3}), workdir)
+  before = _checkpoints(workdir)
   with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"opt_state/1/0/trace/\S+: in the checkpoint, not in this run's state"):
-    train.train_and_evaluate(tiny_config(**{"optim.momentum": 0.0}), workdir)
+    lesion.run_study(tiny_config(**{"optim.momentum": 0.0, "train.num_steps": 3,
+                                    **SMALL_STUDY}), workdir)
   assert _checkpoints(workdir) == before
 
 

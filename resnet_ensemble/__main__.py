@@ -113,12 +113,29 @@ _doing = {"what": "start-up"}  # what the job is doing, named when a signal stop
 
 
 def _interrupt(signum, frame) -> None:
-  raise Interrupted(signal.Signals(signum))
+  from resnet_ensemble import workdir  # imported by now: the handler is set after parsing
+  if not workdir.defer_signal(signum):  # taking or releasing the lock: raised right after
+    raise Interrupted(signal.Signals(signum))
+
+
+def _redeliver_swallowed(previous):
+  """An unraisable-error hook: Python swallows an exception raised inside a garbage-collector
+  or ``__del__`` callback (jax has one), so an ``Interrupted`` raised there would be lost and
+  the job would run on; the signal is raised again, to land in the job's own code."""
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, Interrupted):
+      signal.raise_signal(unraisable.exc_value.signal)
+    else:
+      previous(unraisable)
+
+  return hook
 
 
 def main(argv):
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, _interrupt)
+  sys.unraisablehook = _redeliver_swallowed(sys.unraisablehook)
   try:
     _main()
   except Interrupted as e:
@@ -164,6 +181,7 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
   """Runs ``mode`` on ``workdir``: validated first, then with the workdir locked.
   ``config_file``: the config's file, named in the report's commands for missing results."""
   from resnet_ensemble import config as config_lib, seeds, train, workdir as workdir_lib
+  _doing["what"] = f"--mode={mode}"
   config_lib.validate(config)
   if (mode in ("train", "all") and not config.get("weights")
       and config.data.get("source") == "exact_subset"):

@@ -283,19 +283,32 @@ def check_owner(workdir: str) -> None:
       f"anything more to {workdir}. Let that job finish, then rerun this command to resume")
 
 
+_deferring = 0  # > 0 while the lock is being taken or released (main thread)
+_pending: list[int] = []  # the stop signals that arrived meanwhile
+
+
+def defer_signal(signum: int) -> bool:
+  """For a stop-signal handler: True (and the signal kept for later) while the lock is being
+  taken or released; it is raised again as soon as that is done, so a stop never leaves a lock
+  this process made but does not know it holds, nor half removes one."""
+  if _deferring and threading.current_thread() is threading.main_thread():
+    _pending.append(signum)
+    return True
+  return False
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-  """SIGTERM and SIGINT wait until the lock is taken and recorded (or released), so a stop
-  never leaves a lock this process made but does not know it holds."""
-  deferred = {signal.SIGTERM, signal.SIGINT}
-  main = threading.current_thread() is threading.main_thread()
-  if main:
-    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+  global _deferring
+  _deferring += 1
   try:
     yield
   finally:
-    if main:
-      signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
+    _deferring -= 1
+    if not _deferring and _pending:
+      signum = _pending.pop()
+      _pending.clear()
+      signal.raise_signal(signum)
 
 
 def _release(p: str) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from typing import Any, Mapping
 
 import flax
@@ -393,13 +392,13 @@ def _check_not_empty(path: str) -> None:
 
 
 def _check_torch_file(path: str) -> None:
-  """A torch.save file is a zip archive (PyTorch >= 1.6) or a pickle (older: its first byte
-  is pickle's PROTO opcode); anything else is damaged or another format, which torch would
+  """A torch.save file is a zip archive (PyTorch >= 1.6: it starts with "PK") or a pickle
+  (older: its first byte is pickle's PROTO opcode); anything else is damaged or another format, which torch would
   report as a pickle needing a full unpickle."""
   _check_not_empty(path)
   with open(path, "rb") as f:
-    head = f.read(1)
-  if not zipfile.is_zipfile(path) and head != b"\x80":
+    head = f.read(2)
+  if head != b"PK" and head[:1] != b"\x80":  # a zip's signature, pickle's PROTO
     raise ValueError(f"{path} is not a PyTorch file (neither torch.save's zip archive nor a "
                      "pickle): damaged, cut short or another format")
 

@@ -4,13 +4,18 @@ The rules, in the order a job meets them:
 
 1. ``check_path``: a workdir is a named directory (an empty ``--workdir=`` would write into the
    current directory) that can be created.
-2. ``lock``: one writer per workdir. ``workdir/LOCK`` holds the owner's host, pid and start time
-   and is touched every ``HEARTBEAT_S`` seconds while the owner runs. A second job refuses it,
-   naming the owner. A lock is stale, and is taken over with a message, when its owner is a
-   process of this host that no longer exists, or when its heartbeat is older than ``STALE_S``
-   (a crashed job on another host). In a multi-process run, process 0 holds it.
+2. ``lock``: one writer per workdir. ``workdir/LOCK`` holds the owner's host, pid, start time
+   and a nonce, and is touched every ``HEARTBEAT_S`` seconds while the owner runs. A second job
+   refuses it, naming the owner. The lock is the owner's until it releases it: a live process
+   of this host keeps it however old its heartbeat (a paused job continues); it is stale, and
+   taken over with a message, when its owner is a process of this host that no longer exists,
+   when its heartbeat is older than ``STALE_S`` (a crashed job on another host), or when it
+   names no owner (an empty file: a start that could not write it). Before each write the
+   owner checks its nonce is still there (``check_owner``) and stops with ``LockLostError``
+   if not. In a multi-process run, process 0 holds it.
 3. ``guard_resume``: a workdir that holds a run (a checkpoint) resumes only with that run's
-   config, except the fields ``config.RESUME_MAY_CHANGE`` lists; ``check_analysis``: an
+   config (the one its checkpoints record, else ``config.json``), except the fields
+   ``config.RESUME_MAY_CHANGE`` lists; ``check_analysis``: an
    analysis only needs the same network and data (``config.ANALYSIS_MUST_MATCH``).
 4. ``trim_metrics``: a resumed run's metrics.jsonl loses the rows written after the checkpoint
    it resumes from (they will be written again).

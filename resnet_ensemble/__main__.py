@@ -48,7 +48,8 @@ flags.DEFINE_bool("allow_unfinished", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Exit codes: 0 done; 2 a user error (one line on stderr, no traceback); 128 + signal number
-# (143 SIGTERM, 130 SIGINT) a training stopped by that signal after saving its checkpoint.
+# (143 SIGTERM, 130 SIGINT) a job stopped by that signal (in training, after saving its
+# checkpoint; elsewhere, with what it stopped named and the lock released).
 EXIT_USER_ERROR = 2
 # 75 (sysexits' EX_TEMPFAIL): another job took the workdir over while this one was paused; this
 # one stopped without writing, and a rerun after the other job resumes.

@@ -282,10 +282,12 @@ def check_owner(workdir: str) -> None:
     if p not in _tokens or _owns(p):
       return
     holder = _read_owner(epath.Path(p))
+    now = _describe(holder) if epath.Path(p).exists() else "deleted"
   raise LockLostError(
-      f"the lock {p} is no longer this job's (now: {_describe(holder)}): another job took the "
-      f"workdir over, most likely while this one was paused; stopping without writing "
-      f"anything more to {workdir}. Let that job finish, then rerun this command to resume")
+      f"the lock {p} is no longer this job's (now: {now}): another job took the workdir over "
+      f"(or the lock was removed), most likely while this one was paused; stopping without "
+      f"writing anything more to {workdir}. Let that job finish, then rerun this command to "
+      "resume")
 
 
 _deferring = 0  # > 0 while the lock is being taken or released (main thread)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
 import time
 
@@ -47,27 +48,47 @@ flags.DEFINE_bool("allow_unfinished", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Exit codes: 0 done; 2 a user error (one line on stderr, no traceback); 128 + signal number
-# (143 SIGTERM, 130 SIGINT) a training stopped by that signal after saving its checkpoint.
+# (143 SIGTERM, 130 SIGINT) a job stopped by that signal (in training, after saving its
+# checkpoint; elsewhere, with what it stopped named and the lock released).
 EXIT_USER_ERROR = 2
+# 75 (sysexits' EX_TEMPFAIL): another job took the workdir over while this one was paused; this
+# one stopped without writing, and a rerun after the other job resumes.
+EXIT_LOCK_LOST = 75
+
+
+def _user_error(message: str) -> None:
+  print(f"resnet_ensemble: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every problem (a mistyped config field, a missing or broken
-  config file, a value of the wrong type) as one line instead of a traceback."""
+  config file, a value of the wrong type, a stray argument) as one line instead of a traceback
+  or the usage text."""
   try:
     rest = FLAGS(argv)
     FLAGS.config.get("seed")  # a config file that failed to load raises here, not at first use
-    return rest
   except Exception as e:  # noqa: BLE001 (flags and ml_collections raise many types)
-    print(f"resnet_ensemble: error: {_flag_error(e, argv)}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    _user_error(_flag_error(e, argv))
+  if len(rest) > 1:
+    _user_error(f"unexpected argument(s) {' '.join(rest[1:])!r}: every option is a flag "
+                "(--config=FILE, --workdir=DIR, --mode=MODE, --config.a.b=value; a value "
+                "with spaces is quoted as one word)")
+  return rest
+
+
+def _config_path(argv: list[str]) -> str:
+  return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
 
 
 def _flag_error(e: Exception, argv: list[str]) -> str:
   lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
+  if "get_config" in str(e):
+    return (f"cannot load the config file --config={_config_path(argv)}: it defines no "
+            "get_config() (a config file is a Python file whose get_config() returns the "
+            "config; see configs/)")
   if "Failed loading config file" in str(e) or "Configuration is not available" in str(e):
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
-    return f"cannot load the config file --config={path}: {lines[-1] if lines else e}"
+    return f"cannot load the config file --config={_config_path(argv)}: {lines[-1] if lines else e}"
   if isinstance(e, (AttributeError, KeyError)):
     name = lines[0].strip("'\\\"") if lines else str(e)
     given = [a for a in argv if a.startswith("--config.") and
@@ -78,9 +99,55 @@ def _flag_error(e: Exception, argv: list[str]) -> str:
   return " ".join(" ".join(lines).split()) or repr(e)
 
 
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT outside the training loop (which saves a checkpoint itself): raised in
+  the main thread, so every ``with`` releases what it holds (the lock) on the way out. A
+  BaseException, like KeyboardInterrupt: no ``except Exception`` (a checkpoint read's retry)
+  mistakes it for a failure."""
+
+  def __init__(self, signal_: signal.Signals):
+    self.signal, self.exit_code = signal_, 128 + int(signal_)
+    super().__init__(signal_.name)
+
+
+_doing = {"what": "start-up"}  # what the job is doing, named when a signal stops it
+
+
+def _interrupt(signum, frame) -> None:
+  from resnet_ensemble import workdir  # imported by now: the handler is set after parsing
+  if not workdir.defer_signal(signum):  # taking or releasing the lock: raised right after
+    raise Interrupted(signal.Signals(signum))
+
+
+def _redeliver_swallowed(previous):
+  """An unraisable-error hook: Python swallows an exception raised inside a garbage-collector
+  or ``__del__`` callback (jax has one), so an ``Interrupted`` raised there would be lost and
+  the job would run on; the signal is raised again, to land in the job's own code."""
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, Interrupted):
+      signal.raise_signal(unraisable.exc_value.signal)
+    else:
+      previous(unraisable)
+
+  return hook
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _interrupt)
+  sys.unraisablehook = _redeliver_swallowed(sys.unraisablehook)
+  try:
+    _main()
+  except Interrupted as e:
+    print(f"resnet_ensemble: {e.signal.name} during {_doing['what']}: stopped; every file is "
+          f"written whole, so what was written before is kept and nothing half-written is "
+          f"left, and the workdir's lock is released. Rerun the same command to go on",
+          file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+
+
+def _main():
   from resnet_ensemble import checkpoint  # after flag parsing: jax reads XLA_FLAGS at import
   from resnet_ensemble import restore, sharding, train, workdir
   if not FLAGS["verbosity"].present:
@@ -101,6 +168,9 @@ def main(argv):
   except train.Stopped as e:
     print(f"resnet_ensemble: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
+  except workdir.LockLostError as e:
+    print(f"resnet_ensemble: stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_LOCK_LOST)
   except user_errors as e:
     logging.debug("user error", exc_info=True)
     print(f"resnet_ensemble: error: {e}", file=sys.stderr)
@@ -112,13 +182,19 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
   """Runs ``mode`` on ``workdir``: validated first, then with the workdir locked.
   ``config_file``: the config's file, named in the report's commands for missing results."""
   from resnet_ensemble import config as config_lib, seeds, train, workdir as workdir_lib
+  _doing["what"] = f"--mode={mode}"
   config_lib.validate(config)
   if (mode in ("train", "all") and not config.get("weights")
       and config.data.get("source") == "exact_subset"):
     raise ValueError("data.source=exact_subset is a test set (the exact-pixel CIFAR-10 test "
                      "images): evaluate on it (--mode=lesion, paths or report), never train")
   if mode != "report" and not config.get("weights"):
-    train.check_config(config)  # model and gates too, before the workdir is touched
+    model = train.check_config(config)  # model and gates too, before the workdir is touched
+    if mode in ("lesion", "all") and config.lesion.max_k > model.layout.n_blocks:
+      raise ValueError(f"--config.lesion.max_k={config.lesion.max_k} is larger than the "
+                       f"number of blocks ({model.layout.n_blocks})")
+    if mode in ("train", "all"):
+      train.check_devices(config)
   if mode == "runs":  # the workdirs a launcher packs and unpacks
     print("\n".join(run.workdir(workdir) for run in seeds.runs_of(config)), flush=True)
     return
@@ -158,17 +234,22 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
   if mode == "all":
     # Train (or resume) unless the run is finished: a stopped training raises train.Stopped
     # before any analysis, so an unfinished network is never analysed as the trained one.
-    finished = (latest is not None and latest >= config.train.num_steps) or (
-        latest is None and exported) or imported
+    # Finished = its final evaluation written too: a stop between the last checkpoint and
+    # final_metrics.json resumes at that checkpoint, which only evaluates and writes it.
+    final = workdir_lib.read_json(workdir, "final_metrics.json") or {}
+    finished = (latest is not None and latest >= config.train.num_steps
+                and final.get("step") == latest) or (latest is None and exported) or imported
     steps = ([] if finished else [train.train_and_evaluate]) + [
         analyse(lesion.run_study), analyse(path_gradients.run_study)]
   for i, step in enumerate(steps):
     t0 = time.perf_counter()
     fn = getattr(step, "func", step)
+    _doing["what"] = f"--mode={mode}: {fn.__module__.split('.')[-1]}"
     say(f"== {mode}: {fn.__module__.split('.')[-1]} ({i + 1}/{len(steps)})")
     step(config, workdir)
     say(f"== done in {format_duration(time.perf_counter() - t0)}")
   if mode in ("report", "all") and is_main_process():
+    _doing["what"] = f"--mode={mode}: report"
     r = config.report
     written = report.write_report(workdir, vgg_workdir=r.vgg_workdir or None,
                                   sd_workdir=r.sd_workdir or None,

@@ -15,8 +15,10 @@ leaves the previous ones intact. What restoring adds:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -51,7 +53,58 @@ def quiet_orbax() -> None:
     pass
 
 
+def _closed_loop_noise(e: BaseException | None) -> bool:
+  """Orbax reads a checkpoint with asyncio: when one read fails, the restore returns and closes
+  its event loop while the other reads are still in flight, and each of them reports "Event
+  loop is closed" from a reader thread (a traceback apiece: thousands of lines for one
+  damaged checkpoint, which ``restore_latest`` already reports in one line)."""
+  return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
+def _filter_closed_loop_noise() -> None:
+  """Drops ``_closed_loop_noise`` in this process, reported either way (an unraisable error,
+  or an error printed by a reader thread); every other error is passed on. Reads still in
+  flight when the interpreter exits report it while Python shuts down, past any hook: after a
+  failed read, what is printed to stderr during shutdown is dropped too (``_failed_read``)."""
+  if getattr(sys.unraisablehook, "_resnet_ensemble", False):
+    return
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+  def on_unraisable(u):
+    if not _closed_loop_noise(u.exc_value):
+      unraisable(u)
+
+  def on_exception(kind, value, tb):
+    if not _closed_loop_noise(value):
+      excepthook(kind, value, tb)
+
+  on_unraisable._resnet_ensemble = True
+  sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+
+
+def _quiet_shutdown() -> None:
+  """Sends stderr to /dev/null once the program is done (atexit), before Python shuts down."""
+  try:
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+  except (OSError, ValueError):
+    pass
+
+
+def _failed_read() -> None:
+  """A read failed: its in-flight siblings will report a closed event loop, now or at exit."""
+  global _shutdown_quieted
+  if not _shutdown_quieted:
+    _shutdown_quieted = True
+    atexit.register(_quiet_shutdown)
+
+
+_shutdown_quieted = False
+
+
 def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+  _filter_closed_loop_noise()
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   directory = workdir if "://" in workdir else os.path.abspath(workdir)
   # One item, handled as it was saved, so its metadata reads before any save of this process.
@@ -108,6 +161,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> 
     try:
       return manager.restore(step, args=args)
     except Exception:  # noqa: BLE001
+      _failed_read()
       if attempt == READ_ATTEMPTS - 1:
         raise
       time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
@@ -179,11 +233,28 @@ def _sync(tag: str) -> None:
     multihost_utils.sync_global_devices(f"resnet_ensemble-{tag}")
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Starts writing checkpoint ``step`` (asynchronously); a failure, here or in an earlier
-  save still being written, is one CheckpointError naming the directory."""
+def saved_config(manager: ocp.CheckpointManager) -> dict | None:
+  """The config (JSON dict) the newest checkpoint that records one was saved with; None when
+  none does (checkpoints of older code). Each checkpoint carries it, so the resume guard holds
+  even where ``config.json`` was deleted."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      custom = manager.metadata(step).custom_metadata or {}
+    except Exception:  # noqa: BLE001 (unreadable metadata: an older checkpoint may have it)
+      continue
+    if isinstance(custom.get("config"), dict):
+      return custom["config"]
+  return None
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         config: dict | None = None) -> None:
+  """Starts writing checkpoint ``step`` (asynchronously), recording ``config`` (the run's JSON
+  dict) in its metadata; a failure, here or in an earlier save still being written, is one
+  CheckpointError naming the directory."""
   try:
-    manager.save(int(step), args=ocp.args.StandardSave(state))
+    manager.save(int(step), args=ocp.args.StandardSave(state),
+                 custom_metadata={"config": config} if config is not None else None)
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"could not write checkpoint step {step} (or the one before it, "
                           f"written in the background) in {manager.directory}: "

@@ -7,6 +7,7 @@ an error instead of a silently ignored new field.
 from __future__ import annotations
 
 import json
+import sys
 
 import ml_collections
 from etils import epath
@@ -125,15 +126,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def from_dict(values: dict) -> ml_collections.ConfigDict:
-  """The base config with ``values`` (a config's JSON dict, lists as tuples) over it; a field the
-  base config lacks is a ValueError naming it."""
+def from_dict(values: dict, source: str | None = None) -> ml_collections.ConfigDict:
+  """The base config with ``values`` (a config's JSON dict, lists as tuples) over it. A field
+  the base config lacks is a ValueError naming it, or, with ``source`` (a run's config.json),
+  a field the code has since removed: skipped with a note, so the run can still be resumed
+  and analysed (the guards ignore such fields too, ``removed_fields``)."""
   c = base_config()
+  removed = removed_fields(values)
+  if removed and source is None:
+    raise ValueError(f"{removed[0]} is not a config field (resnet_ensemble/config.py)")
+  if removed:
+    print(f"note: {source} holds field(s) this code no longer has: {', '.join(removed)} "
+          "(ignored)", file=sys.stderr, flush=True)
 
   def fill(node, tree, prefix):
     for key, value in tree.items():
       if key not in node:
-        raise ValueError(f"{prefix}{key} is not a config field (resnet_ensemble/config.py)")
+        continue
       if isinstance(value, dict):
         fill(node[key], value, f"{prefix}{key}.")
       else:
@@ -150,7 +159,11 @@ def from_workdir(workdir: str) -> ml_collections.ConfigDict:
   source = epath.Path(workdir, "config.json")
   if not source.exists():
     raise ValueError(f"{workdir} holds no config.json: not the workdir of a run")
-  return from_dict(json.loads(source.read_text()))
+  try:
+    values = json.loads(source.read_text())
+  except ValueError as e:
+    raise ValueError(f"{source} is not valid JSON ({e})") from e
+  return from_dict(values, source=str(source))
 
 
 # The fields a resumed training may change: how the run executes, logs and is analysed, never
@@ -177,6 +190,13 @@ RESUME_MAY_CHANGE = (
 ANALYSIS_MUST_MATCH = ("model", "data")
 ANALYSIS_MAY_CHANGE = ("model.dtype", "model.stream_dtype", "model.unroll", "data.dir",
                        "data.source")
+
+
+def removed_fields(values) -> list[str]:
+  """The dotted fields of ``values`` (a stored config) that the base config no longer has."""
+  known = flatten(base_config())
+  sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+  return [k for k in flatten(values) if k not in known and k not in sections]
 
 
 def flatten(config) -> dict[str, object]:

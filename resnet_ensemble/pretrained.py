@@ -342,16 +342,21 @@ def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError as e:
       raise ImportError("reading .safetensors needs the safetensors package: "
                         "pip install safetensors") from e
+    _check_not_empty(path)
     try:
       return dict(load_file(path))
     except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy has no dtype for
       raise ValueError(f"could not read {path} with safetensors' numpy API ({e}); store the "
                        f"weights as float32 or float16") from e
+    except Exception as e:  # noqa: BLE001 (SafetensorError: a damaged or foreign file)
+      raise ValueError(f"{path} is not a readable .safetensors file (damaged, cut short or "
+                       f"another format): {' '.join(str(e).split())}") from e
   try:
     import torch
   except ImportError as e:
     raise ImportError(f"reading {ext} files needs PyTorch (pip install torch); or convert "
                       f"{path} to .safetensors, which needs only numpy") from e
+  _check_torch_file(path)
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
@@ -359,7 +364,11 @@ def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
         f"refusing to load {path}: it is not a plain weights file. torch.load(weights_only=True) "
         f"rejected it because it needs a full unpickle (it holds Python objects other than "
         f"tensors and containers), and unpickling can run arbitrary code from the file. "
-        f"Export its state_dict() (ideally to .safetensors) and load that. ({e})") from e
+        f"Export its state_dict() (ideally to .safetensors) and load that. "
+        f"({' '.join(str(e).split())[:300]})") from e
+  except Exception as e:  # noqa: BLE001 (a damaged archive: RuntimeError, EOFError, ...)
+    raise ValueError(f"{path} is not a readable PyTorch file (damaged or cut short): "
+                     f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
   for wrapper in ("state_dict", "model"):
     if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
       obj = obj[wrapper]
@@ -375,6 +384,23 @@ def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     v = v.detach().cpu()
     out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
   return out
+
+
+def _check_not_empty(path: str) -> None:
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path} is empty (0 bytes): not a weights file (a copy cut short?)")
+
+
+def _check_torch_file(path: str) -> None:
+  """A torch.save file is a zip archive (PyTorch >= 1.6: it starts with "PK") or a pickle
+  (older: its first byte is pickle's PROTO opcode); anything else is damaged or another format, which torch would
+  report as a pickle needing a full unpickle."""
+  _check_not_empty(path)
+  with open(path, "rb") as f:
+    head = f.read(2)
+  if head != b"PK" and head[:1] != b"\x80":  # a zip's signature, pickle's PROTO
+    raise ValueError(f"{path} is not a PyTorch file (neither torch.save's zip archive nor a "
+                     "pickle): damaged, cut short or another format")
 
 
 def load_pretrained(arch: str, path: str | os.PathLike, **kwargs) -> tuple[models.ResNet, dict]:

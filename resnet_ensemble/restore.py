@@ -66,7 +66,8 @@ def load_trained(config, workdir: str, allow_unfinished: bool = False) -> Traine
     raise FileNotFoundError(
         f"no trained checkpoint in workdir {workdir} (nor an exported {VARIABLES_FILE}): "
         f"train first with --mode=train (or --mode=all) and the same --workdir")
-  workdir_lib.check_analysis(workdir, config)
+  workdir_lib.check_analysis(workdir, config,
+                             checkpoint.saved_config(manager) if has_checkpoint else None)
   dataset = eval_dataset(config.data)
   model = models.build(config.model, dataset.num_classes)
   if not has_checkpoint:
@@ -123,6 +124,7 @@ def export_variables(config, workdir: str, allow_unfinished: bool = False) -> st
   payload = {"step": t.step, "variables": jax.tree.map(np.asarray, t.variables)}
   target = workdir_lib.path(workdir, VARIABLES_FILE)
   if workdir_lib.is_main_process():
+    workdir_lib.check_owner(workdir)
     tmp = target.parent / (target.name + ".tmp")
     tmp.write_bytes(serialization.msgpack_serialize(payload))
     tmp.replace(target)

@@ -138,11 +138,12 @@ class _Runs:
   def __init__(self, workdir: str, stack: RunStack):
     self.stack = stack
     self.workdirs = [r.workdir(workdir) for r in stack.runs]
-    if jax.process_index() == 0:
-      for w, r in zip(self.workdirs, stack.runs):
-        workdir_lib.guard_resume(w, r.config)
     self.managers = [checkpoint.make_manager(w, r.config.checkpoint.max_to_keep)
                      for w, r in zip(self.workdirs, stack.runs)]
+    if jax.process_index() == 0:
+      for w, r, m in zip(self.workdirs, stack.runs, self.managers):
+        workdir_lib.guard_resume(w, r.config, saved=checkpoint.saved_config(m))
+    self.configs = [workdir_lib.config_dict(r.config) for r in stack.runs]
     self.writers: list[writers.MultiWriter] = []
     self._finite = jax.jit(stack.vmap(_all_finite, 0))
 
@@ -168,7 +169,13 @@ class _Runs:
     self.writers = [writers.create_writer(w, enabled=main) for w in self.workdirs]
     return (state, None) if steps[0] is None else (self.stack.join(restored), steps[0])
 
+  def check_owner(self) -> None:
+    """Each run's workdir is still this job's (``workdir.check_owner``), before a write."""
+    for w in self.workdirs:
+      workdir_lib.check_owner(w)
+
   def write(self, step: int, per_run: list[dict]) -> None:
+    self.check_owner()
     for writer, scalars in zip(self.writers, per_run):
       writer.write_scalars(step, scalars)
 
@@ -188,15 +195,28 @@ class _Runs:
         self.wait()  # the checkpoint it names is committed
         what = "parameters or statistics" + (f" of run {name}" if self.stack.stacked else "")
         raise _diverged(what, step, m)
-    for m, s in zip(self.managers, self.stack.split(state)):
+    self.check_owner()
+    for m, s, c in zip(self.managers, self.stack.split(state), self.configs):
       if m.latest_step() != step:
-        checkpoint.save(m, step, s)
+        checkpoint.save(m, step, s, c)
 
   def wait(self) -> None:
     for m in self.managers:
       checkpoint.wait(m)
     for w in self.writers:
       w.flush()
+
+
+def _say_partial_row(step: int, log_every: int, num_steps: int) -> None:
+  """A resume between two log steps: the next row's training loss and accuracy average only
+  the steps since the resume (the row carries ``train_steps``), since the ones before it were
+  in a row written after the checkpoint (dropped)."""
+  if log_every <= 0 or step % log_every == 0 or step >= num_steps:
+    return
+  row = min(num_steps, (step // log_every + 1) * log_every)
+  say(f"note: the training row at step {row} averages the {row - step} steps since the resume "
+      f"(train_steps={row - step}); steps {step // log_every * log_every + 1}..{step} were "
+      "trained before it and their training loss is not logged")
 
 
 def _train_scalars(stack: RunStack, collection: TrainMetrics) -> list[dict]:
@@ -227,6 +247,14 @@ def check_config(config) -> nn.Module:
   return model
 
 
+def check_devices(config) -> None:
+  """The batches split evenly over the devices (training's and its evaluation's), checked
+  before the workdir is written."""
+  mesh = make_mesh()
+  check_divisible(config.train.batch_size, mesh, "train.batch_size")
+  check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+
+
 def run_eval_gates(stack: RunStack, layout) -> tuple[jax.Array | None, list[bool]]:
   """The gates of each run's test-time network as one argument (each run's expected gates,
   ones for a run evaluated unscaled; None when every run is), and which runs are scaled (they
@@ -255,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = make_mesh()
   stack = RunStack(runs_of(config), mesh)
   tc = config.train
-  check_divisible(tc.batch_size, mesh, "train.batch_size")
+  check_devices(config)
   sample_gates = gates_lib.make_stack_sampler([r.config.gates for r in stack.runs],
                                               model.layout, tc.batch_size)
   feed = make_feed(config, mesh)
@@ -275,6 +303,7 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed,
   step = resumed_at or 0
   if resumed_at is not None:
     say(f"resumed from {workdir} at step {step}")
+    _say_partial_row(step, tc.log_every, tc.num_steps)
   if stack.stacked:
     say(f"training runs {', '.join(stack.names)} as one program, in " + ", ".join(runs.workdirs))
 
@@ -323,6 +352,8 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed,
         now = time.perf_counter()
         shared = {"steps_per_s": (step - last_log_step) / (now - last_log_time),
                   "learning_rate": float(schedule(step - 1))}
+        if step - last_log_step != tc.log_every:  # after a resume, or the last row
+          shared["train_steps"] = step - last_log_step
         norms = stack.per_run({"param_norm": param_norm(state.params)})
         runs.write(step, [{**r, **shared, **n} for r, n in zip(per_run, norms)])
         progress.update(step, force=True, **_progress_fields(per_run))

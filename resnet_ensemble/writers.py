@@ -38,12 +38,15 @@ class JsonlWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
     line = json.dumps(record) + "\n"
-    if self._remote:
-      self._lines.append(line)
-      self.path.write_text("".join(self._lines))
-    else:
-      self._file.write(line)
-      self._file.flush()
+    try:
+      if self._remote:
+        self._lines.append(line)
+        self.path.write_text("".join(self._lines))
+      else:
+        self._file.write(line)
+        self._file.flush()
+    except OSError as e:  # a full disk: name the file
+      raise OSError(e.errno, e.strerror, str(self.path)) from e
 
   def flush(self) -> None:
     if not self._remote:
@@ -101,4 +104,17 @@ def report_progress(num_steps: int, writer: MultiWriter):
 
 
 def read_jsonl(path: str) -> list[dict]:
-  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+  """Every row of a JSON-lines file; a damaged row is a ValueError naming the file and line,
+  except a last row without its newline (torn by a crash mid-write; a resume drops it too)."""
+  text = epath.Path(path).read_text()
+  lines = text.splitlines()
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except ValueError as e:
+        if number == len(lines) and not text.endswith("\n"):
+          break
+        raise ValueError(f"{path}, line {number}, is not valid JSON ({e})") from e
+  return rows

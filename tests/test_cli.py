@@ -102,6 +102,10 @@ def test_mode_paths_is_an_alias_of_gradients_that_says_so(tmp_path):
       "--config.gates.sampler=effective", "--config.gates.k=99"], "gates.k=99"),
     (['--config.stack=("a", "b:model.depth=20")'], "--config.stack entry 'b:model.depth=20': "
                                                    "model.depth is shared by the runs"),
+    (["stray"], "unexpected argument(s) 'stray': every option is a flag"),
+    # --mode=all checks the analyses' settings before it trains.
+    (["--mode=all", "--config.lesion.max_k=99"], "--config.lesion.max_k=99 is larger than the "
+                                                 "number of blocks (9)"),
 ])
 def test_bad_input_is_one_line_naming_the_problem_and_writes_nothing(tmp_path, args, message):
   workdir = tmp_path / "w"
@@ -140,3 +144,27 @@ def test_mode_runs_prints_each_runs_workdir_and_writes_nothing(tmp_path):
   proc = cli("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=runs")
   assert proc.stdout.splitlines() == [str(workdir)]
   assert not workdir.exists()
+
+
+def test_a_config_file_without_get_config_is_named_as_such(tmp_path):
+  config = tmp_path / "not_a_config.py"
+  config.write_text("seed = 1\n")
+  proc = cli(f"--config={config}", f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"resnet_ensemble: error: cannot load the config file --config={config}: it defines no "
+      "get_config() (a config file is a Python file whose get_config() returns the config; "
+      "see configs/)"]
+
+
+def test_an_eval_batch_the_devices_do_not_divide_is_refused_before_the_workdir_is_made(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-m", "resnet_ensemble", "--config=configs/quickstart.py",
+                         f"--workdir={tmp_path / 'w'}", "--mode=all",
+                         "--config.eval.batch_size=7"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      "resnet_ensemble: error: eval.batch_size = 7 must be divisible by the number of devices (2)"]
+  assert not (tmp_path / "w").exists()

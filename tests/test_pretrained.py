@@ -6,6 +6,7 @@ the same random state dict (no torchvision, no downloads); narrow copies (width 
 
 import importlib.util
 import os
+import re
 import sys
 
 import jax
@@ -308,3 +309,28 @@ def test_unknown_extension_and_missing_torch(tmp_path, monkeypatch):
     pretrained.load_weights(pth)
   with pytest.raises(FileNotFoundError):
     pretrained.load_weights(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("garbage.safetensors", os.urandom(300), "is not a readable .safetensors file"),
+    ("empty.safetensors", b"", "is empty (0 bytes)"),
+    ("empty.pth", b"", "is empty (0 bytes)"),
+    ("random.pth", b"\x17" + os.urandom(300), "is not a PyTorch file (neither torch.save's zip"),
+    ("cut.pth", None, "is not a readable PyTorch file (damaged or cut short)"),
+])
+def test_a_damaged_weights_file_is_one_error_naming_it(tmp_path, name, content, message):
+  """Real garbage, as a copy gone wrong leaves it: named as damaged, never as a pickle that
+  needs a full unpickle, never a traceback of the reader."""
+  path = tmp_path / name
+  if content is None:  # a real torch.save archive, cut in half
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(path))
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  else:
+    if name.endswith(".pth"):
+      pytest.importorskip("torch", reason=TORCH_REASON)
+    path.write_bytes(content)
+  with pytest.raises(ValueError, match=re.escape(message)) as e:
+    pretrained.load_weights(path)
+  assert str(path) in str(e.value) and "\n" not in str(e.value)
+  assert "unpickle" not in str(e.value)

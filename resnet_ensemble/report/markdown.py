@@ -27,6 +27,7 @@ CONFIGS = {
   "sd": "configs/cifar10_resnet110_sd.py",
   "effective": "configs/cifar10_resnet110_effective.py",
 }
+RUN_CONFIG = "configs/run.py"  # a run's own settings, read from its config.json
 DEFAULT_WORKDIRS = {"vgg": "runs/vgg15", "sd": "runs/resnet110_sd",
                     "effective": "runs/resnet110_effective"}
 
@@ -222,13 +223,17 @@ def table_rows(runs: read.Runs, *, n: int, delete_k: list[dict] | None,
 
 
 def _main_command(runs: read.Runs, config_file: str | None) -> tuple[str, list[str]]:
-  """The config and flags that rerun the main run: its own config file if known; imported
-  pretrained weights repeat their flags (there is nothing to train)."""
+  """The config and flags that rerun the main run: the settings its workdir's config.json
+  holds (``configs/run.py:WORKDIR``: every override it was started with, its train.num_steps
+  too), else its own config file if known; imported pretrained weights repeat their flags
+  (there is nothing to train)."""
   main_cfg = config_file or CONFIGS["imagenet" if is_imagenet(runs) else "resnet"]
   cfg = read.config(runs.lesion) or read.config(runs.paths)
   if cfg.get("weights"):
     return (config_file or "configs/imagenet_pretrained.py",
             [f"--config.weights={cfg['weights']}", f"--config.arch={cfg.get('arch')}"])
+  if read.load(runs.workdir, "config.json") is not None:
+    return f"{RUN_CONFIG}:{runs.workdir}", []
   return main_cfg, []
 
 

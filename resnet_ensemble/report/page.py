@@ -40,6 +40,7 @@ class Page:
     buffer = io.BytesIO()  # via bytes: savefig cannot write to gs:// itself
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+    workdir_lib.check_owner(self.out_dir)  # a workdir another job took over is not written
     path.write_bytes(buffer.getvalue())
     self.files.append(str(path))
     return name

@@ -5,7 +5,7 @@
 #   bash bench/cpu_rows.sh              # OUT=/tmp/bench_cpu by default; ~10 min on 2 cores
 #   ROWS="quickstart r20" bash bench/cpu_rows.sh
 #
-# Rows: quickstart (configs/quickstart.py's ResNet-20, width 8, 8x8 digits, batch 64); r20 and
+# Rows: quickstart (one run of configs/quickstart.py's ResNet-20, width 8, 8x8 digits, batch 64); r20 and
 # r110 (the default config's CIFAR ResNet-20/110 at batch 128: pre-activation, projection
 # shortcuts) and the same post-activation with option A (r20a, r110a: the reference's network);
 # eval (ResNet-110 forward, batch 500); e6 (post-activation option-A ResNet-110: the reference
@@ -24,8 +24,8 @@ for row in $ROWS; do
   echo "== $row" >&2
   case $row in
     quickstart)
-      python bench/train_step.py --config=configs/quickstart.py --calls=20 --num_examples=2000 \
-          --variant=quickstart --out="$J"
+      python bench/train_step.py --config=configs/quickstart.py "--config.stack=()" --calls=20 \
+          --num_examples=2000 --variant=quickstart --out="$J"
       python bench/torch_side.py --cpu --depth=20 --width=8 --preact --shortcut=projection \
           --in_channels=1 --image=8 --train_batch=64 --rows=train128_fp32 --out="$J" ;;
     r20|r110|r20a|r110a)

@@ -62,7 +62,7 @@ if [ "$SMOKE" = 1 ]; then
   # ResNet-20 width 8 on digit-shaped images; XLA at -O0 (these runs are compile-bound).
   export XLA_FLAGS=${XLA_FLAGS:---xla_backend_optimization_level=0}
   BUDGET_S=${BUDGET_S:-600}; MIN_S=5
-  NET="--config=configs/quickstart.py"
+  NET="--config=configs/quickstart.py --config.stack=()"  # one run, not the quickstart's stack
   EFFECTIVE="$NET --config.gates.sampler=effective --config.gates.k=5"
   SD="$NET --config.gates.sampler=stochastic_depth"
   TRAIN="--config.train.steps_per_call=2 --calls=2 --num_examples=500"

@@ -223,6 +223,7 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
     raise ValueError("--config.weights imports pretrained weights, which are not trained "
                      "here: use --mode=all (or lesion, paths, report)")
   if mode == "all" and paper.is_paper(config) and not imported:
+    _doing["what"] = "--mode=all: the paper's runs (paper.py)"
     written = paper.run(config, workdir, allow_unfinished, config_file)
     say(f"report: {written[-1]} and {len(written) - 1} figures")
     return
@@ -234,11 +235,8 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
   if mode == "all":
     # Train (or resume) unless the run is finished: a stopped training raises train.Stopped
     # before any analysis, so an unfinished network is never analysed as the trained one.
-    # Finished = its final evaluation written too: a stop between the last checkpoint and
-    # final_metrics.json resumes at that checkpoint, which only evaluates and writes it.
-    final = workdir_lib.read_json(workdir, "final_metrics.json") or {}
-    finished = (latest is not None and latest >= config.train.num_steps
-                and final.get("step") == latest) or (latest is None and exported) or imported
+    finished = (workdir_lib.trained(workdir, config.train.num_steps)
+                or (latest is None and exported) or imported)
     steps = ([] if finished else [train.train_and_evaluate]) + [
         analyse(lesion.run_study), analyse(path_gradients.run_study)]
   for i, step in enumerate(steps):

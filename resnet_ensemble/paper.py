@@ -91,8 +91,7 @@ def _done(workdir: str, name: str, config) -> bool:
 
 
 def _trained(config, workdir: str) -> bool:
-  latest = workdir_lib.latest_step(workdir)
-  return latest is not None and latest >= config.train.num_steps
+  return workdir_lib.trained(workdir, config.train.num_steps)
 
 
 def run(config, workdir: str, allow_unfinished: bool = False,

@@ -391,6 +391,15 @@ def holds_run(workdir: str) -> bool:
   return any(name.split(".")[0].isdigit() for name in _checkpoint_names(workdir))
 
 
+def trained(workdir: str, num_steps: int) -> bool:
+  """Has the run in ``workdir`` finished ``num_steps`` steps, its final evaluation written too?
+  A stop between the last checkpoint and ``final_metrics.json`` is not finished: resuming at
+  that checkpoint only evaluates and writes it."""
+  latest = latest_step(workdir)
+  final = read_json(workdir, "final_metrics.json") or {}
+  return latest is not None and latest >= num_steps and final.get("step") == latest
+
+
 def latest_step(workdir: str) -> int | None:
   """The newest checkpoint step in ``workdir``, by name, without reading it (None: none)."""
   return max((int(name) for name in _checkpoint_names(workdir) if name.isdigit()), default=None)

@@ -12,7 +12,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-TINY = ["--config=configs/quickstart.py"]  # ResNet-20 width 8 on digit-shaped images
+TINY = ["--config=configs/quickstart.py", "--config.stack=()"]  # one ResNet-20 width 8, digits
 
 
 def run(args, out=None, timeout=300, env=None):

@@ -73,13 +73,15 @@ def test_quickstart_all_runs_every_experiment_and_resumes(tmp_path):
 
 
 def test_analyses_without_a_checkpoint_name_the_workdir(tmp_path):
-  proc = cli("--config=configs/quickstart.py", f"--workdir={tmp_path / 'empty'}", "--mode=lesion")
+  proc = cli("--config=configs/quickstart.py", "--config.stack=()",
+             f"--workdir={tmp_path / 'empty'}", "--mode=lesion")
   assert proc.returncode == 2
   assert "no trained checkpoint in workdir" in proc.stderr and "empty" in proc.stderr
 
 
 def test_mode_paths_is_an_alias_of_gradients_that_says_so(tmp_path):
-  proc = cli("--config=configs/quickstart.py", f"--workdir={tmp_path / 'empty'}", "--mode=paths")
+  proc = cli("--config=configs/quickstart.py", "--config.stack=()",
+             f"--workdir={tmp_path / 'empty'}", "--mode=paths")
   assert proc.returncode == 2
   assert "--mode=paths is now --mode=gradients" in proc.stderr
   assert "no trained checkpoint in workdir" in proc.stderr  # then E6's own check ran
@@ -142,6 +144,10 @@ def test_mode_runs_prints_each_runs_workdir_and_writes_nothing(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == [str(workdir / "e8"), str(workdir / "seed1")]
   proc = cli("--config=configs/quickstart.py", f"--workdir={workdir}", "--mode=runs")
+  assert proc.stdout.splitlines() == [str(workdir / r) for r in ("seed0", "seed1", "seed2", "e8",
+                                                                  "sd")]
+  proc = cli("--config=configs/quickstart.py", "--config.stack=()", f"--workdir={workdir}",
+             "--mode=runs")
   assert proc.stdout.splitlines() == [str(workdir)]
   assert not workdir.exists()
 

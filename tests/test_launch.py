@@ -608,7 +608,7 @@ def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_
   waits for it); the next call trains it (a tiny ResNet on the digits) and runs E6;
   a third call skips both; asking for more paths per length runs E6 again."""
   env = _cpu_env(CONFIG_R110=QUICKSTART, E6_PATHS="2",
-                 FAST="--config.model.depth=8 --config.model.width=4 --config.train.num_steps=4",
+                 FAST="--config.stack=() --config.model.depth=8 --config.model.width=4 --config.train.num_steps=4",
                  CADENCE="--config.train.eval_every=4 --config.checkpoint.every=2")
   runs = tmp_path / "runs"
 

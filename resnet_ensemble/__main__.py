@@ -54,28 +54,8 @@ EXIT_USER_ERROR = 2
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every problem (a mistyped config field, a missing or broken
   config file, a value of the wrong type) as one line instead of a traceback."""
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config.get("seed")  # a config file that failed to load raises here, not at first use
-    return rest
-  except Exception as e:  # noqa: BLE001 (flags and ml_collections raise many types)
-    print(f"resnet_ensemble: error: {_flag_error(e, argv)}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
-
-
-def _flag_error(e: Exception, argv: list[str]) -> str:
-  lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
-  if "Failed loading config file" in str(e) or "Configuration is not available" in str(e):
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
-    return f"cannot load the config file --config={path}: {lines[-1] if lines else e}"
-  if isinstance(e, (AttributeError, KeyError)):
-    name = lines[0].strip("'\\\"") if lines else str(e)
-    given = [a for a in argv if a.startswith("--config.") and
-             name in a.split("=", 1)[0].split(".")]
-    hint = " ".join(lines[1:]).strip("'\\\"")
-    return (f"unknown config field {name!r}" + (f" in {given[0]}" if given else "")
-            + (f": {hint}" if hint else " (every field is in resnet_ensemble/config.py)"))
-  return " ".join(" ".join(lines).split()) or repr(e)
+  from resnet_ensemble import flag_errors  # no jax inside: flags are parsed before jax loads
+  return flag_errors.parse_or_exit(FLAGS, argv, "resnet_ensemble", EXIT_USER_ERROR)
 
 
 def main(argv):

@@ -281,10 +281,8 @@ def run_gradients(config, workdir: str, subject: Subject | None = None) -> dict:
 # One variant given by hand.
 
 
-def run_variant(config, workdir: str, subject: Subject | None = None) -> dict:
-  """The intact model and ``config.variant`` (an order and gates); writes ``variant.json``."""
-  s = subject or load(config)
-  n_layers = s.layout.n_layers
+def variant_of(config, n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+  """(order, gates) of ``config.variant``, validated (an InputError, one line)."""
   order = (transformer.check_order(n_layers, list(config.variant.order)) if config.variant.order
            else np.arange(n_layers, dtype=np.int32))
   gates = (np.asarray(config.variant.gates, np.float32) if config.variant.gates
@@ -293,6 +291,13 @@ def run_variant(config, workdir: str, subject: Subject | None = None) -> dict:
     raise transformer.InputError(
         f"--config.variant.gates has {gates.size} entries; the order runs {len(order)} layers, "
         f"so it takes {2 * len(order)} (attention and MLP of each)")
+  return order, gates
+
+
+def run_variant(config, workdir: str, subject: Subject | None = None) -> dict:
+  """The intact model and ``config.variant`` (an order and gates); writes ``variant.json``."""
+  s = subject or load(config)
+  order, gates = variant_of(config, s.layout.n_layers)
   ev = Evaluator(s, config.eval.batch_size, 1)
   m = ev(gates[None], order[None])
   out = {"config": workdir_lib.config_dict(config), **s.describe(),

@@ -73,10 +73,15 @@ def load(config) -> Subject:
     raise ValueError(f"--config.data.text={d.text} is not UTF-8 text: {e}") from None
   if config.weights:
     use_folder = d.tokenizer in ("auto", "folder")
-    imported = transformer_import.load(config.weights, tokenizer=use_folder)
+    imported = transformer_import.load(config.weights, tokenizer=False)
     model, variables, source = imported.model, imported.variables, imported.folder
     if use_folder:
-      tokens = lm_eval.tokenize(imported.tokenizer, text)
+      try:
+        tok = transformer_import.load_tokenizer(imported.folder)
+      except transformer_import.ModelFolderError as e:
+        raise transformer_import.ModelFolderError(
+            f"{e} (--config.data.tokenizer=bytes reads the text as bytes instead)") from None
+      tokens = lm_eval.tokenize(tok, text)
       tokenizer = os.path.join(imported.folder, transformer_import.TOKENIZER_FILE)
     else:
       tokens, tokenizer = lm_eval.byte_tokens(text), "bytes"

@@ -361,3 +361,19 @@ def test_precision_probe_compares_each_setting_with_float32():
       ("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32")]
   assert rows[0]["grad_rel_error"] == 0.0 and abs(rows[0]["grad_cosine"] - 1.0) < 1e-5
   assert all(0.0 < r["grad_rel_error"] for r in rows[1:])
+
+
+def test_lm_suite_bench_rows_each_experiment_against_a_plain_forward(tmp_path):
+  rows = run(["bench/lm_suite.py", "--config=configs/lm_bytes.py", "--num_windows=8",
+              "--config.data.window=16", "--config.model.max_positions=16",
+              "--config.lesion.draws=2", "--config.paths.samples_per_k=2", "--calls=1"],
+             out=tmp_path / "b.jsonl")
+  forwards = [r for r in rows if r["workload"] == "lm_forward"]
+  assert [f["before"] for f in forwards] == ["E1", "E3", "E4", "painters", "E6"]
+  timed = [r for r in rows if r not in forwards]
+  assert [r["workload"] for r in timed] == ["lm_E1", "lm_E3", "lm_E4", "lm_painters", "lm_E6"]
+  for row in timed:
+    check_common(row, row["workload"])
+    assert row["x_forward"] > 0 and row["n_branches"] == 8
+  assert timed[0]["variants"] == 1 + 8 + 4  # intact, each branch, each layer
+  assert timed[-1]["paths"] == 2 * 9  # lengths 0..8, 2 each, routed in complementary pairs

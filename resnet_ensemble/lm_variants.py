@@ -42,14 +42,9 @@ def eligible_branches(n_layers: int, keep_ends: bool) -> np.ndarray:
 def random_deletion_gates(rng: np.random.Generator, n_layers: int, k: int, draws: int,
                           keep_ends: bool = False) -> np.ndarray:
   """E3: ``draws`` gate vectors (2L,), each deleting k distinct eligible branches."""
-  eligible = eligible_branches(n_layers, keep_ends)
-  if not 0 <= k <= len(eligible):
-    raise ValueError(f"cannot delete k={k} branches: the model has {len(eligible)} eligible "
-                     f"branches ({'first and last layer kept' if keep_ends else 'all'})")
-  gates = np.ones((draws, 2 * n_layers), np.float32)
-  for row in gates:
-    row[rng.choice(eligible, size=k, replace=False)] = 0.0
-  return gates
+  return lesion.random_deletions(rng, 2 * n_layers, eligible_branches(n_layers, keep_ends), k,
+                                 draws, "branches",
+                                 "first and last layer kept" if keep_ends else "all")
 
 
 def adjacent_swap_orders(n_layers: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common
-from resnet_ensemble import lm_eval, lm_study, lm_variants, path_gradients, transformer_import
+from resnet_ensemble import lm_study, lm_variants, path_gradients, transformer_import
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/lm_*.py).",
                                 lock_config=True)
@@ -41,7 +41,7 @@ def subject(c) -> lm_study.Subject:
     imported = transformer_import.load(c.weights, tokenizer=False)
     model, variables, source = imported.model, imported.variables, imported.folder
   else:
-    model, variables, source = lm_study._fresh_model(c), None, "random_init"
+    model, variables, source = lm_study.fresh_model(c), None, "random_init"
   windows = rng.integers(0, min(model.vocab_size, 256), (FLAGS.num_windows, c.data.window + 1))
   windows = windows.astype(np.int32)
   if variables is None:

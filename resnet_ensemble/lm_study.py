@@ -49,7 +49,8 @@ class Subject:
             "tokens_predicted": int(self.windows[:, 1:].size), "layout": self.layout.describe()}
 
 
-def _fresh_model(c) -> transformer.GatedTransformer:
+def fresh_model(c) -> transformer.GatedTransformer:
+  """The model of ``c.model`` (gpt2 or llama settings), not yet initialised."""
   m = c.model
   if m.name == "gpt2":
     return transformer.gpt2(m.vocab_size, m.n_layers, m.d_model, m.n_heads, m.d_ff,
@@ -88,7 +89,7 @@ def load(config) -> Subject:
   else:
     if d.tokenizer == "folder":
       raise ValueError("--config.data.tokenizer=folder needs --config.weights (a model folder)")
-    model, source, tokenizer = _fresh_model(config), f"init(seed={config.seed})", "bytes"
+    model, source, tokenizer = fresh_model(config), f"init(seed={config.seed})", "bytes"
     tokens = lm_eval.byte_tokens(text)
     variables = None
   if tokens.size and int(tokens.max()) >= model.vocab_size:

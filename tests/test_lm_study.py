@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_ensemble import (lesion, lm_config, lm_eval, lm_study, lm_variants, path_counts,
+from resnet_ensemble import (lesion, lm_config, lm_study, lm_variants, path_counts,
                              path_gradients, transformer)
 from tests.test_transformer import _reference_measures
 
@@ -194,8 +194,9 @@ def cli(*args, timeout=600):
 SMALL = ["--config=configs/lm_bytes.py", f"--config.data.window={SEQ}",
          "--config.data.max_windows=8", "--config.model.n_layers=3", "--config.model.d_model=16",
          "--config.model.d_ff=32", f"--config.model.max_positions={SEQ}",
-         "--config.lesion.draws=2", "--config.lesion.max_k=2", "--config.lesion.reorder_max_swaps=2",
-         "--config.lesion.reorder_draws=2", "--config.lesion.shuffles=1",
+         "--config.lesion.draws=2", "--config.lesion.max_k=2",
+         "--config.lesion.reorder_max_swaps=2", "--config.lesion.reorder_draws=2",
+         "--config.lesion.shuffles=1",
          "--config.paths.samples_per_k=2"]
 
 

@@ -251,7 +251,8 @@ def fig_deletion_paths(page: Page, n: int, eff: tuple | None, unit: str = "block
   d = ds[len(ds) // 2]
   typical = n // 2
   short = eff[1] if eff is not None and eff[1] < typical else max(1, n // 10)
-  text = [f"Deleting {d} of {n} {unit} leaves {pct(path_counts.surviving_fraction(n, d, short))} of "
+  kept = pct(path_counts.surviving_fraction(n, d, short))
+  text = [f"Deleting {d} of {n} {unit} leaves {kept} of "
           f"the length-{short} paths but only "
           f"{pct(path_counts.surviving_fraction(n, d, typical))} of the typical length-{typical} "
           f"ones (curves for d = {', '.join(map(str, ds))})."]

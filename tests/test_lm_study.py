@@ -41,12 +41,13 @@ def _config(text_path, **over):
   return c
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-  """(subject, lesion.json, paths.json) of a tiny random GPT-2 on byte windows."""
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def study(request, tmp_path_factory):
+  """(subject, lesion.json, paths.json) of a tiny random GPT-2 or Llama (rotary positions,
+  SwiGLU, RMSNorm) on byte windows."""
   d = tmp_path_factory.mktemp("lm")
   (d / "text.txt").write_text(TEXT)
-  c = _config(d / "text.txt")
+  c = _config(d / "text.txt", **{"model.name": request.param})
   s = lm_study.load(c)
   return s, lm_study.run_lesion(c, str(d / "w"), s), lm_study.run_gradients(c, str(d / "w"), s)
 
@@ -286,3 +287,17 @@ def test_bad_input_is_one_line_and_exit_2(gpt2_folder, tmp_path, case, args, mes
   assert len(lines) == 1 and lines[0].startswith("resnet_ensemble.lm: error: "), lines
   assert message in lines[0], lines[0]
   assert not w.exists()
+
+
+def test_an_imported_folder_reads_the_text_with_its_own_tokenizer(gpt2_folder, tmp_path):
+  import shutil
+  from resnet_ensemble import lm_eval, transformer_import as ti
+  from tests.test_transformer import _write_tokenizer
+  folder = tmp_path / "with_tokenizer"
+  shutil.copytree(gpt2_folder, folder)
+  _write_tokenizer(folder / ti.TOKENIZER_FILE)
+  s = lm_study.load(_config(gpt2_folder / "text.txt", weights=str(folder), **{
+      "data.window": 8}))
+  assert s.tokenizer == str(folder / ti.TOKENIZER_FILE) and s.model.n_layers == LAYERS
+  want = lm_eval.tokenize(ti.load_tokenizer(str(folder)), TEXT)
+  np.testing.assert_array_equal(s.windows[0], want[:9])

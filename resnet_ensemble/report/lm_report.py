@@ -23,8 +23,8 @@ CONFIG = "configs/lm_bytes.py"
 
 
 def command(mode: str, workdir: str) -> str:
-  return (f"python -m resnet_ensemble.lm --config={CONFIG} --workdir={workdir} "
-          f"--mode={mode}")
+  return (f"python -m resnet_ensemble.lm --config={CONFIG} --config.data.text=TEXT "
+          f"--workdir={workdir} --mode={mode}")
 
 
 def fig_single(page: Page, lesion: dict) -> None:

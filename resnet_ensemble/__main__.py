@@ -56,47 +56,12 @@ EXIT_USER_ERROR = 2
 EXIT_LOCK_LOST = 75
 
 
-def _user_error(message: str) -> None:
-  print(f"resnet_ensemble: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_USER_ERROR)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every problem (a mistyped config field, a missing or broken
   config file, a value of the wrong type, a stray argument) as one line instead of a traceback
   or the usage text."""
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config.get("seed")  # a config file that failed to load raises here, not at first use
-  except Exception as e:  # noqa: BLE001 (flags and ml_collections raise many types)
-    _user_error(_flag_error(e, argv))
-  if len(rest) > 1:
-    _user_error(f"unexpected argument(s) {' '.join(rest[1:])!r}: every option is a flag "
-                "(--config=FILE, --workdir=DIR, --mode=MODE, --config.a.b=value; a value "
-                "with spaces is quoted as one word)")
-  return rest
-
-
-def _config_path(argv: list[str]) -> str:
-  return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
-
-
-def _flag_error(e: Exception, argv: list[str]) -> str:
-  lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
-  if "get_config" in str(e):
-    return (f"cannot load the config file --config={_config_path(argv)}: it defines no "
-            "get_config() (a config file is a Python file whose get_config() returns the "
-            "config; see configs/)")
-  if "Failed loading config file" in str(e) or "Configuration is not available" in str(e):
-    return f"cannot load the config file --config={_config_path(argv)}: {lines[-1] if lines else e}"
-  if isinstance(e, (AttributeError, KeyError)):
-    name = lines[0].strip("'\\\"") if lines else str(e)
-    given = [a for a in argv if a.startswith("--config.") and
-             name in a.split("=", 1)[0].split(".")]
-    hint = " ".join(lines[1:]).strip("'\\\"")
-    return (f"unknown config field {name!r}" + (f" in {given[0]}" if given else "")
-            + (f": {hint}" if hint else " (every field is in resnet_ensemble/config.py)"))
-  return " ".join(" ".join(lines).split()) or repr(e)
+  from resnet_ensemble import flag_errors  # no jax inside: flags are parsed before jax loads
+  return flag_errors.parse_or_exit(FLAGS, argv, "resnet_ensemble", EXIT_USER_ERROR)
 
 
 class Interrupted(BaseException):

@@ -36,11 +36,19 @@ def eligible_blocks(layout: BlockLayout, exclude_downsampling: bool) -> np.ndarr
 def random_deletion_gates(rng: np.random.Generator, layout: BlockLayout, k: int, draws: int,
                           exclude_downsampling: bool = False) -> np.ndarray:
   """E3: ``draws`` gate vectors, each deleting k distinct blocks chosen uniformly."""
-  eligible = eligible_blocks(layout, exclude_downsampling)
+  return random_deletions(rng, layout.n_blocks, eligible_blocks(layout, exclude_downsampling),
+                          k, draws, "blocks",
+                          "downsampling excluded" if exclude_downsampling else "all blocks")
+
+
+def random_deletions(rng: np.random.Generator, n: int, eligible: np.ndarray, k: int,
+                     draws: int, unit: str = "blocks", scope: str = "all") -> np.ndarray:
+  """``draws`` gate vectors over n positions, each 0 at k distinct positions drawn uniformly
+  from ``eligible`` (``unit`` and ``scope`` name them in the error when k does not fit)."""
   if not 0 <= k <= len(eligible):
-    raise ValueError(f"cannot delete k={k} blocks: the network has {len(eligible)} eligible "
-                     f"blocks ({'downsampling excluded' if exclude_downsampling else 'all blocks'})")
-  gates = np.ones((draws, layout.n_blocks), np.float32)
+    raise ValueError(f"cannot delete k={k} {unit}: there are {len(eligible)} eligible {unit} "
+                     f"({scope})")
+  gates = np.ones((draws, n), np.float32)
   for row in gates:
     row[rng.choice(eligible, size=k, replace=False)] = 0.0
   return gates

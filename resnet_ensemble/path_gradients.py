@@ -264,14 +264,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   mesh = make_mesh()
   chunk = mesh.size * math.ceil(pc.chunk / 2 / mesh.size)  # pairs per call
   rng = np.random.default_rng(config.seed)
-  selections, lengths = paired_selections(rng, n, pc.samples_per_k)
-  # Pairs in random order: a chunk (one batch) then holds paths of many lengths, and a
-  # length's samples come from about as many batches as it has samples; in length order they
-  # would share one or two batches, and the batch-to-batch spread of the loss gradient would
-  # move whole lengths together.
-  order = rng.permutation(len(selections))
-  selections, lengths = selections[order], np.concatenate(
-      [lengths[:len(order)][order], lengths[len(order):][order]])
+  selections, lengths = shuffled_pairs(rng, n, pc.samples_per_k)
   mean, std = t.dataset.mean, t.dataset.std
   fn = make_path_gradient_fn(lambda v: models.unroll(t.model, v),
                              scales=gates_lib.eval_gates(config.gates, t.layout), paired=True)
@@ -301,19 +294,41 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
     out = np.stack([y0.log10(), image.log10()], 1).reshape(2, chunk, 2)
     log10[:, start:start + used] = out[:, :used]
     progress.update(2 * min(start + chunk, q))
-  log10 = log10.reshape(2 * q, 2)
-  by_k = np.stack([log10[lengths == k][:pc.samples_per_k] for k in range(n + 1)])
-  (mean_y0, std_y0), (mean_image, std_image) = (
-      path_counts.log10_mean_std(by_k[..., j]) for j in range(2))  # (n + 1,) each
-  log10_total = path_counts.log10_total_gradient(n, mean_y0)
-  lo, hi = path_counts.effective_interval(path_counts.relative_weights(log10_total), 0.9)
   out = {
       "n": n, **t.describe(), "config": workdir_lib.config_dict(config),
       "data_source": t.dataset.source,
       "batches_from": t.dataset.gradient_split,
+      **summarise(n, log10.reshape(2 * q, 2), lengths, pc.samples_per_k, pc.batch_size),
+  }
+  workdir_lib.write_json(workdir, "paths.json", out)
+  return out
+
+
+def shuffled_pairs(rng: np.random.Generator, n: int,
+                   samples_per_k: int) -> tuple[np.ndarray, np.ndarray]:
+  """``paired_selections`` with the pairs in random order: a chunk (one batch) then holds paths
+  of many lengths, and a length's samples come from about as many batches as it has samples;
+  in length order they would share one or two batches, and the batch-to-batch spread of the
+  loss gradient would move whole lengths together."""
+  selections, lengths = paired_selections(rng, n, samples_per_k)
+  order = rng.permutation(len(selections))
+  return selections[order], np.concatenate(
+      [lengths[:len(order)][order], lengths[len(order):][order]])
+
+
+def summarise(n: int, log10: np.ndarray, lengths: np.ndarray, samples_per_k: int,
+              batch_size: int) -> dict:
+  """paths.json's E6/E7 fields from the routed norms ``log10`` (paths, 2): log10 of each
+  path's norm at the first block's input and at the input, ``lengths`` each path's length."""
+  by_k = np.stack([log10[lengths == k][:samples_per_k] for k in range(n + 1)])
+  (mean_y0, std_y0), (mean_image, std_image) = (
+      path_counts.log10_mean_std(by_k[..., j]) for j in range(2))  # (n + 1,) each
+  log10_total = path_counts.log10_total_gradient(n, mean_y0)
+  lo, hi = path_counts.effective_interval(path_counts.relative_weights(log10_total), 0.9)
+  return {
       "sampler": "complementary pairs",
-      "gradient": {"k": list(range(n + 1)), "samples_per_k": pc.samples_per_k,
-                   "batch_size": pc.batch_size,
+      "gradient": {"k": list(range(n + 1)), "samples_per_k": samples_per_k,
+                   "batch_size": batch_size,
                    "mean_norm": _json_power(mean_y0), "std_norm": _json_power(std_y0),
                    "mean_norm_image": _json_power(mean_image),
                    "std_norm_image": _json_power(std_image),
@@ -325,8 +340,6 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
       "effective_interval": [lo, hi],
       "effective_share_of_paths": float(path_counts.share_of_paths(n, lo, hi)),
   }
-  workdir_lib.write_json(workdir, "paths.json", out)
-  return out
 
 
 def _json_power(log10: np.ndarray) -> list[float]:

@@ -383,3 +383,19 @@ def test_cpu_ratios_pairs_each_jax_row_with_the_next_torch_row():
   assert "| train[r20] | cifar_resnet-20 | 128 | 450.0 ms_per_step | 300.0 | 1.50 |" in table
   assert "| paths_E6 |  | 128 | 1.5 paths_per_s | 1.2 | 0.80 |" in table
   assert "eval" not in table  # its PyTorch row was skipped: no ratio against another row
+
+
+def test_lm_suite_bench_rows_each_experiment_against_a_plain_forward(tmp_path):
+  rows = run(["bench/lm_suite.py", "--config=configs/lm_bytes.py", "--num_windows=8",
+              "--config.data.window=16", "--config.model.max_positions=16",
+              "--config.lesion.draws=2", "--config.paths.samples_per_k=2", "--calls=1"],
+             out=tmp_path / "b.jsonl")
+  forwards = [r for r in rows if r["workload"] == "lm_forward"]
+  assert [f["before"] for f in forwards] == ["E1", "E3", "E4", "painters", "E6"]
+  timed = [r for r in rows if r not in forwards]
+  assert [r["workload"] for r in timed] == ["lm_E1", "lm_E3", "lm_E4", "lm_painters", "lm_E6"]
+  for row in timed:
+    check_common(row, row["workload"])
+    assert row["x_forward"] > 0 and row["n_branches"] == 8
+  assert timed[0]["variants"] == 1 + 8 + 4  # intact, each branch, each layer
+  assert timed[-1]["paths"] == 2 * 9  # lengths 0..8, 2 each, routed in complementary pairs

@@ -47,7 +47,8 @@ def deleted_counts(n: int) -> list[int]:
   return sorted({min(n, max(1, round(d * n / paper.N))) for d in paper.E9_DELETED})
 
 
-def fig_path_lengths(page: Page, n: int, n_from: str) -> tuple[int, int, float]:
+def fig_path_lengths(page: Page, n: int, n_from: str,
+                     unit: str = "blocks") -> tuple[int, int, float]:
   """Fig. 6a: C(n, k) with the central >= 95 % interval shaded."""
   counts = np.array([float(c) for c in path_counts.path_counts(n)])
   lo, hi = central_interval(n)
@@ -57,7 +58,7 @@ def fig_path_lengths(page: Page, n: int, n_from: str) -> tuple[int, int, float]:
   ax.bar(k, counts, width=0.8, color="C0")
   ax.axvspan(lo - 0.5, hi + 0.5, color="C1", alpha=0.2,
              label=f"lengths {lo}–{hi}: {pct(share)} of paths")
-  ax.set_title(f"Distribution of path length (n = {n} blocks)")
+  ax.set_title(f"Distribution of path length (n = {n} {unit})")
   ax.set_xlabel("path length")
   ax.set_ylabel("number of paths")
   ax.legend(fontsize=8, loc="upper right")
@@ -202,8 +203,10 @@ def effective(n: int, pj: dict | None) -> tuple[np.ndarray, int, int, float] | N
   return total, lo, hi, float(path_counts.share_of_paths(n, lo, hi))
 
 
-def fig_total_gradient(page: Page, n: int, eff: tuple | None) -> None:
-  """Fig. 6c: C(n, k) x mean norm(k), the shortest 90 % interval shaded."""
+def fig_total_gradient(page: Page, n: int, eff: tuple | None,
+                       layers: str = "for basic blocks") -> None:
+  """Fig. 6c: C(n, k) x mean norm(k), the shortest 90 % interval shaded. ``layers``: how a
+  length counts layers (basic blocks: two each; "" says nothing)."""
   if eff is None:
     return
   total, lo, hi, share = eff
@@ -218,8 +221,9 @@ def fig_total_gradient(page: Page, n: int, eff: tuple | None) -> None:
   ax.set_ylabel("total gradient magnitude (relative to its peak)")
   ax.legend(fontsize=8, loc="upper right")
   peak = int(np.argmax(total))
-  text = [f"{paper.E7_MASS * 100:.0f} % of the total gradient comes from paths of length {lo}–{hi} "
-          f"({2 * lo}–{2 * hi} layers for basic blocks), which are {pct(share)} of all "
+  note = f" ({2 * lo}–{2 * hi} layers {layers})" if layers else ""
+  text = [f"{paper.E7_MASS * 100:.0f} % of the total gradient comes from paths of length {lo}–{hi}"
+          f"{note}, which are {pct(share)} of all "
           f"paths; the total peaks at length {peak} (which alone holds "
           f"{pct(total[peak] / total.sum(), 1)} of it), against a typical path length of "
           f"{n / 2:g}."]
@@ -230,7 +234,7 @@ def fig_total_gradient(page: Page, n: int, eff: tuple | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # E9.
 
-def fig_deletion_paths(page: Page, n: int, eff: tuple | None) -> None:
+def fig_deletion_paths(page: Page, n: int, eff: tuple | None, unit: str = "blocks") -> None:
   """Fig. 7 (analytic): deleting blocks removes long paths far more than short ones."""
   ds = deleted_counts(n)
   x = np.arange(n + 1)
@@ -240,14 +244,15 @@ def fig_deletion_paths(page: Page, n: int, eff: tuple | None) -> None:
             label=f"{d} deleted")
   if eff is not None:
     ax.axvspan(eff[1] - 0.5, eff[2] + 0.5, color="C1", alpha=0.15, label="effective lengths")
-  ax.set_title(f"Deletion removes long paths (n = {n} blocks)")
+  ax.set_title(f"Deletion removes long paths (n = {n} {unit})")
   ax.set_xlabel("path length")
   ax.set_ylabel("fraction of remaining paths")
   ax.legend(fontsize=8)
   d = ds[len(ds) // 2]
   typical = n // 2
   short = eff[1] if eff is not None and eff[1] < typical else max(1, n // 10)
-  text = [f"Deleting {d} of {n} blocks leaves {pct(path_counts.surviving_fraction(n, d, short))} of "
+  kept = pct(path_counts.surviving_fraction(n, d, short))
+  text = [f"Deleting {d} of {n} {unit} leaves {kept} of "
           f"the length-{short} paths but only "
           f"{pct(path_counts.surviving_fraction(n, d, typical))} of the typical length-{typical} "
           f"ones (curves for d = {', '.join(map(str, ds))})."]

@@ -1,0 +1,96 @@
+"""Command line of the transformer experiments:
+``python -m resnet_ensemble.lm --config=configs/lm_bytes.py --workdir=DIR --mode=all``.
+
+Modes (the ResNets' names and files): lesion: E1, E3, E4 and the painters interventions
+(lesion.json); gradients: E6/E7 and the E5/E9 counts (paths.json); report: report.md and
+figures from those; all: lesion, gradients, report; eval: the intact model and the variant of
+``--config.variant.order``/``gates`` (variant.json). The model is a local Hugging Face folder
+(``--config.weights``) or a freshly initialised one (``model.*``, seeded): nothing is trained.
+
+Exit codes: 0 done; 2 a user error, one line on stderr (an unknown architecture or config
+field, a model folder whose shapes do not match, a missing tokenizer, a text shorter than one
+window, gates of the wrong length, an index array that is not a valid order).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/lm_*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for the results and the report.")
+MODES = ("lesion", "gradients", "report", "all", "eval")
+flags.DEFINE_enum("mode", "all", list(MODES), "lesion: E1-E4 (lesion.json); gradients: E6/E7 "
+                  "(paths.json); report: report.md + figures; all: lesion, gradients, report; "
+                  "eval: the intact model and --config.variant (variant.json).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+PROG = "resnet_ensemble.lm"
+EXIT_USER_ERROR = 2
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  from resnet_ensemble import flag_errors
+  return flag_errors.parse_or_exit(FLAGS, argv, PROG, EXIT_USER_ERROR,
+                                   fields_in="resnet_ensemble/lm_config.py")
+
+
+def run_mode(mode: str, config, workdir: str) -> list[str]:
+  """Runs ``mode``; returns the files written. User errors are ValueErrors (one line)."""
+  from resnet_ensemble import lm_config, lm_study, workdir as workdir_lib
+  from resnet_ensemble.progress import format_duration, say
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+  subject = None
+  if mode != "report":  # every input checked before the workdir is made
+    lm_config.validate(config)
+    subject = lm_study.load(config)
+    if mode == "eval":
+      lm_study.variant_of(config, subject.layout.n_layers)
+  workdir_lib.check_path(workdir)
+  written = []
+  with workdir_lib.lock(workdir):
+    steps = {"lesion": [lm_study.run_lesion], "gradients": [lm_study.run_gradients],
+             "all": [lm_study.run_lesion, lm_study.run_gradients], "report": [],
+             "eval": [lm_study.run_variant]}[mode]
+    names = {lm_study.run_lesion: "lesion.json", lm_study.run_gradients: "paths.json",
+             lm_study.run_variant: "variant.json"}
+    for step in steps:
+      t0 = time.perf_counter()
+      say(f"== {mode}: {step.__name__}")
+      step(config, workdir, subject)
+      written.append(str(workdir_lib.path(workdir, names[step])))
+      say(f"== done in {format_duration(time.perf_counter() - t0)}")
+    if mode in ("report", "all"):
+      from resnet_ensemble.report import lm_report
+      files = lm_report.write_report(workdir)
+      say(f"report: {files[-1]} and {len(files) - 1} figures")
+      written += files
+  return written
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from resnet_ensemble import lm_eval, transformer, transformer_import, workdir as workdir_lib
+  user_errors = (ValueError, IndexError, ImportError, OSError, workdir_lib.WorkdirError,
+                 transformer.InputError, transformer_import.ModelFolderError, lm_eval.TextError)
+  try:
+    run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  except user_errors as e:
+    logging.debug("user error", exc_info=True)
+    print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

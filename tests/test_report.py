@@ -516,3 +516,23 @@ def test_an_imported_cifar_resnet_is_named_by_its_depth_and_a_rising_gradient_sa
   assert rows["gradient per path length (E6)"].split("|")[2].strip().startswith(
       "no decay, ×1.500 per extra block")
   assert "rises from 1.00e-03 at length 0 to 1.14e-02 at length 6" in md
+
+
+def test_e1_spread_over_seeds(tmp_path):
+  """Fig. 3 with the seeds' E1: their mean and spread per block, and the text states them."""
+  from resnet_ensemble.report.page import Page
+
+  def lesion(errors):
+    return {"single": {"error": errors}, "baseline": {"error": 0.05},
+            "layout": {"n_blocks": 3, "downsampling": [1]}, "model_kind": "resnet",
+            "config": {"model": {"name": "cifar_resnet", "depth": 8}, "data": {"name": "digits"}}}
+
+  main, seeds = lesion([0.1, 0.9, 0.3]), [lesion([0.2, 0.8, 0.1]), lesion([0.3, 0.9, 0.2])]
+  page = Page(str(tmp_path))
+  lesion_figures.fig_single(page, main, None, seeds)
+  _assert_png(str(tmp_path / "fig3_single_block_deletion.png"))
+  text = " ".join(page.sections[0][2])
+  # Blocks 1 and 3 (block 2 downsamples): per seed means 0.2, 0.15, 0.25 -> 20.00 % ± 5.00 %.
+  assert "Over 3 seeds" in text and "20.00 % ± 5.00 %" in text
+  assert lesion_figures.seeds_spread(main, []) is None
+  assert lesion_figures.seeds_spread(main, [lesion([0.1, 0.2])]) is None  # another shape

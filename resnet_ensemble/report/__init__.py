@@ -49,7 +49,7 @@ def write_report(workdir: str, *, vgg_workdir: str | None = None, sd_workdir: st
   page = Page(out_dir)
 
   n, n_from = read.n_blocks(runs)
-  lesion_figures.fig_single(page, runs.lesion, runs.vgg)
+  lesion_figures.fig_single(page, runs.lesion, runs.vgg, runs.seed_lesions)
   delete_k = lesion_figures.fig_delete_k(page, runs.lesion)
   lesion_figures.fig_reorder(page, runs.lesion)
   e5 = path_figures.fig_path_lengths(page, n, n_from)

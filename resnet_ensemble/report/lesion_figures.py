@@ -8,6 +8,8 @@ are 1-based, as in the paper's figures.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
@@ -62,8 +64,19 @@ def single_text(lesion: dict, label: str) -> str:
   return " ".join(parts)
 
 
-def fig_single(page: Page, lesion: dict | None, vgg: dict | None) -> None:
-  """Fig. 3 (CIFAR, with the VGG panel) or Fig. 4 (ImageNet)."""
+def seeds_spread(lesion: dict, seed_lesions: Sequence[dict]) -> np.ndarray | None:
+  """E1's errors over the main run and its seeds, one row per seed (None: no other seed has
+  E1 on a network of the same shape)."""
+  err = [np.asarray(x["single"]["error"], dtype=np.float64)
+         for x in [lesion, *seed_lesions] if (x.get("single") or {}).get("error")]
+  same = [e for e in err if e.size == err[0].size]
+  return np.stack(same) if len(same) > 1 else None
+
+
+def fig_single(page: Page, lesion: dict | None, vgg: dict | None,
+               seed_lesions: Sequence[dict] = ()) -> None:
+  """Fig. 3 (CIFAR, with the VGG panel) or Fig. 4 (ImageNet); with the seeds' E1, their mean
+  and standard deviation per deleted block beside the main run's curve."""
   have = [(x, c) for x, c in ((lesion, "C0"), (vgg, "C1"))
           if x is not None and (x.get("single") or {}).get("error")]
   if not have:
@@ -76,6 +89,12 @@ def fig_single(page: Page, lesion: dict | None, vgg: dict | None) -> None:
   for ax, (res, color) in zip(axes[0], have):
     label = read.model_label(res)
     _plot_single(ax, res, label, color)
+    spread = seeds_spread(res, seed_lesions) if res is lesion else None
+    if spread is not None:
+      x = np.arange(1, spread.shape[1] + 1)
+      ax.errorbar(x + 0.15, spread.mean(0), yerr=spread.std(0, ddof=1), fmt="s", ms=3,
+                  color="gray", capsize=2, elinewidth=0.8,
+                  label=f"mean ± std over {len(spread)} seeds")
     if read.is_plain(res):
       ax.axhline(read.chance_error(res), color="gray", ls=":", lw=1, label="chance")
     ax.set_title(f"{label}: test error when dropping any single "
@@ -85,6 +104,15 @@ def fig_single(page: Page, lesion: dict | None, vgg: dict | None) -> None:
     ax.set_ylim(0, 1.0 if res is vgg or imagenet else None)
     ax.legend(fontsize=8)
     text.append(single_text(res, label))
+    if spread is not None:
+      _, down = read.layout(res)
+      others = [i for i in range(spread.shape[1]) if i not in down]
+      mean = spread[:, others].mean(1)
+      text.append(f"Over {len(spread)} seeds, the mean error when deleting a block that is not "
+                  f"a downsampling block is {pct(mean.mean())} ± {pct(mean.std(ddof=1))} "
+                  f"(one value per seed: {', '.join(pct(m) for m in mean)}); the standard "
+                  f"deviation over seeds per deleted block has median "
+                  f"{pct(float(np.median(spread.std(0, ddof=1))))}.")
   fig.suptitle("Results when dropping individual blocks" if not imagenet
                else "Dropping individual blocks from ResNet on ImageNet")
   title = "E2 / Fig. 4 — single-block deletion (ImageNet)" if imagenet else (

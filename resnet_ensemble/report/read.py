@@ -45,6 +45,7 @@ class Runs:
   final: dict | None            # training (final_metrics.json)
   jpeg: dict | None             # the test-time JPEG probe (jpeg_gap.json)
   seeds: list[tuple[str, dict | None]]  # (workdir, final_metrics) of more seeds of the run
+  seed_lesions: list[dict]      # the lesion.json of those seeds that have one
   vgg_workdir: str | None
   vgg: dict | None              # the plain network's lesion.json (E1's comparison)
   sd_workdir: str | None
@@ -63,7 +64,9 @@ def read_runs(workdir: str, *, vgg_workdir: str | None, sd_workdir: str | None,
   effective_final = load(effective_workdir, "final_metrics.json")
   jpeg = load(workdir, "jpeg_gap.json")
   seeds = [(wd, load(wd, "final_metrics.json")) for wd in seed_workdirs]
+  seed_lesions = [x for x in (load(wd, "lesion.json") for wd in seed_workdirs) if x]
   return Runs(workdir=workdir, lesion=lesion, paths=pj, final=final, jpeg=jpeg, seeds=seeds,
+              seed_lesions=seed_lesions,
               vgg_workdir=vgg_workdir, vgg=vgg, sd_workdir=sd_workdir, sd=sd,
               effective_workdir=effective_workdir, effective_final=effective_final)
 

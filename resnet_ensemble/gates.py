@@ -27,6 +27,21 @@ import numpy as np
 
 from resnet_ensemble.layout import BlockLayout
 
+
+def check_shape(gates, n: int, batch: int, dtype, what: str,
+                error: type[ValueError] = ValueError) -> jax.Array:
+  """The gates a network is called with: all ones for None, else shape ``(n,)`` or
+  ``(n, batch)``, checked at trace time with one line naming the shape expected (``what``:
+  what the n gates are, e.g. "for this network of 9 blocks")."""
+  if gates is None:
+    return jnp.ones((n,), dtype)
+  gates = jnp.asarray(gates)
+  if gates.ndim not in (1, 2) or gates.shape[0] != n:
+    raise error(f"gates must have shape ({n},) or ({n}, batch) {what}; got shape {gates.shape}")
+  if gates.ndim == 2 and gates.shape[1] != batch:
+    raise error(f"per-example gates have batch size {gates.shape[1]}, the input has {batch}")
+  return gates
+
 SAMPLERS = ("none", "effective", "stochastic_depth")
 
 

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_ensemble import blocks, conv
+from resnet_ensemble import blocks, conv, gates as gates_lib
 from resnet_ensemble.blocks import BasicBlock, BatchNorm, BottleneckBlock, PlainLayer
 from resnet_ensemble.layout import BlockLayout, down_name, stacked_name
 
@@ -50,19 +50,6 @@ def _scan_blocks(block: nn.Module, x: Array, gates: Array, unroll: int,
                  split_rngs={"params": True}, in_axes=0, length=gates.shape[0],
                  unroll=scan_unroll(unroll, gates.shape[0]))
   return scan(block, x, gates)[0]
-
-
-def _check_gates(gates: Array | None, n_blocks: int, batch: int, dtype) -> Array:
-  if gates is None:
-    return jnp.ones((n_blocks,), dtype)
-  gates = jnp.asarray(gates)
-  if gates.ndim not in (1, 2) or gates.shape[0] != n_blocks:
-    raise ValueError(
-        f"gates must have shape ({n_blocks},) or ({n_blocks}, batch) for this network of "
-        f"{n_blocks} blocks; got shape {gates.shape}")
-  if gates.ndim == 2 and gates.shape[1] != batch:
-    raise ValueError(f"per-example gates have batch size {gates.shape[1]}, the input has {batch}")
-  return gates
 
 
 class ResNet(nn.Module):
@@ -109,7 +96,8 @@ class ResNet(nn.Module):
   def __call__(self, x: Array, gates: Array | None = None, train: bool = False,
                skip_compute: bool = False) -> Array:
     layout = self.layout
-    gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
+    gates = gates_lib.check_shape(gates, layout.n_blocks, x.shape[0], self.dtype,
+                                  f"for this network of {layout.n_blocks} blocks")
     norm = _norm(train, self.dtype, self.norm_axis_name)
     x = self.embed(x, norm)
     for s, down, stacked in self.stage_blocks(norm):
@@ -182,7 +170,8 @@ class PlainNet(nn.Module):
   def __call__(self, x: Array, gates: Array | None = None, train: bool = False,
                skip_compute: bool = False) -> Array:
     layout = self.layout
-    gates = _check_gates(gates, layout.n_blocks, x.shape[0], self.dtype)
+    gates = gates_lib.check_shape(gates, layout.n_blocks, x.shape[0], self.dtype,
+                                  f"for this network of {layout.n_blocks} blocks")
     norm = _norm(train, self.dtype, self.norm_axis_name)
     x = self.embed(x, norm)
     for s, _, layer in self.stage_blocks(norm):

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_ensemble import gates as gates_lib
+
 Array = jax.Array
 
 BRANCH_KINDS = ("attn", "mlp")
@@ -115,19 +117,6 @@ def check_order(n_layers: int, order) -> np.ndarray:
     raise InputError(f"order {a.astype(int).tolist()} holds indices {bad} outside the "
                      f"{n_layers} layers 0..{n_layers - 1}")
   return a.astype(np.int32)
-
-
-def _check_gates(gates, n_branches: int, batch: int, dtype) -> Array:
-  if gates is None:
-    return jnp.ones((n_branches,), dtype)
-  gates = jnp.asarray(gates)
-  if gates.ndim not in (1, 2) or gates.shape[0] != n_branches:
-    raise InputError(
-        f"gates must have shape ({n_branches},) or ({n_branches}, batch): one per branch "
-        f"(attention, MLP) of the {n_branches // 2} layers run; got shape {gates.shape}")
-  if gates.ndim == 2 and gates.shape[1] != batch:
-    raise InputError(f"per-example gates have batch size {gates.shape[1]}, the input has {batch}")
-  return gates
 
 
 def _gate(g: Array, like: Array) -> Array:
@@ -362,7 +351,9 @@ class GatedTransformer(nn.Module):
     if order is not None and not isinstance(order, jax.core.Tracer):
       order = check_order(self.n_layers, order)
     runs = self.n_layers if order is None else order.shape[0]
-    gates = _check_gates(gates, 2 * runs, tokens.shape[0], self.dtype)
+    gates = gates_lib.check_shape(
+        gates, 2 * runs, tokens.shape[0], self.dtype,
+        f"(one per branch, attention and MLP, of the {runs} layers run)", InputError)
     if self.is_initializing():  # the stacked parameters: one per layer, in their own order
       order, runs, gates = None, self.n_layers, jnp.ones((2 * self.n_layers,), self.dtype)
     table = self._token_embedding()

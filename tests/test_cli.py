@@ -34,6 +34,7 @@ TINY_QUICKSTART = ["--config=configs/quickstart.py", "--config.model.width=4",
 RUNS = ("seed0", "seed1", "seed2", "e8", "sd", "plain")
 
 
+@pytest.mark.slow
 def test_quickstart_all_runs_every_experiment_and_resumes(tmp_path):
   workdir = tmp_path / "quickstart"
   # Stopped after training the stack (as a kill after its last checkpoint would leave it):

@@ -220,6 +220,7 @@ FIGURES = ["lm_e1_single.png", "lm_e3_delete_k.png", "lm_e4_reorder.png",
            "fig7_deletion_removes_long_paths.png"]
 
 
+@pytest.mark.slow
 def test_cli_all_on_an_imported_gpt2_writes_every_result_and_figure(gpt2_folder, tmp_path):
   w = tmp_path / "w"
   text = gpt2_folder / "text.txt"

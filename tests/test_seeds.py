@@ -30,6 +30,7 @@ def _losses(workdir) -> list[float]:
   return [r["train_loss"] for r in read_jsonl(str(workdir / "metrics.jsonl")) if "train_loss" in r]
 
 
+@pytest.mark.slow
 def test_a_stack_on_eight_devices_trains_each_seed_as_if_alone(tmp_path, tiny):
   overrides = [f"{k}={json.dumps(v)}" for k, v in GATED.items()]
   final, stacked = _probe(tmp_path, "stack", 8, "seeds=[0,1]", "train.steps_per_call=2",
@@ -84,6 +85,7 @@ def _keys(workdir) -> list[list[str]]:
   return [sorted(r) for r in read_jsonl(str(workdir / "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_a_mixed_stack_on_eight_devices_trains_each_run_as_if_alone(tmp_path, tiny):
   shared = {"model.depth": 14, "train.steps_per_call": 2}
   final, stacked = _probe(tmp_path, "stack", 8, f"stack={json.dumps(MIXED)}",

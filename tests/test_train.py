@@ -29,6 +29,7 @@ def _probe(tmp_path, name, devices, *overrides, **extra_env):
   return json.loads(proc.stdout.strip().splitlines()[-1]), dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_training(tmp_path):
   one, params_one = _probe(tmp_path, "one", 1, "train.steps_per_call=2")
   eight, params_eight = _probe(tmp_path, "eight", 8, "train.steps_per_call=2")
@@ -119,6 +120,7 @@ LESION = ("model.depth=14", "lesion.max_k=2", "lesion.draws=3", "lesion.reorder_
           "lesion.reorder_draws=2", "lesion.chunk=4")
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
   """2 processes x 2 CPU devices, joined by jax.distributed on localhost == 1 x 4 devices,
   for training and for a lesion sweep split across the processes."""
@@ -171,6 +173,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_kept(tmp_path, tiny):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_a_restart_finishes_like_an_uninterrupted_run(tmp_path):
   """What a preempted spot VM sees: SIGTERM mid-run, then the same command again."""
   import signal

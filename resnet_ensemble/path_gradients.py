@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_ensemble import (augment, gates as gates_lib, models, path_counts, restore,
-                             workdir as workdir_lib)
+from resnet_ensemble import (augment, evaluate, gates as gates_lib, models, path_counts,
+                             restore, workdir as workdir_lib)
 from resnet_ensemble.models import Unrolled
 from resnet_ensemble.progress import Progress
 from resnet_ensemble.sharding import (check_divisible, make_mesh, put, put_tree, replicate_local,
@@ -60,7 +60,7 @@ def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=N
 
   def loss(y_n):
     logits = unrolled.head(y_n)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+    return jnp.mean(evaluate.cross_entropy(logits, labels))  # the training loss, unsmoothed
 
   g_n = jax.grad(loss)(y)
   return g_n, block_vjps, merge_vjps, embed_vjp
@@ -324,7 +324,8 @@ def summarise(n: int, log10: np.ndarray, lengths: np.ndarray, samples_per_k: int
   (mean_y0, std_y0), (mean_image, std_image) = (
       path_counts.log10_mean_std(by_k[..., j]) for j in range(2))  # (n + 1,) each
   log10_total = path_counts.log10_total_gradient(n, mean_y0)
-  lo, hi = path_counts.effective_interval(path_counts.relative_weights(log10_total), 0.9)
+  lo, hi = path_counts.effective_interval(path_counts.relative_weights(log10_total),
+                                          path_counts.E7_MASS)
   return {
       "sampler": "complementary pairs",
       "gradient": {"k": list(range(n + 1)), "samples_per_k": samples_per_k,

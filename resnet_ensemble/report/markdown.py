@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from resnet_ensemble import path_counts
 from resnet_ensemble.report import paper, read
 from resnet_ensemble.report.page import pct
 from resnet_ensemble.report.path_figures import fit_text
@@ -203,7 +204,7 @@ def table_rows(runs: read.Runs, *, n: int, delete_k: list[dict] | None,
     rows.append(("gradient per path length (E6)", "missing", paper.DECAY))
   if eff is not None:
     rows.append(("effective path lengths",
-                 f"{eff[1]}–{eff[2]} ({paper.E7_MASS * 100:.0f} % of total gradient)",
+                 f"{eff[1]}–{eff[2]} ({path_counts.E7_MASS * 100:.0f} % of total gradient)",
                  paper.EFFECTIVE_LENGTHS))
     rows.append(("share of paths that are effective", pct(eff[3]), paper.EFFECTIVE_SHARE))
   else:

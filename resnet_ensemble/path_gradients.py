@@ -258,7 +258,7 @@ def one_ahead(dispatched: Iterable[T]) -> Iterator[T]:
 
 
 def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
-  """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``paths.json``."""
+  """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``gradients.json``."""
   t = restore.load_trained(config, workdir, allow_unfinished)
   pc, n = config.paths, t.layout.n_blocks
   mesh = make_mesh()
@@ -300,7 +300,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
       "batches_from": t.dataset.gradient_split,
       **summarise(n, log10.reshape(2 * q, 2), lengths, pc.samples_per_k, pc.batch_size),
   }
-  workdir_lib.write_json(workdir, "paths.json", out)
+  workdir_lib.write_json(workdir, workdir_lib.GRADIENTS_FILE, out)
   return out
 
 
@@ -318,7 +318,7 @@ def shuffled_pairs(rng: np.random.Generator, n: int,
 
 def summarise(n: int, log10: np.ndarray, lengths: np.ndarray, samples_per_k: int,
               batch_size: int) -> dict:
-  """paths.json's E6/E7 fields from the routed norms ``log10`` (paths, 2): log10 of each
+  """gradients.json's E6/E7 fields from the routed norms ``log10`` (paths, 2): log10 of each
   path's norm at the first block's input and at the input, ``lengths`` each path's length."""
   by_k = np.stack([log10[lengths == k][:samples_per_k] for k in range(n + 1)])
   (mean_y0, std_y0), (mean_image, std_image) = (

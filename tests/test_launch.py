@@ -630,11 +630,11 @@ def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_
   assert cut.returncode == 3, cut.stdout + cut.stderr
   assert "r110: out of its 1s budget" in cut.stdout
   assert f"paths: waits for {runs}/resnet110_seed0" in cut.stdout
-  assert not (runs / "resnet110_seed0" / "paths.json").exists()
+  assert not (runs / "resnet110_seed0" / "gradients.json").exists()
   whole = reproduce()
   assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-2000:]
   assert "r110: finished" in whole.stdout and "paths: finished" in whole.stdout
-  paths = json.loads((runs / "resnet110_seed0" / "paths.json").read_text())
+  paths = json.loads((runs / "resnet110_seed0" / "gradients.json").read_text())
   assert paths["gradient"]["samples_per_k"] == 2 and paths["checkpoint_step"] == 4
   again = reproduce()
   assert again.returncode == 0
@@ -643,5 +643,5 @@ def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_
   env["E6_PATHS"] = "4"
   more = reproduce()
   assert "r110: done, skipped" in more.stdout and "paths: finished" in more.stdout
-  assert json.loads((runs / "resnet110_seed0" / "paths.json").read_text())[
+  assert json.loads((runs / "resnet110_seed0" / "gradients.json").read_text())[
       "gradient"]["samples_per_k"] == 4

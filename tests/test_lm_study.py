@@ -43,7 +43,7 @@ def _config(text_path, **over):
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def study(request, tmp_path_factory):
-  """(subject, lesion.json, paths.json) of a tiny random GPT-2 or Llama (rotary positions,
+  """(subject, lesion.json, gradients.json) of a tiny random GPT-2 or Llama (rotary positions,
   SwiGLU, RMSNorm) on byte windows."""
   d = tmp_path_factory.mktemp("lm")
   (d / "text.txt").write_text(TEXT)
@@ -231,7 +231,7 @@ def test_cli_all_on_an_imported_gpt2_writes_every_result_and_figure(gpt2_folder,
   assert lesion_json["model_source"] == str(gpt2_folder)
   assert set(lesion_json) >= {"baseline", "single", "single_layer", "random", "random_keep_ends",
                               "adjacent_swaps", "reorder", "painters"}
-  assert json.loads((w / "paths.json").read_text())["gradient_at"] == "embedding output"
+  assert json.loads((w / "gradients.json").read_text())["gradient_at"] == "embedding output"
   report = (w / "report.md").read_text()
   for name in FIGURES:
     assert (w / name).stat().st_size > 1000 and name in report, name

@@ -346,7 +346,7 @@ def test_the_real_exact_subset_reads_as_cifar10():
 
 def test_mode_all_runs_the_analyses_on_imported_weights(tmp_path):
   """configs/cifar10_pretrained.py with a tiny random ResNet-20 (.safetensors) on a synthetic
-  exact subset: --mode=all writes lesion.json, paths.json and the report without training,
+  exact subset: --mode=all writes lesion.json, gradients.json and the report without training,
   and the lesion study's baseline is the direct evaluation of the same images."""
   import importlib.util
   from resnet_ensemble import __main__ as cli
@@ -370,7 +370,7 @@ def test_mode_all_runs_the_analyses_on_imported_weights(tmp_path):
   cli.run_mode("all", c, workdir)
   import json
   lesion = json.load(open(os.path.join(workdir, "lesion.json")))
-  paths = json.load(open(os.path.join(workdir, "paths.json")))
+  paths = json.load(open(os.path.join(workdir, "gradients.json")))
   assert os.path.isfile(os.path.join(workdir, "report.md"))
   assert not os.path.isdir(os.path.join(workdir, "checkpoints"))
   assert len(lesion["single"]["error"]) == 9 and paths["n"] == 9

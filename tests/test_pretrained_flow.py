@@ -137,7 +137,7 @@ def test_mode_all_runs_every_analysis_on_the_streamed_images_without_training(ne
   assert out["random_no_downsampling"]["exclude_downsampling"] is True
   assert np.shape(out["reorder"]["error"]) == (1, 2)  # E4
   assert "imagenet2012 validation" in out["data_source"]
-  pj = json.load(open(os.path.join(workdir, "paths.json")))
+  pj = json.load(open(os.path.join(workdir, "gradients.json")))
   assert pj["n"] == 8 and pj["batches_from"] == "validation"
   assert len(pj["gradient"]["mean_norm"]) == 9 and np.all(np.isfinite(pj["gradient"]["mean_norm"]))
   md = open(os.path.join(workdir, "report.md")).read()

@@ -2,7 +2,7 @@
 total gradient per length and the effective paths (E7 / Fig. 6c), and deletion removing long
 paths (E9 / Fig. 7).
 
-E5 and E9 are counting, drawn for the network's own n; E6 and E7 read paths.json. The numbers
+E5 and E9 are counting, drawn for the network's own n; E6 and E7 read gradients.json. The numbers
 the report's table quotes (the E5 interval, the E6 decay fit, the E7 interval) are computed by
 the functions here that the figures use, so a figure and its row never disagree.
 """
@@ -71,10 +71,10 @@ def fig_path_lengths(page: Page, n: int, n_from: str,
 
 
 # ---------------------------------------------------------------------------------------------
-# E6 and E7: the gradient per path length (paths.json).
+# E6 and E7: the gradient per path length (gradients.json).
 
 def log10_curve(g: dict, key: str) -> np.ndarray | None:
-  """A per-length quantity of paths.json as log10 (-inf for a 0): its ``log10_<key>`` field,
+  """A per-length quantity of gradients.json as log10 (-inf for a 0): its ``log10_<key>`` field,
   or, in files written before E6 kept its range, log10 of the plain values."""
   if g.get("log10_" + key) is not None:
     return np.array([-np.inf if v is None else v for v in g["log10_" + key]], np.float64)
@@ -157,7 +157,7 @@ def fig_gradient(page: Page, pj: dict | None) -> dict | None:
   text = []
   zero = k[~np.isfinite(m)]
   if zero.size and g.get("log10_mean_norm") is None:
-    text.append(f"Lengths {_lengths(zero)} have a mean norm of exactly 0 in this paths.json, "
+    text.append(f"Lengths {_lengths(zero)} have a mean norm of exactly 0 in this gradients.json, "
                 f"written before E6 kept its range: its float32 backward pass underflowed "
                 f"there (left out of the fit); rerun `--mode=gradients` to measure them.")
   elif zero.size:
@@ -196,7 +196,7 @@ def effective(n: int, pj: dict | None) -> tuple[np.ndarray, int, int, float] | N
   if log10_mean is None:
     return None
   if log10_mean.size != n + 1:
-    raise ValueError(f"paths.json: gradient.mean_norm has {log10_mean.size} entries, "
+    raise ValueError(f"gradients.json: gradient.mean_norm has {log10_mean.size} entries, "
                      f"expected n+1 = {n + 1}")
   total = path_counts.relative_weights(path_counts.log10_total_gradient(n, log10_mean))
   lo, hi = path_counts.effective_interval(total, mass=path_counts.E7_MASS)

@@ -113,9 +113,12 @@ EOF
 # analysed FILE [SAMPLES_PER_K]: an analysis' JSON of a finished run (E6 with that many paths).
 analysed() {
   "$PYTHON" - "$@" <<'EOF'
-import json, sys
+import json, os, sys
+path = sys.argv[1]
+if not os.path.exists(path) and path.endswith("gradients.json"):  # a run from before the rename
+  path = path[:-len("gradients.json")] + "paths.json"
 try:
-  d = json.load(open(sys.argv[1]))
+  d = json.load(open(path))
 except (OSError, ValueError):
   sys.exit(1)
 if d.get("finished") is False:
@@ -190,7 +193,7 @@ waiting lesion_vgg vgg "$VGG" || stage lesion_vgg 'analysed "$VGG/lesion.json"' 
 waiting lesion_sd stack "$STACK/sd" || stage lesion_sd 'analysed "$STACK/sd/lesion.json"' -- \
   "${program[@]}" --config="configs/run.py:$STACK/sd" --workdir="$STACK/sd" --mode=lesion \
   "${common[@]}" $E1_ONLY
-waiting paths r110 "$R110" || stage paths 'analysed "$R110/paths.json" "$E6_PATHS"' -- \
+waiting paths r110 "$R110" || stage paths 'analysed "$R110/gradients.json" "$E6_PATHS"' -- \
   "${program[@]}" --config="$CONFIG_R110" --workdir="$R110" --mode=gradients "${common[@]}" \
   --config.paths.samples_per_k="$E6_PATHS"
 seeds=""

@@ -26,8 +26,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and res
 flags.DEFINE_enum(
     "mode", "train", ["train", "lesion", "gradients", "paths", "report", "all", "export", "runs"],
     "train: train (resuming); lesion: E1-E4 on the newest checkpoint; gradients: E6/E7, the "
-    "gradient routed through paths of each length (paths.json; 'paths' is its former name, kept "
-    "as an alias); report: report.md + figures from the results; all: train (or resume) to "
+    "gradient routed through paths of each length (gradients.json; 'paths' is its former name, "
+    "kept as an alias); report: report.md + figures from the results; all: train (or resume) to "
     "train.num_steps unless finished (never with --config.weights, pretrained weights), then "
     "lesion, gradients and report; "
     "export: write variables.msgpack (params and BatchNorm statistics of the newest "

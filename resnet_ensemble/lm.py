@@ -2,7 +2,7 @@
 ``python -m resnet_ensemble.lm --config=configs/lm_bytes.py --workdir=DIR --mode=all``.
 
 Modes (the ResNets' names and files): lesion: E1, E3, E4 and the painters interventions
-(lesion.json); gradients: E6/E7 and the E5/E9 counts (paths.json); report: report.md and
+(lesion.json); gradients: E6/E7 and the E5/E9 counts (gradients.json); report: report.md and
 figures from those; all: lesion, gradients, report; eval: the intact model and the variant of
 ``--config.variant.order``/``gates`` (variant.json). The model is a local Hugging Face folder
 (``--config.weights``) or a freshly initialised one (``model.*``, seeded): nothing is trained.
@@ -26,7 +26,7 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
 flags.DEFINE_string("workdir", None, "Directory for the results and the report.")
 MODES = ("lesion", "gradients", "report", "all", "eval")
 flags.DEFINE_enum("mode", "all", list(MODES), "lesion: E1-E4 (lesion.json); gradients: E6/E7 "
-                  "(paths.json); report: report.md + figures; all: lesion, gradients, report; "
+                  "(gradients.json); report: report.md + figures; all: lesion, gradients, report; "
                   "eval: the intact model and --config.variant (variant.json).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -58,7 +58,8 @@ def run_mode(mode: str, config, workdir: str) -> list[str]:
     steps = {"lesion": [lm_study.run_lesion], "gradients": [lm_study.run_gradients],
              "all": [lm_study.run_lesion, lm_study.run_gradients], "report": [],
              "eval": [lm_study.run_variant]}[mode]
-    names = {lm_study.run_lesion: "lesion.json", lm_study.run_gradients: "paths.json",
+    names = {lm_study.run_lesion: "lesion.json",
+             lm_study.run_gradients: workdir_lib.GRADIENTS_FILE,
              lm_study.run_variant: "variant.json"}
     for step in steps:
       t0 = time.perf_counter()

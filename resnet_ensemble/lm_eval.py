@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_ensemble import evaluate
 from resnet_ensemble.transformer import GatedTransformer, InputError, check_order
 
 BYTE_VOCAB = 256
@@ -72,7 +73,7 @@ def measures(logits: jax.Array, targets: jax.Array, intact_logp: jax.Array,
   """Sums over the unmasked windows' tokens: loss, top-1 hits, KL(intact || variant), count.
   ``logits`` (batch, time, vocab); ``intact_logp`` the intact model's log-probabilities."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  nll = evaluate.cross_entropy(logits.astype(jnp.float32), targets)  # the ResNets' loss
   hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   kl = jnp.sum(jnp.exp(intact_logp) * (intact_logp - logp), axis=-1)
   m = mask[:, None] * jnp.ones_like(nll)

@@ -1,5 +1,5 @@
 """The experiments on a gated transformer: E1, E3, E4 (``lesion.json``), E6/E7 and the E5/E9
-counts (``paths.json``), and one hand-given variant (``variant.json``).
+counts (``gradients.json``), and one hand-given variant (``variant.json``).
 
 Each experiment is one compiled program: its variants (``lm_variants``) go through
 ``lm_eval.make_variant_evaluator`` in chunks of ``lesion.chunk`` (the last one padded), so every
@@ -252,7 +252,7 @@ def make_gradient_fn(model: transformer.GatedTransformer):
 
 
 def run_gradients(config, workdir: str, subject: Subject | None = None) -> dict:
-  """E6 and E7 (and the E5/E9 path counts over 2L branches); writes ``paths.json``."""
+  """E6 and E7 (and the E5/E9 path counts over 2L branches); writes ``gradients.json``."""
   s = subject or load(config)
   pc, n = config.paths, s.layout.n_branches
   rng = np.random.default_rng(config.seed)
@@ -279,7 +279,7 @@ def run_gradients(config, workdir: str, subject: Subject | None = None) -> dict:
   out = {"n": n, "config": workdir_lib.config_dict(config), **s.describe(),
          "model_kind": "transformer", "gradient_at": "embedding output",
          "path_counts": path_counts.path_counts(n), **summary}
-  workdir_lib.write_json(workdir, "paths.json", out)
+  workdir_lib.write_json(workdir, workdir_lib.GRADIENTS_FILE, out)
   return out
 
 

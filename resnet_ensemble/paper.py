@@ -114,7 +114,7 @@ def run(config, workdir: str, allow_unfinished: bool = False,
     if not _done(wd, "lesion.json", c):
       steps.append((f"lesion study of {run.name}",
                     lambda c=c, wd=wd: lesion.run_study(c, wd, allow_unfinished)))
-    if gradients and run is r.main and not _done(wd, "paths.json", c):
+    if gradients and run is r.main and not _done(wd, workdir_lib.gradients_file(wd), c):
       steps.append((f"path gradients of {run.name}",
                     lambda c=c, wd=wd: path_gradients.run_study(c, wd, allow_unfinished)))
   for i, (what, step) in enumerate(steps):

@@ -129,7 +129,13 @@ def relative_weights(log10_weights: Sequence[float]) -> np.ndarray:
   return 10.0 ** (w - w.max())
 
 
-def effective_interval(weights: Sequence[float], mass: float = 0.9) -> tuple[int, int]:
+# E7: the paper says "nearly all" the gradient comes from lengths 5-17; we take the shortest
+# interval of lengths holding this share of the total. One constant for the analysis, the
+# report and the transformer study, so their intervals always mean the same thing.
+E7_MASS = 0.9
+
+
+def effective_interval(weights: Sequence[float], mass: float = E7_MASS) -> tuple[int, int]:
   """Shortest contiguous index interval [lo, hi] holding at least `mass` of the total weight.
 
   This is "our" reading of the paper's "nearly all gradient comes from lengths 5-17" (E7).

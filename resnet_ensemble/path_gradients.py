@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_ensemble import (augment, gates as gates_lib, models, path_counts, restore,
-                             workdir as workdir_lib)
+from resnet_ensemble import (augment, evaluate, gates as gates_lib, models, path_counts,
+                             restore, workdir as workdir_lib)
 from resnet_ensemble.models import Unrolled
 from resnet_ensemble.progress import Progress
 from resnet_ensemble.sharding import (check_divisible, make_mesh, put, put_tree, replicate_local,
@@ -60,7 +60,7 @@ def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=N
 
   def loss(y_n):
     logits = unrolled.head(y_n)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+    return jnp.mean(evaluate.cross_entropy(logits, labels))  # the training loss, unsmoothed
 
   g_n = jax.grad(loss)(y)
   return g_n, block_vjps, merge_vjps, embed_vjp
@@ -258,7 +258,7 @@ def one_ahead(dispatched: Iterable[T]) -> Iterator[T]:
 
 
 def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
-  """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``paths.json``."""
+  """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``gradients.json``."""
   t = restore.load_trained(config, workdir, allow_unfinished)
   pc, n = config.paths, t.layout.n_blocks
   mesh = make_mesh()
@@ -300,7 +300,7 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
       "batches_from": t.dataset.gradient_split,
       **summarise(n, log10.reshape(2 * q, 2), lengths, pc.samples_per_k, pc.batch_size),
   }
-  workdir_lib.write_json(workdir, "paths.json", out)
+  workdir_lib.write_json(workdir, workdir_lib.GRADIENTS_FILE, out)
   return out
 
 
@@ -318,13 +318,14 @@ def shuffled_pairs(rng: np.random.Generator, n: int,
 
 def summarise(n: int, log10: np.ndarray, lengths: np.ndarray, samples_per_k: int,
               batch_size: int) -> dict:
-  """paths.json's E6/E7 fields from the routed norms ``log10`` (paths, 2): log10 of each
+  """gradients.json's E6/E7 fields from the routed norms ``log10`` (paths, 2): log10 of each
   path's norm at the first block's input and at the input, ``lengths`` each path's length."""
   by_k = np.stack([log10[lengths == k][:samples_per_k] for k in range(n + 1)])
   (mean_y0, std_y0), (mean_image, std_image) = (
       path_counts.log10_mean_std(by_k[..., j]) for j in range(2))  # (n + 1,) each
   log10_total = path_counts.log10_total_gradient(n, mean_y0)
-  lo, hi = path_counts.effective_interval(path_counts.relative_weights(log10_total), 0.9)
+  lo, hi = path_counts.effective_interval(path_counts.relative_weights(log10_total),
+                                          path_counts.E7_MASS)
   return {
       "sampler": "complementary pairs",
       "gradient": {"k": list(range(n + 1)), "samples_per_k": samples_per_k,

@@ -57,6 +57,20 @@ def path(workdir: str, *names: str) -> epath.Path:
   return epath.Path(workdir).joinpath(*names)
 
 
+# E6's results (E6/E7 and the path counts). Runs written before the name said what the file
+# holds call it paths.json (published results among them): readers take either.
+GRADIENTS_FILE = "gradients.json"
+OLD_GRADIENTS_FILE = "paths.json"
+
+
+def gradients_file(workdir: str) -> str:
+  """The name of E6's results in ``workdir``: gradients.json, or an older run's paths.json
+  where only that exists."""
+  if not path(workdir, GRADIENTS_FILE).exists() and path(workdir, OLD_GRADIENTS_FILE).exists():
+    return OLD_GRADIENTS_FILE
+  return GRADIENTS_FILE
+
+
 def write_text(workdir: str, name: str, text: str) -> str:
   """Writes ``workdir/name`` via a temporary file and a rename (a crash leaves the old file),
   only while this job's lock on ``workdir`` is its own (``check_owner``)."""

@@ -41,3 +41,78 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def _resnets() -> dict:
+  from resnet_ensemble import models
+  return {
+      "preact": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16)),
+      "postact": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16), preact=False),
+      "zero_pad": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16), shortcut="zero_pad"),
+      "bottleneck": models.ResNet(stage_sizes=(2, 2), widths=(4, 8), block="bottleneck",
+                                  stem="imagenet", stem_width=8),
+  }
+
+
+# Small ResNets of every block and shortcut kind, shared by the model and skip tests.
+RESNETS = _resnets()
+
+
+def run_train_probe(tmp_path, name: str, devices: int, *overrides: str, **extra_env):
+  """Trains tiny_config in a fresh process on `devices` CPU devices (tests/_train_probe.py);
+  returns its final metrics and its state's leaves, so runs on other device counts compare."""
+  import json
+  import subprocess
+
+  import numpy as np
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra_env, XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"))
+  out = tmp_path / f"{name}.npz"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_train_probe.py"),
+                         str(tmp_path / name), str(out), *overrides],
+                        env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1]), dict(np.load(out))
+
+
+def saved_params(workdir):
+  """The latest checkpoint's step and leaves: what a resumed run must match."""
+  import jax
+
+  from resnet_ensemble import checkpoint
+  state = checkpoint.restore_latest(checkpoint.make_manager(str(workdir)), None)
+  return state["step"], jax.tree.leaves(state)
+
+
+class Payload:
+  """Stands in for arbitrary pickled code."""
+
+  def __init__(self):
+    self.x = 1
+
+
+def write_tokenizer(path, vocab_size: int = 100) -> None:
+  """A tiny BPE tokenizer.json, so an imported folder can carry its own tokenizer."""
+  import tokenizers
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"])
+  tok.train_from_iterator(["residual networks behave like ensembles of shallow networks"] * 4,
+                          trainer)
+  tok.save(str(path))
+
+
+def reference_measures(model, variables, w, gates, order=None) -> dict:
+  """One variant at a time, in numpy: mean loss, top-1 accuracy, KL(intact || variant)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  tokens, targets = jnp.asarray(w[:, :-1]), w[:, 1:]
+  logp = np.asarray(jax.nn.log_softmax(model.apply(variables, tokens, gates=gates, order=order)))
+  intact = np.asarray(jax.nn.log_softmax(model.apply(variables, tokens)))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  kl = (np.exp(intact) * (intact - logp)).sum(-1)
+  return {"loss": nll.mean(), "top1": (logp.argmax(-1) == targets).mean(), "kl": kl.mean()}

@@ -64,6 +64,7 @@ LESION = TINY + ["--num_images=100", "--config.eval.batch_size=50", "--chunk=4",
                  "--config.lesion.reorder_draws=2"]
 
 
+@pytest.mark.slow
 def test_lesion_suite_bench_times_each_experiment_and_form_and_projects_capped_ones(tmp_path):
   # E3: 3 k x 8 draws = 24 variants; a 1 us cap stops it after one slice of 2 chunks (8).
   rows = run(["bench/lesion_suite.py"] + LESION + ["--config.lesion.draws=8",
@@ -145,6 +146,7 @@ def test_path_sampling_bench_projects_a_capped_run(tmp_path):
   assert "| paths_E6 | — | batch 16, chunk 6 |" in load_table().ratios(rows)
 
 
+@pytest.mark.slow
 def test_torch_side_smoke_measures_every_row(tmp_path):
   """The PyTorch side runs from the repository alone (bench/torch_resnet.py)."""
   env = dict(ENV, CUDA_VISIBLE_DEVICES="")
@@ -298,6 +300,7 @@ def test_profile_flag_adds_a_profile_row(tmp_path):
   assert list((tmp_path / "prof" / "eval_50").rglob("perfetto_trace.json.gz"))
 
 
+@pytest.mark.slow
 def test_a_variant_row_names_its_setting_and_is_listed_apart(tmp_path):
   env = dict(ENV, XLA_FLAGS="--xla_cpu_enable_fast_math=false")
   rows = run(["bench/train_step.py"] + TINY + [
@@ -310,6 +313,7 @@ def test_a_variant_row_names_its_setting_and_is_listed_apart(tmp_path):
   assert "| train[probe,x2] batch 64 |" in listed and "| 2.00x |" in listed
 
 
+@pytest.mark.slow
 def test_concurrent_copies_time_one_window_and_add_up_in_the_table(tmp_path):
   out = tmp_path / "b.jsonl"
   proc = subprocess.run(

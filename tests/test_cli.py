@@ -34,6 +34,7 @@ TINY_QUICKSTART = ["--config=configs/quickstart.py", "--config.model.width=4",
 RUNS = ("seed0", "seed1", "seed2", "e8", "sd", "plain")
 
 
+@pytest.mark.slow
 def test_quickstart_all_runs_every_experiment_and_resumes(tmp_path):
   workdir = tmp_path / "quickstart"
   # Stopped after training the stack (as a kill after its last checkpoint would leave it):
@@ -47,7 +48,7 @@ def test_quickstart_all_runs_every_experiment_and_resumes(tmp_path):
     assert (workdir / run / "final_metrics.json").exists(), run
   for run in ("seed0", "seed1", "seed2", "sd", "plain"):
     assert (workdir / run / "lesion.json").exists(), run
-  assert (workdir / "seed0" / "paths.json").exists()
+  assert (workdir / "seed0" / "gradients.json").exists()
   # E8 and E10 come from runs trained with their samplers, the plain panel from a plain net.
   config = lambda run: json.loads((workdir / run / "config.json").read_text())
   assert config("e8")["gates"]["sampler"] == "effective" and config("e8")["gates"]["k"] == 4
@@ -63,7 +64,7 @@ def test_quickstart_all_runs_every_experiment_and_resumes(tmp_path):
   assert "effective-path (4 of 9) training test error" in report
   assert "over 3 seeds" in report
   # Everything done: a rerun only rewrites the report.
-  results = [workdir / r / f for r in RUNS for f in ("lesion.json", "paths.json")
+  results = [workdir / r / f for r in RUNS for f in ("lesion.json", "gradients.json")
              if (workdir / r / f).exists()]
   before = {p: p.stat().st_mtime_ns for p in results}
   again = cli(*TINY_QUICKSTART, f"--workdir={workdir}", "--mode=all")

@@ -147,7 +147,6 @@ def test_unknown_names_are_clear_errors():
 def shared_cifar(tmp_path_factory):
   if not (SHARED_CIFAR / "make_cifar10_bin.py").exists():
     pytest.skip(f"no CIFAR-10 copy at {SHARED_CIFAR} (only on the project's dev machines)")
-  pytest.importorskip("PIL", reason="the converter needs Pillow")
   out = tmp_path_factory.mktemp("cifar")
   subprocess.run([sys.executable, str(SHARED_CIFAR / "make_cifar10_bin.py"), str(out)],
                  check=True, capture_output=True)

@@ -4,11 +4,9 @@ import itertools
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-tfds = pytest.importorskip(
-    "tensorflow_datasets", reason="ImageNet input needs TFDS: pip install 'resnet-ensemble[tfds]'")
-
-from resnet_ensemble import imagenet  # noqa: E402
+from resnet_ensemble import imagenet
 
 SIZE, BATCH = 32, 4
 

@@ -364,6 +364,7 @@ print(f"process {jax.process_index()}/{jax.process_count()}, "
 """
 
 
+@pytest.mark.slow
 def test_multiprocess_cpu_joins_one_jax_runtime(tmp_path):
   """2 processes x 2 CPU devices form one 4-device runtime; a sum over it crosses processes."""
   probe = tmp_path / "jax_probe.py"
@@ -447,6 +448,7 @@ def test_offline_run_installs_sets_up_once_and_runs(tmp_path):
   assert proc.returncode == 124
 
 
+@pytest.mark.slow
 def test_offline_run_packs_runs_and_resumes_them_on_a_fresh_host(tmp_path):
   """--runs: every run under DIR is packed after the command (a mixed stack run by run, as
   NAME--RUN); carried back in BUNDLE/resume/, the packs are unpacked into their runs, which
@@ -603,6 +605,7 @@ def test_reproduce_bad_arguments(args, message, tmp_path):
   assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_path):
   """The two stages r110 and paths: a budget too short leaves the run unfinished (exit 3, E6
   waits for it); the next call trains it (a tiny ResNet on the digits) and runs E6;
@@ -627,11 +630,11 @@ def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_
   assert cut.returncode == 3, cut.stdout + cut.stderr
   assert "r110: out of its 1s budget" in cut.stdout
   assert f"paths: waits for {runs}/resnet110_seed0" in cut.stdout
-  assert not (runs / "resnet110_seed0" / "paths.json").exists()
+  assert not (runs / "resnet110_seed0" / "gradients.json").exists()
   whole = reproduce()
   assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-2000:]
   assert "r110: finished" in whole.stdout and "paths: finished" in whole.stdout
-  paths = json.loads((runs / "resnet110_seed0" / "paths.json").read_text())
+  paths = json.loads((runs / "resnet110_seed0" / "gradients.json").read_text())
   assert paths["gradient"]["samples_per_k"] == 2 and paths["checkpoint_step"] == 4
   again = reproduce()
   assert again.returncode == 0
@@ -640,5 +643,5 @@ def test_reproduce_resumes_skips_what_is_done_and_waits_for_unfinished_runs(tmp_
   env["E6_PATHS"] = "4"
   more = reproduce()
   assert "r110: done, skipped" in more.stdout and "paths: finished" in more.stdout
-  assert json.loads((runs / "resnet110_seed0" / "paths.json").read_text())[
+  assert json.loads((runs / "resnet110_seed0" / "gradients.json").read_text())[
       "gradient"]["samples_per_k"] == 4

@@ -15,7 +15,7 @@ import pytest
 
 from resnet_ensemble import (lesion, lm_config, lm_study, lm_variants, path_counts,
                              path_gradients, transformer)
-from tests.test_transformer import _reference_measures
+from tests.conftest import reference_measures, write_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, LAYERS = 16, 3
@@ -43,7 +43,7 @@ def _config(text_path, **over):
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def study(request, tmp_path_factory):
-  """(subject, lesion.json, paths.json) of a tiny random GPT-2 or Llama (rotary positions,
+  """(subject, lesion.json, gradients.json) of a tiny random GPT-2 or Llama (rotary positions,
   SwiGLU, RMSNorm) on byte windows."""
   d = tmp_path_factory.mktemp("lm")
   (d / "text.txt").write_text(TEXT)
@@ -53,7 +53,7 @@ def study(request, tmp_path_factory):
 
 
 def _direct(s, gates, order=None):
-  return _reference_measures(s.model, s.variables, s.windows, np.asarray(gates, np.float32),
+  return reference_measures(s.model, s.variables, s.windows, np.asarray(gates, np.float32),
                              order)
 
 
@@ -204,8 +204,8 @@ SMALL = ["--config=configs/lm_bytes.py", f"--config.data.window={SEQ}",
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
   """A tiny random GPT-2 of 3 layers on bytes (vocabulary 256), saved by transformers."""
-  transformers = pytest.importorskip("transformers")
-  torch = pytest.importorskip("torch")
+  import torch
+  import transformers
   torch.manual_seed(0)
   config = transformers.GPT2Config(vocab_size=256, n_positions=SEQ, n_embd=16, n_layer=LAYERS,
                                    n_head=2, bos_token_id=0, eos_token_id=0)
@@ -220,6 +220,7 @@ FIGURES = ["lm_e1_single.png", "lm_e3_delete_k.png", "lm_e4_reorder.png",
            "fig7_deletion_removes_long_paths.png"]
 
 
+@pytest.mark.slow
 def test_cli_all_on_an_imported_gpt2_writes_every_result_and_figure(gpt2_folder, tmp_path):
   w = tmp_path / "w"
   text = gpt2_folder / "text.txt"
@@ -230,7 +231,7 @@ def test_cli_all_on_an_imported_gpt2_writes_every_result_and_figure(gpt2_folder,
   assert lesion_json["model_source"] == str(gpt2_folder)
   assert set(lesion_json) >= {"baseline", "single", "single_layer", "random", "random_keep_ends",
                               "adjacent_swaps", "reorder", "painters"}
-  assert json.loads((w / "paths.json").read_text())["gradient_at"] == "embedding output"
+  assert json.loads((w / "gradients.json").read_text())["gradient_at"] == "embedding output"
   report = (w / "report.md").read_text()
   for name in FIGURES:
     assert (w / name).stat().st_size > 1000 and name in report, name
@@ -292,10 +293,9 @@ def test_bad_input_is_one_line_and_exit_2(gpt2_folder, tmp_path, case, args, mes
 def test_an_imported_folder_reads_the_text_with_its_own_tokenizer(gpt2_folder, tmp_path):
   import shutil
   from resnet_ensemble import lm_eval, transformer_import as ti
-  from tests.test_transformer import _write_tokenizer
   folder = tmp_path / "with_tokenizer"
   shutil.copytree(gpt2_folder, folder)
-  _write_tokenizer(folder / ti.TOKENIZER_FILE)
+  write_tokenizer(folder / ti.TOKENIZER_FILE)
   s = lm_study.load(_config(gpt2_folder / "text.txt", weights=str(folder), **{
       "data.window": 8}))
   assert s.tokenizer == str(folder / ti.TOKENIZER_FILE) and s.model.n_layers == LAYERS

@@ -9,6 +9,7 @@ import pytest
 from resnet_ensemble import blocks, models
 from resnet_ensemble.layout import down_name, stacked_name
 from resnet_ensemble.surgery import permute_blocks
+from tests.conftest import RESNETS
 
 
 def _variables(model, x, seed=0):
@@ -40,13 +41,6 @@ def _without_block(model, variables, index):
   return smaller, out
 
 
-RESNETS = {
-    "preact": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16)),
-    "postact": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16), preact=False),
-    "zero_pad": models.ResNet(stage_sizes=(2, 2, 2), widths=(4, 8, 16), shortcut="zero_pad"),
-    "bottleneck": models.ResNet(stage_sizes=(2, 2), widths=(4, 8), block="bottleneck",
-                                stem="imagenet", stem_width=8),
-}
 
 
 @pytest.fixture(scope="module")

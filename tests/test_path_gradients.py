@@ -301,7 +301,7 @@ def test_a_resnet110_study_has_a_mean_at_every_length(tmp_path):
   config, workdir = _scaled_resnet110_workdir(tmp_path)
   out = path_gradients.run_study(config, workdir, allow_unfinished=True)  # a network at init
   assert out["finished"] is False
-  assert out == json.load(open(os.path.join(workdir, "paths.json")))
+  assert out == json.load(open(os.path.join(workdir, "gradients.json")))
   _check_every_length(out, 54)
   assert out["gradient"]["log10_mean_norm"][-1] < -60  # far below float32: range kept
 

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import numpy as safetensors_numpy
 
 from resnet_ensemble import pretrained
+from tests.conftest import Payload
 
-TORCH_REASON = "torch is not installed (pip install torch==2.13.0 for the CPU build)"
 WIDTH = 8
 CLASSES = 10
 
@@ -172,7 +173,6 @@ def test_config_has_weights_and_arch():
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "wide_resnet50_2"])
 def test_logits_match_torch_reference(arch):
-  pytest.importorskip("torch", reason=TORCH_REASON)
   model, _, apply, sd, x = imported(arch)
   ours = apply(x, jnp.ones((model.layout.n_blocks,)))
   assert_close(ours, torch_forward(arch, sd, x))
@@ -180,7 +180,6 @@ def test_logits_match_torch_reference(arch):
 
 @pytest.mark.parametrize("arch,plain,down", [("resnet18", 3, 2), ("resnet50", 1, 7)])
 def test_zero_gate_removes_the_residual_branch(arch, plain, down):
-  pytest.importorskip("torch", reason=TORCH_REASON)
   model, _, apply, sd, x = imported(arch)
   assert down in model.layout.downsampling and plain not in model.layout.downsampling
   full = torch_forward(arch, sd, x)
@@ -205,8 +204,6 @@ def _random_variables(arch):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_safetensors_round_trip(arch, tmp_path):
-  safetensors_numpy = pytest.importorskip("safetensors.numpy",
-                                          reason="safetensors is not installed")
   variables = _random_variables(arch)
   sd = pretrained.to_state_dict(arch, variables, width=WIDTH)
   assert list(sd) == list(pretrained.expected_shapes(arch, CLASSES, WIDTH))
@@ -224,7 +221,7 @@ def test_safetensors_round_trip(arch, tmp_path):
 
 
 def test_pth_round_trip_and_num_batches_tracked(tmp_path):
-  torch = pytest.importorskip("torch", reason=TORCH_REASON)
+  import torch
   sd = random_state_dict("resnet18")
   tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
   tensors["bn1.num_batches_tracked"] = torch.tensor(7)
@@ -281,15 +278,8 @@ def test_wrong_arch_is_a_shape_error():
     pretrained.from_state_dict("resnet18", sd)
 
 
-class Payload:
-  """Stands in for arbitrary pickled code."""
-
-  def __init__(self):
-    self.x = 1
-
-
 def test_pth_needing_full_unpickle_is_refused(tmp_path):
-  torch = pytest.importorskip("torch", reason=TORCH_REASON)
+  import torch
   path = str(tmp_path / "evil.pth")
   torch.save({"conv1.weight": torch.zeros(2), "payload": Payload()}, path)
   with pytest.raises(ValueError, match="refusing to load") as e:
@@ -323,12 +313,10 @@ def test_a_damaged_weights_file_is_one_error_naming_it(tmp_path, name, content, 
   needs a full unpickle, never a traceback of the reader."""
   path = tmp_path / name
   if content is None:  # a real torch.save archive, cut in half
-    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    import torch
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, str(path))
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
   else:
-    if name.endswith(".pth"):
-      pytest.importorskip("torch", reason=TORCH_REASON)
     path.write_bytes(content)
   with pytest.raises(ValueError, match=re.escape(message)) as e:
     pretrained.load_weights(path)

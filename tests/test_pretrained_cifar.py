@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import numpy as safetensors_numpy
 
 from resnet_ensemble import data as data_lib, pretrained, pretrained_cifar
-from tests.test_pretrained import Payload  # stands in for arbitrary pickled code
+from tests.conftest import Payload
 
-TORCH_REASON = "torch is not installed (pip install torch==2.13.0 for the CPU build)"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 WEIGHTS = sorted(glob.glob(os.path.join(SHARED, "pretrained", "cifar10", "resnet*.th")))
@@ -147,7 +147,6 @@ def imported(arch):
 
 @pytest.mark.parametrize("arch", ["resnet20", "resnet32"])
 def test_logits_match_torch_reference(arch):
-  pytest.importorskip("torch", reason=TORCH_REASON)
   model, variables, sd = imported(arch)
   assert model.widths == (WIDTH, 2 * WIDTH, 4 * WIDTH) and model.stage_sizes[0] == \
       pretrained_cifar.ARCHS[arch]
@@ -158,7 +157,6 @@ def test_logits_match_torch_reference(arch):
 def test_zero_channels_go_on_both_sides():
   """The option-A shortcut pads half the new channels before the old ones: putting them all
   after (a common variant) gives other logits, so the reference would catch it."""
-  pytest.importorskip("torch", reason=TORCH_REASON)
   import torch.nn.functional as F
   model, variables, sd = imported("resnet20")
   x = images(2)
@@ -175,7 +173,6 @@ def test_zero_channels_go_on_both_sides():
 
 @pytest.mark.parametrize("block", [1, 3, 4, 6])  # plain, downsampling, plain, downsampling
 def test_zero_gate_equals_the_reference_without_the_block(block):
-  pytest.importorskip("torch", reason=TORCH_REASON)
   model, variables, sd = imported("resnet20")
   assert (block in model.layout.downsampling) == (block in (3, 6))
   x = images(3)
@@ -192,7 +189,6 @@ def test_zero_gate_equals_the_reference_without_the_block(block):
 def test_published_checkpoints_match_the_reference_on_real_pixels(path):
   """Each published depth, imported from the .th as published (depth read from the file), on
   the exact-pixel test images (random ones if the subset is absent): logits within 1e-4."""
-  pytest.importorskip("torch", reason=TORCH_REASON)
   model, variables = pretrained_cifar.load_pretrained("cifar", path)
   sd = pretrained.load_weights(path)
   depth = int(os.path.basename(path).split("-")[0][len("resnet"):])
@@ -212,8 +208,6 @@ def test_published_checkpoints_match_the_reference_on_real_pixels(path):
 
 
 def test_export_import_round_trip_is_exact(tmp_path):
-  safetensors_numpy = pytest.importorskip("safetensors.numpy",
-                                          reason="safetensors is not installed")
   model, variables, sd = imported("resnet20")
   back = pretrained_cifar.to_state_dict("resnet20", variables, width=WIDTH)
   assert list(back) == list(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
@@ -229,7 +223,7 @@ def test_export_import_round_trip_is_exact(tmp_path):
 def test_th_as_published_round_trip(tmp_path):
   """A .th like the published ones: torch.save of {"best_prec1", "state_dict"} with
   DataParallel's module. prefix."""
-  torch = pytest.importorskip("torch", reason=TORCH_REASON)
+  import torch
   _, variables, sd = imported("resnet32")
   path = str(tmp_path / "resnet32-0000.th")
   torch.save({"best_prec1": 92.5, "state_dict": {"module." + k: torch.from_numpy(v)
@@ -241,7 +235,7 @@ def test_th_as_published_round_trip(tmp_path):
 
 
 def test_a_file_needing_a_full_unpickle_is_refused(tmp_path):
-  torch = pytest.importorskip("torch", reason=TORCH_REASON)
+  import torch
   path = str(tmp_path / "evil.th")
   torch.save({"state_dict": {"conv1.weight": torch.zeros(2)}, "args": Payload()}, path)
   with pytest.raises(ValueError, match="refusing to load .*needs a full unpickle"):
@@ -352,10 +346,8 @@ def test_the_real_exact_subset_reads_as_cifar10():
 
 def test_mode_all_runs_the_analyses_on_imported_weights(tmp_path):
   """configs/cifar10_pretrained.py with a tiny random ResNet-20 (.safetensors) on a synthetic
-  exact subset: --mode=all writes lesion.json, paths.json and the report without training,
+  exact subset: --mode=all writes lesion.json, gradients.json and the report without training,
   and the lesion study's baseline is the direct evaluation of the same images."""
-  safetensors_numpy = pytest.importorskip("safetensors.numpy",
-                                          reason="safetensors is not installed")
   import importlib.util
   from resnet_ensemble import __main__ as cli
   from resnet_ensemble.config import override
@@ -378,7 +370,7 @@ def test_mode_all_runs_the_analyses_on_imported_weights(tmp_path):
   cli.run_mode("all", c, workdir)
   import json
   lesion = json.load(open(os.path.join(workdir, "lesion.json")))
-  paths = json.load(open(os.path.join(workdir, "paths.json")))
+  paths = json.load(open(os.path.join(workdir, "gradients.json")))
   assert os.path.isfile(os.path.join(workdir, "report.md"))
   assert not os.path.isdir(os.path.join(workdir, "checkpoints"))
   assert len(lesion["single"]["error"]) == 9 and paths["n"] == 9
@@ -392,8 +384,6 @@ def test_mode_all_runs_the_analyses_on_imported_weights(tmp_path):
 def test_source_errors_compare_the_same_images_on_each_source(tmp_path):
   """source_errors: the subset's error, the binary copy's, and the copy's version of the
   subset's images (equal to the subset's when the copy holds the same pixels), with SEs."""
-  safetensors_numpy = pytest.importorskip("safetensors.numpy",
-                                          reason="safetensors is not installed")
   from resnet_ensemble import source_errors
   from resnet_ensemble.config import base_config
   _, variables, sd = imported("resnet20")

@@ -12,14 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from safetensors import numpy as safetensors_numpy
 
-tfds = pytest.importorskip(
-    "tensorflow_datasets", reason="ImageNet input needs TFDS: pip install 'resnet-ensemble[tfds]'")
-safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors is not installed")
-
-from resnet_ensemble import evaluate, imagenet, lesion, lesion_engine, pretrained, restore  # noqa: E402
-from resnet_ensemble.sharding import make_mesh  # noqa: E402
-from resnet_ensemble.surgery import permute_blocks  # noqa: E402
+from resnet_ensemble import evaluate, imagenet, lesion, lesion_engine, pretrained, restore
+from resnet_ensemble.sharding import make_mesh
+from resnet_ensemble.surgery import permute_blocks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH, WIDTH, SIZE, BATCH = "resnet18", 4, 32, 4  # 8 blocks, downsampling 2, 4, 6
@@ -139,7 +137,7 @@ def test_mode_all_runs_every_analysis_on_the_streamed_images_without_training(ne
   assert out["random_no_downsampling"]["exclude_downsampling"] is True
   assert np.shape(out["reorder"]["error"]) == (1, 2)  # E4
   assert "imagenet2012 validation" in out["data_source"]
-  pj = json.load(open(os.path.join(workdir, "paths.json")))
+  pj = json.load(open(os.path.join(workdir, "gradients.json")))
   assert pj["n"] == 8 and pj["batches_from"] == "validation"
   assert len(pj["gradient"]["mean_norm"]) == 9 and np.all(np.isfinite(pj["gradient"]["mean_norm"]))
   md = open(os.path.join(workdir, "report.md")).read()

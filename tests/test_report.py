@@ -11,7 +11,7 @@ import shlex
 import numpy as np
 import pytest
 
-from resnet_ensemble import path_counts, report
+from resnet_ensemble import path_counts, report, workdir as workdir_lib
 from resnet_ensemble.report import lesion_figures, path_figures, read
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,7 +90,7 @@ def full_run(tmp_path_factory):
   rng = np.random.default_rng(0)
   main, vgg, sd, eff = (str(tmp_path / d) for d in ("main", "vgg", "sd", "eff"))
   _write(main, "lesion.json", _lesion(rng))
-  _write(main, "paths.json", _paths_json())
+  _write(main, "gradients.json", _paths_json())
   _write(main, "final_metrics.json", {"step": 640, "eval_accuracy": 0.9388,
                                       "eval_error": 0.0612, "eval_loss": 0.31})
   _write(vgg, "lesion.json", _lesion(rng, kind="plain", baseline=0.07,
@@ -186,6 +186,18 @@ def test_imagenet_names_the_single_block_figure_fig4(tmp_path):
   assert "fig3_single_block_deletion.png" not in files
   md = open(os.path.join(main, "report.md")).read()
   assert "configs/imagenet_resnet200.py" in md
+
+
+def test_e6_results_are_read_under_either_name_the_new_one_first(tmp_path):
+  """Runs from before the rename (published results among them) keep paths.json."""
+  main = str(tmp_path / "run")
+  _write(main, "paths.json", {"n": 3})
+  assert workdir_lib.gradients_file(main) == "paths.json"
+  assert read.read_runs(main, vgg_workdir=None, sd_workdir=None, effective_workdir=None,
+                        seed_workdirs=()).paths == {"n": 3}
+  _write(main, "gradients.json", {"n": 5})
+  assert workdir_lib.gradients_file(main) == "gradients.json"
+  assert workdir_lib.gradients_file(str(tmp_path / "empty")) == "gradients.json"
 
 
 def test_corrupt_json_is_an_error(tmp_path):

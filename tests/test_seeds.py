@@ -10,7 +10,7 @@ import pytest
 
 from resnet_ensemble import checkpoint, config as config_lib, seeds, train
 from resnet_ensemble.writers import read_jsonl
-from tests.test_train import _params, _probe
+from tests.conftest import run_train_probe, saved_params
 
 # Effective paths (4 of ResNet-14's 6 blocks): alone, a run skips the blocks gated off; in a
 # stack it computes them (the multiply form) and must still land on the same numbers.
@@ -30,9 +30,10 @@ def _losses(workdir) -> list[float]:
   return [r["train_loss"] for r in read_jsonl(str(workdir / "metrics.jsonl")) if "train_loss" in r]
 
 
+@pytest.mark.slow
 def test_a_stack_on_eight_devices_trains_each_seed_as_if_alone(tmp_path, tiny):
   overrides = [f"{k}={json.dumps(v)}" for k, v in GATED.items()]
-  final, stacked = _probe(tmp_path, "stack", 8, "seeds=[0,1]", "train.steps_per_call=2",
+  final, stacked = run_train_probe(tmp_path, "stack", 8, "seeds=[0,1]", "train.steps_per_call=2",
                           *overrides)
   assert final["devices"] == 8
   for seed in (0, 1):
@@ -59,17 +60,17 @@ def test_a_resumed_stack_equals_an_uninterrupted_one(tmp_path, tiny):
   stopped = train.train_and_evaluate(tiny(seeds=(3, 5), **{"train.num_steps": 3}),
                                      str(tmp_path / "resumed"))
   assert set(stopped) == {"seed3", "seed5"}
-  assert _params(tmp_path / "resumed" / "seed3")[0] == 3
+  assert saved_params(tmp_path / "resumed" / "seed3")[0] == 3
   train.train_and_evaluate(tiny(seeds=(3, 5)), str(tmp_path / "resumed"))
   for seed in (3, 5):
-    step_a, leaves_a = _params(tmp_path / "straight" / f"seed{seed}")
-    step_b, leaves_b = _params(tmp_path / "resumed" / f"seed{seed}")
+    step_a, leaves_a = saved_params(tmp_path / "straight" / f"seed{seed}")
+    step_b, leaves_b = saved_params(tmp_path / "resumed" / f"seed{seed}")
     assert step_a == step_b == 6
     for a, b in zip(leaves_a, leaves_b):
       np.testing.assert_array_equal(a, b)
   # the two seeds really are different runs
-  assert not np.array_equal(_params(tmp_path / "straight" / "seed3")[1][0],
-                            _params(tmp_path / "straight" / "seed5")[1][0])
+  assert not np.array_equal(saved_params(tmp_path / "straight" / "seed3")[1][0],
+                            saved_params(tmp_path / "straight" / "seed5")[1][0])
 
 
 # Three samplers in one stack (ResNet-14: 6 blocks, 2 downsampling): none, effective paths
@@ -84,9 +85,10 @@ def _keys(workdir) -> list[list[str]]:
   return [sorted(r) for r in read_jsonl(str(workdir / "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_a_mixed_stack_on_eight_devices_trains_each_run_as_if_alone(tmp_path, tiny):
   shared = {"model.depth": 14, "train.steps_per_call": 2}
-  final, stacked = _probe(tmp_path, "stack", 8, f"stack={json.dumps(MIXED)}",
+  final, stacked = run_train_probe(tmp_path, "stack", 8, f"stack={json.dumps(MIXED)}",
                           *(f"{k}={json.dumps(v)}" for k, v in shared.items()))
   assert final["devices"] == 8
   for run in seeds.runs_of(tiny(stack=MIXED, **shared)):
@@ -128,22 +130,22 @@ def test_a_resumed_mixed_stack_equals_an_uninterrupted_one_and_each_run_resumes_
   shutil.copytree(tmp_path / "resumed", tmp_path / "alone")
   train.train_and_evaluate(tiny(stack=SMALL), str(tmp_path / "resumed"))
   for name in ("a", "e", "sd"):
-    step_a, leaves_a = _params(tmp_path / "straight" / name)
-    step_b, leaves_b = _params(tmp_path / "resumed" / name)
+    step_a, leaves_a = saved_params(tmp_path / "straight" / name)
+    step_b, leaves_b = saved_params(tmp_path / "resumed" / name)
     assert step_a == step_b == 6
     for a, b in zip(leaves_a, leaves_b):
       np.testing.assert_array_equal(a, b)
   # the runs really are different runs
-  assert not np.array_equal(_params(tmp_path / "straight" / "a")[1][0],
-                            _params(tmp_path / "straight" / "e")[1][0])
+  assert not np.array_equal(saved_params(tmp_path / "straight" / "a")[1][0],
+                            saved_params(tmp_path / "straight" / "e")[1][0])
   # A run's workdir resumes alone from its own config.json (configs/run.py reads it).
   run = config_lib.from_workdir(str(tmp_path / "alone" / "sd"))
   assert (run.seed, run.gates.per_example, run.train.num_steps) == (5, True, 3)
   run.train.num_steps = 6
   train.train_and_evaluate(run, str(tmp_path / "alone" / "sd"))
-  step, leaves = _params(tmp_path / "alone" / "sd")
+  step, leaves = saved_params(tmp_path / "alone" / "sd")
   assert step == 6
-  for a, b in zip(leaves, _params(tmp_path / "straight" / "sd")[1]):
+  for a, b in zip(leaves, saved_params(tmp_path / "straight" / "sd")[1]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -152,7 +154,7 @@ def test_a_stack_whose_runs_stand_at_different_steps_is_refused(tmp_path, tiny):
   train.train_and_evaluate(tiny(seed=0, **{"train.num_steps": 3}), str(run0))
   with pytest.raises(ValueError, match=r"different steps .*seed0: step 3, .*seed1: no checkpoint"):
     train.train_and_evaluate(tiny(seeds=(0, 1)), str(tmp_path / "stack"))
-  assert _params(run0)[0] == 3  # the finished checkpoint is kept
+  assert saved_params(run0)[0] == 3  # the finished checkpoint is kept
 
 
 def test_a_stack_names_its_runs_and_their_own_configs(tiny):

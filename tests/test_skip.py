@@ -18,7 +18,7 @@ from resnet_ensemble import blocks, gates as gates_lib, models, state as state_l
 from resnet_ensemble.config import base_config
 from resnet_ensemble.layout import down_name, stacked_name
 from resnet_ensemble.sharding import make_mesh, replicated
-from tests.test_models import RESNETS
+from tests.conftest import RESNETS
 
 MODELS = {**RESNETS, "plain": models.PlainNet(stage_sizes=(3, 2), width=8)}
 # Block 2 (a downsampling block) off, block 4 (downsampling) on; then all off, all on.

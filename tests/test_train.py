@@ -14,24 +14,15 @@ from resnet_ensemble import augment, optim, state as state_lib, train
 from resnet_ensemble.workdir import ConfigMismatchError
 from resnet_ensemble.config import base_config
 from resnet_ensemble.writers import read_jsonl
+from tests.conftest import run_train_probe, saved_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _probe(tmp_path, name, devices, *overrides, **extra_env):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra_env, XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"))
-  out = tmp_path / f"{name}.npz"
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_train_probe.py"),
-                         str(tmp_path / name), str(out), *overrides],
-                        env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1]), dict(np.load(out))
-
-
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_training(tmp_path):
-  one, params_one = _probe(tmp_path, "one", 1, "train.steps_per_call=2")
-  eight, params_eight = _probe(tmp_path, "eight", 8, "train.steps_per_call=2")
+  one, params_one = run_train_probe(tmp_path, "one", 1, "train.steps_per_call=2")
+  eight, params_eight = run_train_probe(tmp_path, "eight", 8, "train.steps_per_call=2")
   assert one["devices"] == 1 and eight["devices"] == 8
   assert params_one.keys() == params_eight.keys()
   for key in params_one:
@@ -45,18 +36,13 @@ def test_one_and_eight_devices_give_the_same_training(tmp_path):
   np.testing.assert_allclose(losses(history_one), losses(history_eight), rtol=1e-5, atol=1e-5)
 
 
-def _params(workdir):
-  state = train.checkpoint.restore_latest(train.checkpoint.make_manager(str(workdir)), None)
-  return state["step"], jax.tree.leaves(state)
-
-
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny):
   train.train_and_evaluate(tiny(), str(tmp_path / "straight"))
   train.train_and_evaluate(tiny(**{"train.num_steps": 3}), str(tmp_path / "resumed"))
-  assert _params(tmp_path / "resumed")[0] == 3
+  assert saved_params(tmp_path / "resumed")[0] == 3
   train.train_and_evaluate(tiny(), str(tmp_path / "resumed"))
-  step_a, leaves_a = _params(tmp_path / "straight")
-  step_b, leaves_b = _params(tmp_path / "resumed")
+  step_a, leaves_a = saved_params(tmp_path / "straight")
+  step_b, leaves_b = saved_params(tmp_path / "resumed")
   assert step_a == step_b == 6
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b)
@@ -119,6 +105,7 @@ LESION = ("model.depth=14", "lesion.max_k=2", "lesion.draws=3", "lesion.reorder_
           "lesion.reorder_draws=2", "lesion.chunk=4")
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
   """2 processes x 2 CPU devices, joined by jax.distributed on localhost == 1 x 4 devices,
   for training and for a lesion sweep split across the processes."""
@@ -140,7 +127,7 @@ def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
     assert p.returncode == 0, err[-3000:]
   multi = json.loads(outs[0][0].strip().splitlines()[-1])
   assert multi["processes"] == 2 and multi["devices"] == 4
-  single, _ = _probe(tmp_path, "single", 4, "train.steps_per_call=2", *LESION, PROBE_LESION="1")
+  single, _ = run_train_probe(tmp_path, "single", 4, "train.steps_per_call=2", *LESION, PROBE_LESION="1")
   for metric in ("eval_loss", "eval_accuracy"):
     assert abs(single[metric] - multi[metric]) <= 1e-5
   history = lambda d: [(r["train_loss"], r["param_norm"]) for r in
@@ -164,20 +151,21 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_kept(tmp_path, tiny):
   train.train_and_evaluate(tiny(), str(workdir))  # resumes from 3, trains 3 -> 6 again
   names = os.listdir(workdir / "checkpoints")
   assert "6.unreadable-0" in names and "6" in names and "3" in names  # nothing deleted
-  _, leaves_a = _params(straight)
-  step_b, leaves_b = _params(workdir)
+  _, leaves_a = saved_params(straight)
+  step_b, leaves_b = saved_params(workdir)
   assert step_b == 6
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_a_restart_finishes_like_an_uninterrupted_run(tmp_path):
   """What a preempted spot VM sees: SIGTERM mid-run, then the same command again."""
   import signal
   import time
   args = ("train.num_steps=400", "train.log_every=2", "train.eval_every=400",
           "checkpoint.every=400")
-  _, uninterrupted = _probe(tmp_path, "straight", 1, *args)
+  _, uninterrupted = run_train_probe(tmp_path, "straight", 1, *args)
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
   cmd = [sys.executable, os.path.join(REPO, "tests", "_train_probe.py"), str(tmp_path / "pre"),
@@ -194,7 +182,7 @@ def test_sigterm_checkpoints_and_a_restart_finishes_like_an_uninterrupted_run(tm
   assert proc.returncode == 143, err[-3000:]  # 128 + SIGTERM: not a finished run
   stopped = json.loads(out.strip().splitlines()[-1])["stopped_at"]
   assert 0 < stopped < 400
-  _, resumed = _probe(tmp_path, "pre", 1, *args)
+  _, resumed = run_train_probe(tmp_path, "pre", 1, *args)
   for key in uninterrupted:
     np.testing.assert_array_equal(uninterrupted[key], resumed[key], err_msg=key)
 

@@ -16,6 +16,7 @@ import pytest
 from resnet_ensemble import lm_eval, transformer, transformer_import as ti
 from resnet_ensemble.transformer import InputError
 from resnet_ensemble.transformer_import import ModelFolderError
+from tests.conftest import reference_measures, write_tokenizer
 
 TOL = 1e-4
 VOCAB, SEQ, LAYERS = 100, 16, 3
@@ -124,8 +125,8 @@ def test_order_sets_the_gate_count_and_windows_fit_the_positions():
 def _torch_model(family: str):
   """A tiny random ``family`` (gpt2, llama, mistral with a window of 4 of the 16 tokens, or
   qwen2), grouped-query where the family has it (4 query, 2 key/value heads)."""
-  transformers = pytest.importorskip("transformers")
-  torch = pytest.importorskip("torch")
+  import torch
+  import transformers
   torch.manual_seed(sorted(FAMILIES).index(family))
   if family == "gpt2":
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=LAYERS,
@@ -148,16 +149,6 @@ def _torch_model(family: str):
   return model.eval()
 
 
-def _write_tokenizer(path):
-  tokenizers = pytest.importorskip("tokenizers")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[UNK]"])
-  tok.train_from_iterator(["residual networks behave like ensembles of shallow networks"] * 4,
-                          trainer)
-  tok.save(str(path))
-
-
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 
 
@@ -165,12 +156,12 @@ FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 def hf(request, tmp_path_factory):
   """(family, torch model, folder with model.safetensors + tokenizer.json, folder with
   pytorch_model.bin and no tokenizer)."""
-  torch = pytest.importorskip("torch")
+  import torch
   family = request.param
   model = _torch_model(family)
   safe = tmp_path_factory.mktemp(f"{family}_safetensors")
   model.save_pretrained(safe)
-  _write_tokenizer(safe / ti.TOKENIZER_FILE)
+  write_tokenizer(safe / ti.TOKENIZER_FILE, VOCAB)
   binary = tmp_path_factory.mktemp(f"{family}_bin")
   model.config.save_pretrained(binary)
   torch.save(model.state_dict(), binary / ti.TORCH_FILE)
@@ -311,7 +302,6 @@ def _copy(src, dst, config=None, weights=True):
     ({"n_layer": 2}, "unexpected h.2."),
 ])
 def test_bad_gpt2_folders_are_one_line(tmp_path, change, message):
-  pytest.importorskip("transformers")
   src = _source(tmp_path, "gpt2")
   with pytest.raises(ModelFolderError) as e:
     ti.load(_copy(src, tmp_path / "bad", change), tokenizer=False)
@@ -320,7 +310,6 @@ def test_bad_gpt2_folders_are_one_line(tmp_path, change, message):
 
 
 def test_bad_llama_folders_are_one_line(tmp_path):
-  pytest.importorskip("transformers")
   src = _source(tmp_path, "llama")
   cases = [
       ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope type 'llama3'"),
@@ -347,7 +336,6 @@ def _source(tmp_path, family):
 
 
 def test_missing_files_and_hub_names_are_one_line(tmp_path, monkeypatch):
-  pytest.importorskip("transformers")
   src = _source(tmp_path, "gpt2")
   no_weights = _copy(src, tmp_path / "no_weights", weights=False)
   cases = [
@@ -359,7 +347,7 @@ def test_missing_files_and_hub_names_are_one_line(tmp_path, monkeypatch):
   (tmp_path / "broken").mkdir()
   (tmp_path / "broken" / ti.CONFIG_FILE).write_text("{not json")
   cases.append((lambda: ti.load(tmp_path / "broken"), "cannot read"))
-  hub = pytest.importorskip("huggingface_hub")
+  import huggingface_hub as hub
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
   monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True, raising=False)
@@ -391,16 +379,6 @@ def test_byte_windows():
   assert "\n" not in str(e.value)
 
 
-def _reference_measures(model, variables, w, gates, order=None):
-  """One variant at a time, in numpy: mean loss, top-1 accuracy, KL(intact || variant)."""
-  tokens, targets = jnp.asarray(w[:, :-1]), w[:, 1:]
-  logp = np.asarray(jax.nn.log_softmax(model.apply(variables, tokens, gates=gates, order=order)))
-  intact = np.asarray(jax.nn.log_softmax(model.apply(variables, tokens)))
-  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-  kl = (np.exp(intact) * (intact - logp)).sum(-1)
-  return {"loss": nll.mean(), "top1": (logp.argmax(-1) == targets).mean(), "kl": kl.mean()}
-
-
 @pytest.mark.parametrize("reorder", [False, True], ids=["gated", "reordered"])
 def test_vmapped_variants_equal_one_at_a_time(reorder):
   model = transformer.gpt2(lm_eval.BYTE_VOCAB, LAYERS, 32, 4, max_positions=8)
@@ -416,7 +394,7 @@ def test_vmapped_variants_equal_one_at_a_time(reorder):
            *(() if orders is None else (jnp.asarray(orders),)))
   assert out["count"][0] == w.size - len(w)
   for g in range(len(gates)):
-    want = _reference_measures(model, variables, w, gates[g],
+    want = reference_measures(model, variables, w, gates[g],
                                None if orders is None else orders[g])
     for k, v in want.items():
       np.testing.assert_allclose(out[k][g], v, rtol=1e-4, atol=1e-6, err_msg=f"{k} of {g}")

@@ -54,6 +54,7 @@ def _cli(workdir, *args, **kwargs):
       **kwargs)
 
 
+@pytest.mark.slow
 def test_sigterm_in_mode_all_stops_without_analyses_and_the_same_command_finishes(tmp_path):
   """The Cloud TPU spot recipe: --mode=all preempted mid-training, then run again."""
   workdir = tmp_path / "w"
@@ -369,6 +370,7 @@ def test_a_paused_owner_keeps_its_lock_and_stops_without_writing_once_it_is_take
   assert json.loads(lock.read_text()) == other  # the new owner's lock is left alone
 
 
+@pytest.mark.slow
 def test_sigterm_outside_the_training_loop_says_what_it_stopped_and_releases_the_lock(tmp_path):
   """SIGTERM while the lesion study runs: one line naming it, exit 143, no lock left, no
   half-written result; the same command then finishes."""

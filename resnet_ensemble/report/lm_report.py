@@ -1,4 +1,4 @@
-"""report.md and figures of the transformer experiments, from lesion.json and paths.json.
+"""report.md and figures of the transformer experiments, from lesion.json and gradients.json.
 
 Every input is optional, as for the ResNets' report: a figure is drawn for whatever results
 exist, and the page lists the command of each missing one. The damage of a variant is shown as
@@ -126,11 +126,12 @@ def fig_reorder(page: Page, lesion: dict) -> list[str]:
 
 
 def write_report(workdir: str, out_dir: str | None = None) -> list[str]:
-  """Reads lesion.json and paths.json in ``workdir``; writes the figures and report.md into
+  """Reads lesion.json and gradients.json in ``workdir``; writes the figures and report.md into
   ``out_dir`` (default: workdir). Returns the files written, report.md last."""
   out_dir = out_dir or workdir
   workdir_lib.path(out_dir).mkdir(parents=True, exist_ok=True)
-  lesion, paths = read.load(workdir, "lesion.json"), read.load(workdir, "paths.json")
+  lesion = read.load(workdir, "lesion.json")
+  paths = read.load(workdir, workdir_lib.gradients_file(workdir))
   page = Page(out_dir)
   painters: list[str] = []
   if lesion:

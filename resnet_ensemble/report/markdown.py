@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from resnet_ensemble import path_counts
 from resnet_ensemble.report import paper, read
 from resnet_ensemble.report.page import pct
 from resnet_ensemble.report.path_figures import fit_text
@@ -203,7 +204,7 @@ def table_rows(runs: read.Runs, *, n: int, delete_k: list[dict] | None,
     rows.append(("gradient per path length (E6)", "missing", paper.DECAY))
   if eff is not None:
     rows.append(("effective path lengths",
-                 f"{eff[1]}–{eff[2]} ({paper.E7_MASS * 100:.0f} % of total gradient)",
+                 f"{eff[1]}–{eff[2]} ({path_counts.E7_MASS * 100:.0f} % of total gradient)",
                  paper.EFFECTIVE_LENGTHS))
     rows.append(("share of paths that are effective", pct(eff[3]), paper.EFFECTIVE_SHARE))
   else:
@@ -264,7 +265,7 @@ def missing_experiments(runs: read.Runs, *, n_from: str,
         miss(f"{what} (lesion.json has no '{key}'" + (" with k > 0)" if entry else ")"),
              command(main_cfg, workdir, "lesion", main_flags))
   if pj is None or not pj.get("gradient"):
-    miss("E6, E7 (paths.json: gradient per path length, effective paths)",
+    miss("E6, E7 (gradients.json: gradient per path length, effective paths)",
          command(main_cfg, workdir, "gradients", main_flags))
   for wd, f in runs.seeds:
     if f is None:
@@ -273,7 +274,7 @@ def missing_experiments(runs: read.Runs, *, n_from: str,
            command(main_cfg, wd, flags=main_flags
                    + ([f"--config.seed={seed.group(1)}"] if seed else [])))
   if n_from.startswith("no run data"):
-    miss("E5, E9 use the paper's n = 54 (no lesion.json or paths.json gives our n)")
+    miss("E5, E9 use the paper's n = 54 (no lesion.json or gradients.json gives our n)")
   if is_imagenet(runs):  # Fig. 3's VGG panel, E8 and E10 are CIFAR experiments
     return missing
   for key, wd, res, what, fname in (

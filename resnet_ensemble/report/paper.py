@@ -32,10 +32,6 @@ E5_INTERVAL = (19, 35)
 # E9 / Fig. 7: the numbers of deleted blocks drawn for n = 54.
 E9_DELETED = (1, 10, 20)
 
-# E7 (ours): the paper says "nearly all" the gradient; the report takes the shortest interval
-# of lengths holding this share of the total gradient.
-E7_MASS = 0.9
-
 
 def delete_k(n: int) -> int:
   """The k of E3's row for a network of ``n`` blocks: the paper's 10 of 54, the same share."""

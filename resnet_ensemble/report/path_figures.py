@@ -2,7 +2,7 @@
 total gradient per length and the effective paths (E7 / Fig. 6c), and deletion removing long
 paths (E9 / Fig. 7).
 
-E5 and E9 are counting, drawn for the network's own n; E6 and E7 read paths.json. The numbers
+E5 and E9 are counting, drawn for the network's own n; E6 and E7 read gradients.json. The numbers
 the report's table quotes (the E5 interval, the E6 decay fit, the E7 interval) are computed by
 the functions here that the figures use, so a figure and its row never disagree.
 """
@@ -71,10 +71,10 @@ def fig_path_lengths(page: Page, n: int, n_from: str,
 
 
 # ---------------------------------------------------------------------------------------------
-# E6 and E7: the gradient per path length (paths.json).
+# E6 and E7: the gradient per path length (gradients.json).
 
 def log10_curve(g: dict, key: str) -> np.ndarray | None:
-  """A per-length quantity of paths.json as log10 (-inf for a 0): its ``log10_<key>`` field,
+  """A per-length quantity of gradients.json as log10 (-inf for a 0): its ``log10_<key>`` field,
   or, in files written before E6 kept its range, log10 of the plain values."""
   if g.get("log10_" + key) is not None:
     return np.array([-np.inf if v is None else v for v in g["log10_" + key]], np.float64)
@@ -157,7 +157,7 @@ def fig_gradient(page: Page, pj: dict | None) -> dict | None:
   text = []
   zero = k[~np.isfinite(m)]
   if zero.size and g.get("log10_mean_norm") is None:
-    text.append(f"Lengths {_lengths(zero)} have a mean norm of exactly 0 in this paths.json, "
+    text.append(f"Lengths {_lengths(zero)} have a mean norm of exactly 0 in this gradients.json, "
                 f"written before E6 kept its range: its float32 backward pass underflowed "
                 f"there (left out of the fit); rerun `--mode=gradients` to measure them.")
   elif zero.size:
@@ -187,8 +187,8 @@ def _sci(log10: float) -> str:
 
 
 def effective(n: int, pj: dict | None) -> tuple[np.ndarray, int, int, float] | None:
-  """E7's total gradient per length (relative to its peak: at any magnitude), its 90 %
-  interval and that interval's share of paths."""
+  """E7's total gradient per length (relative to its peak: at any magnitude), its shortest
+  interval holding ``path_counts.E7_MASS`` of it and that interval's share of paths."""
   g = (pj or {}).get("gradient")
   if not g:
     return None
@@ -196,16 +196,16 @@ def effective(n: int, pj: dict | None) -> tuple[np.ndarray, int, int, float] | N
   if log10_mean is None:
     return None
   if log10_mean.size != n + 1:
-    raise ValueError(f"paths.json: gradient.mean_norm has {log10_mean.size} entries, "
+    raise ValueError(f"gradients.json: gradient.mean_norm has {log10_mean.size} entries, "
                      f"expected n+1 = {n + 1}")
   total = path_counts.relative_weights(path_counts.log10_total_gradient(n, log10_mean))
-  lo, hi = path_counts.effective_interval(total, mass=paper.E7_MASS)
+  lo, hi = path_counts.effective_interval(total, mass=path_counts.E7_MASS)
   return total, lo, hi, float(path_counts.share_of_paths(n, lo, hi))
 
 
 def fig_total_gradient(page: Page, n: int, eff: tuple | None,
                        layers: str = "for basic blocks") -> None:
-  """Fig. 6c: C(n, k) x mean norm(k), the shortest 90 % interval shaded. ``layers``: how a
+  """Fig. 6c: C(n, k) x mean norm(k), the shortest E7_MASS interval shaded. ``layers``: how a
   length counts layers (basic blocks: two each; "" says nothing)."""
   if eff is None:
     return
@@ -214,7 +214,7 @@ def fig_total_gradient(page: Page, n: int, eff: tuple | None,
   fig, ax = plt.subplots(figsize=(6.5, 4))
   ax.plot(k, total, "o-", ms=3, lw=1, color="C0")
   ax.axvspan(lo - 0.5, hi + 0.5, color="C1", alpha=0.2,
-             label=f"{paper.E7_MASS * 100:.0f} % of total gradient: lengths {lo}–{hi}\n"
+             label=f"{path_counts.E7_MASS * 100:.0f} % of total gradient: lengths {lo}–{hi}\n"
                    f"= {pct(share)} of all paths")
   ax.set_title("Total gradient magnitude per path length")
   ax.set_xlabel("path length")
@@ -222,8 +222,8 @@ def fig_total_gradient(page: Page, n: int, eff: tuple | None,
   ax.legend(fontsize=8, loc="upper right")
   peak = int(np.argmax(total))
   note = f" ({2 * lo}–{2 * hi} layers {layers})" if layers else ""
-  text = [f"{paper.E7_MASS * 100:.0f} % of the total gradient comes from paths of length {lo}–{hi}"
-          f"{note}, which are {pct(share)} of all "
+  text = [f"{path_counts.E7_MASS * 100:.0f} % of the total gradient comes from paths of length "
+          f"{lo}–{hi}{note}, which are {pct(share)} of all "
           f"paths; the total peaks at length {peak} (which alone holds "
           f"{pct(total[peak] / total.sum(), 1)} of it), against a typical path length of "
           f"{n / 2:g}."]

@@ -41,7 +41,7 @@ class Runs:
   """The results of the main run and of the runs it is compared with (None: not there)."""
   workdir: str
   lesion: dict | None           # E1, E3, E4 (lesion.json)
-  paths: dict | None            # E6, E7 (paths.json)
+  paths: dict | None            # E6, E7 (gradients.json, or an older paths.json)
   final: dict | None            # training (final_metrics.json)
   jpeg: dict | None             # the test-time JPEG probe (jpeg_gap.json)
   seeds: list[tuple[str, dict | None]]  # (workdir, final_metrics) of more seeds of the run
@@ -57,7 +57,7 @@ class Runs:
 def read_runs(workdir: str, *, vgg_workdir: str | None, sd_workdir: str | None,
               effective_workdir: str | None, seed_workdirs: Sequence[str]) -> Runs:
   lesion = load(workdir, "lesion.json")
-  pj = load(workdir, "paths.json")
+  pj = load(workdir, workdir_lib.gradients_file(workdir))
   final = load(workdir, "final_metrics.json")
   vgg = load(vgg_workdir, "lesion.json")
   sd = load(sd_workdir, "lesion.json")
@@ -129,7 +129,7 @@ def n_blocks(runs: Runs) -> tuple[int, str]:
   """The network's block count for the analytic figures (E5, E9), and where it came from:
   the analyses' own files first, then the run's config, else the paper's network."""
   if runs.paths and runs.paths.get("n"):
-    return int(runs.paths["n"]), "n from paths.json"
+    return int(runs.paths["n"]), "n from gradients.json"
   if runs.lesion is not None:
     n, _ = layout(runs.lesion)
     if n:

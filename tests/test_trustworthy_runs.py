@@ -46,8 +46,8 @@ def _corrupt(workdir, step: int) -> None:
 def _cli(workdir, *args, **kwargs):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   return subprocess.Popen(
-      [sys.executable, "-m", "resnet_ensemble", "--config=configs/quickstart.py", "--config.stack=()",
-       f"--workdir={workdir}", "--config.model.depth=8", "--config.model.width=4",
+      [sys.executable, "-m", "resnet_ensemble", "--config=configs/quickstart.py",
+       "--config.stack=()", f"--workdir={workdir}", "--config.model.depth=8", "--config.model.width=4",
        "--config.train.steps_per_call=1", "--config.train.log_every=2",
        "--config.train.eval_every=0", "--config.checkpoint.every=0",
        *[f"--config.{k}={v}" for k, v in SMALL_STUDY.items()], *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

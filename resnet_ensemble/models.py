@@ -202,9 +202,9 @@ class PlainNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
-class _Part(nn.Module):
+class Part(nn.Module):
   """Runs ``fn(x)`` in a compact scope, so the parameter names ``fn`` creates match the ones the
-  whole network's ``__call__`` creates (used to apply the stem or head on their own)."""
+  whole network's ``__call__`` creates (to apply a stem, an embedding or a head on its own)."""
 
   fn: Callable
 
@@ -255,7 +255,7 @@ def unroll(model: "ResNet | PlainNet", variables) -> Unrolled:
   def part(fn, names):
     tree = {"params": {k: params[k] for k in names if k in params},
             "batch_stats": {k: stats[k] for k in names if k in stats}}
-    return functools.partial(_Part(fn).apply, tree)
+    return functools.partial(Part(fn).apply, tree)
 
   layout = model.layout
   branches, merges = [], []

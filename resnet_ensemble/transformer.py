@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_ensemble import gates as gates_lib
+from resnet_ensemble import gates as gates_lib, models
 
 Array = jax.Array
 
@@ -400,17 +400,6 @@ class GatedTransformer(nn.Module):
     return logits.astype(jnp.float32)
 
 
-class _Part(nn.Module):
-  """Runs ``fn(x)`` in a compact scope, so the parameter names ``fn`` creates match the ones the
-  whole model's ``__call__`` creates (the embedding or the head on its own)."""
-
-  fn: Callable
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return self.fn(x)
-
-
 @dataclasses.dataclass(frozen=True)
 class Unrolled:
   """A model as embed -> 2L residual branches -> head, each a pure function of the stream:
@@ -445,7 +434,7 @@ def unroll(model: GatedTransformer, variables) -> Unrolled:
     branches += [functools.partial(attn, t=t), functools.partial(mlp, t=t)]
 
   def part(fn, names):
-    return functools.partial(_Part(fn).apply, {"params": {k: params[k] for k in names
+    return functools.partial(models.Part(fn).apply, {"params": {k: params[k] for k in names
                                                           if k in params}})
 
   embed = part(model.embed, ("embed", "pos_embed"))

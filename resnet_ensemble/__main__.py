@@ -14,6 +14,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 
 from absl import app, flags, logging
@@ -87,11 +88,13 @@ def _interrupt(signum, frame) -> None:
 def _redeliver_swallowed(previous):
   """An unraisable-error hook: Python swallows an exception raised inside a garbage-collector
   or ``__del__`` callback (jax has one), so an ``Interrupted`` raised there would be lost and
-  the job would run on; the signal is raised again, to land in the job's own code."""
+  the job would run on; the signal is sent again a moment later from another thread, so its
+  handler runs once the main thread is back in the job's own code (raised inside this hook,
+  it would be swallowed too). Swallowed again, it is sent again."""
 
   def hook(unraisable):
     if isinstance(unraisable.exc_value, Interrupted):
-      signal.raise_signal(unraisable.exc_value.signal)
+      threading.Timer(0.05, os.kill, (os.getpid(), unraisable.exc_value.signal)).start()
     else:
       previous(unraisable)
 

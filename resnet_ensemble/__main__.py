@@ -149,7 +149,7 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
              config_file: str | None = None) -> None:
   """Runs ``mode`` on ``workdir``: validated first, then with the workdir locked.
   ``config_file``: the config's file, named in the report's commands for missing results."""
-  from resnet_ensemble import config as config_lib, seeds, train, workdir as workdir_lib
+  from resnet_ensemble import config as config_lib, stack, train, workdir as workdir_lib
   _doing["what"] = f"--mode={mode}"
   config_lib.validate(config)
   if (mode in ("train", "all") and not config.get("weights")
@@ -164,7 +164,7 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
     if mode in ("train", "all"):
       train.check_devices(config)
   if mode == "runs":  # the workdirs a launcher packs and unpacks
-    print("\n".join(run.workdir(workdir) for run in seeds.runs_of(config)), flush=True)
+    print("\n".join(run.workdir(workdir) for run in stack.runs_of(config)), flush=True)
     return
   writes_workdir = not (mode == "report" and config.report.out_dir)
   if writes_workdir:
@@ -175,7 +175,7 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
 
 def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
               config_file: str | None) -> None:
-  from resnet_ensemble import (lesion, paper, path_gradients, report, restore, seeds, train,
+  from resnet_ensemble import (lesion, paper, path_gradients, report, restore, stack, train,
                                workdir as workdir_lib)
   from resnet_ensemble.progress import format_duration, is_main_process, say
   analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
@@ -195,7 +195,7 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
     written = paper.run(config, workdir, allow_unfinished, config_file)
     say(f"report: {written[-1]} and {len(written) - 1} figures")
     return
-  seeds.check_mode(config, mode, workdir)
+  stack.check_mode(config, mode, workdir)
   latest = workdir_lib.latest_step(workdir)
   if mode == "train" and exported and latest is None:
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "

@@ -16,7 +16,7 @@ from etils import epath
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Several runs trained at once as one vmapped program (resnet_ensemble/seeds.py), each in its
+  # Several runs trained at once as one vmapped program (resnet_ensemble/stack.py), each in its
   # own workdir with the numbers it has trained alone; () = the single run of `seed`.
   c.seeds = ()   # runs that differ only in seed, in workdir/seed{s}
   c.stack = ()   # named runs, each "NAME" or "NAME:KEY=VALUE,...", KEY seed or gates.*

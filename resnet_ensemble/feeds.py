@@ -20,7 +20,7 @@ from resnet_ensemble.augment import batch_indices, random_crop_flip
 from resnet_ensemble.evaluate import make_eval_fn
 from resnet_ensemble.progress import say
 from resnet_ensemble.sharding import check_divisible, put, replicated, sharded
-from resnet_ensemble.seeds import RunStack
+from resnet_ensemble.stack import RunStack
 from resnet_ensemble.state import TrainState
 
 

@@ -12,7 +12,7 @@ At test time every block is active with its residual scaled by its expected gate
 ``gates.skip_compute`` (default on): the train step does not compute a block whose sampled gate
 is zero for the whole mini-batch, the same numbers faster where it pays (``blocks.should_skip``).
 
-A stack of runs (resnet_ensemble/seeds.py) may mix samplers: ``make_stack_sampler`` gives each
+A stack of runs (resnet_ensemble/stack.py) may mix samplers: ``make_stack_sampler`` gives each
 run the gates its own sampler draws alone, inside one vmapped step.
 """
 

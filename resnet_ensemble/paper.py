@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 from resnet_ensemble import config as config_lib, lesion, path_gradients, report, train
 from resnet_ensemble import workdir as workdir_lib
 from resnet_ensemble.progress import format_duration, say
-from resnet_ensemble.seeds import Run, runs_of
+from resnet_ensemble.stack import Run, runs_of
 
 PLAIN = "plain"  # the plain network's workdir, under the stack's
 

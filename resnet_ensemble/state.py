@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_ensemble import config as config_lib, optim
-from resnet_ensemble.seeds import Run, RunStack
+from resnet_ensemble.stack import Run, RunStack
 
 
 @flax.struct.dataclass

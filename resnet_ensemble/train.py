@@ -27,7 +27,7 @@ from resnet_ensemble.evaluate import cross_entropy, grouped_apply
 from resnet_ensemble.feeds import make_feed
 from resnet_ensemble.progress import Progress, say
 from resnet_ensemble.sharding import check_divisible, make_mesh, replicated, sharded
-from resnet_ensemble.seeds import RunStack, runs_of
+from resnet_ensemble.stack import RunStack, runs_of
 from resnet_ensemble.state import TrainState, create_train_state_unsharded
 
 
@@ -272,7 +272,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Resumes from the newest checkpoint in the workdir. Returns the final evaluation metrics.
   With a stack of runs (``config.stack``, or two or more ``config.seeds``), trains them as one
-  vmapped program (``seeds.RunStack``), each in its ``workdir/NAME`` as if trained alone, and
+  vmapped program (``stack.RunStack``), each in its ``workdir/NAME`` as if trained alone, and
   returns ``{name: final metrics}``. Raises ``Stopped`` after saving when SIGTERM or SIGINT
   arrives.
 

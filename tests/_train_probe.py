@@ -13,7 +13,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from tests.conftest import tiny_config  # noqa: E402
-from resnet_ensemble import seeds, train  # noqa: E402
+from resnet_ensemble import stack, train  # noqa: E402
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), **final}))
     return
   arrays = {}
-  for run in seeds.runs_of(config):
+  for run in stack.runs_of(config):
     state = train.checkpoint.restore_latest(
         train.checkpoint.make_manager(run.workdir(workdir)), None)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]

@@ -115,7 +115,7 @@ def test_every_cited_module_name_exists(doc, name):
 # Tolerances README quotes, each beside the test that holds the bound: (README's words with the
 # number as a group, the test file, the test's words with the same number as a group).
 TOLERANCES = [
-    (r"statistics within a relative (\S+), the momentum trace within (\S+)\)", "test_seeds.py",
+    (r"statistics within a relative (\S+), the momentum trace within (\S+)\)", "test_stack.py",
      r'"rtol": (\S+), "atol": (\S+) if "\[\'trace\'\]" in key'),
     (r"logits equal to `transformers`' within (\S+) in float32", "test_transformer.py",
      r"^TOL = (\S+)$"),

@@ -14,7 +14,7 @@ stochastic depth) train in one step: each draws its own sampler's gates from its
 
 Each run keeps everything a run trained alone has: its seed (initialisation, batch order,
 augmentation, gates), its workdir with its own single-run config.json, checkpoints, metrics and
-final metrics. The numbers are those of training it alone (tests/test_seeds.py), so any run of a
+final metrics. The numbers are those of training it alone (tests/test_stack.py), so any run of a
 stack can be resumed, analysed or published alone. One run is not a stack: nothing is vmapped.
 """
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_ensemble import checkpoint, config as config_lib, seeds, train
+from resnet_ensemble import checkpoint, config as config_lib, stack, train
 from resnet_ensemble.writers import read_jsonl
 from tests.conftest import run_train_probe, saved_params
 
@@ -91,7 +91,7 @@ def test_a_mixed_stack_on_eight_devices_trains_each_run_as_if_alone(tmp_path, ti
   final, stacked = run_train_probe(tmp_path, "stack", 8, f"stack={json.dumps(MIXED)}",
                           *(f"{k}={json.dumps(v)}" for k, v in shared.items()))
   assert final["devices"] == 8
-  for run in seeds.runs_of(tiny(stack=MIXED, **shared)):
+  for run in stack.runs_of(tiny(stack=MIXED, **shared)):
     alone_dir, run_dir = tmp_path / f"alone_{run.name}", tmp_path / "stack" / run.name
     run.config.gates.skip_compute = False  # alone, the multiply form too
     alone = train.train_and_evaluate(run.config, str(alone_dir))
@@ -158,7 +158,7 @@ def test_a_stack_whose_runs_stand_at_different_steps_is_refused(tmp_path, tiny):
 
 
 def test_a_stack_names_its_runs_and_their_own_configs(tiny):
-  runs = seeds.runs_of(tiny(seed=4, stack=(
+  runs = stack.runs_of(tiny(seed=4, stack=(
       "full", "e8:seed=1, gates.sampler=effective,gates.k=2,gates.keep_downsampling=false",
       "sd:gates.sampler=stochastic_depth,gates.per_example=True,gates.p_last=0.25")))
   assert [r.name for r in runs] == ["full", "e8", "sd"]
@@ -170,11 +170,11 @@ def test_a_stack_names_its_runs_and_their_own_configs(tiny):
   assert runs[0].config.gates.to_dict() == tiny().gates.to_dict()
   assert all(r.config.stack == () and r.config.seeds == () for r in runs)  # single-run configs
   # config.seeds: the runs that differ only in seed
-  by_seed = seeds.runs_of(tiny(seeds=(3, 5)))
+  by_seed = stack.runs_of(tiny(seeds=(3, 5)))
   assert [(r.name, r.config.seed, r.workdir("w")) for r in by_seed] == [
       ("seed3", 3, "w/seed3"), ("seed5", 5, "w/seed5")]
-  assert [(r.config.seed, r.workdir("w")) for r in seeds.runs_of(tiny(seeds=(7,)))] == [(7, "w")]
-  assert [(r.config.seed, r.workdir("w")) for r in seeds.runs_of(tiny(seed=2))] == [(2, "w")]
+  assert [(r.config.seed, r.workdir("w")) for r in stack.runs_of(tiny(seeds=(7,)))] == [(7, "w")]
+  assert [(r.config.seed, r.workdir("w")) for r in stack.runs_of(tiny(seed=2))] == [(2, "w")]
 
 
 @pytest.mark.parametrize("entries, message", [
@@ -193,14 +193,14 @@ def test_a_stack_names_its_runs_and_their_own_configs(tiny):
 ])
 def test_bad_stacks_get_clear_errors(tiny, entries, message):
   with pytest.raises(ValueError, match=message):
-    seeds.runs_of(tiny(stack=entries))
+    stack.runs_of(tiny(stack=entries))
 
 
 def test_a_bad_stack_is_refused_before_anything_is_written(tmp_path, tiny):
   with pytest.raises(ValueError, match="--config.seeds and --config.stack"):
-    seeds.runs_of(tiny(seeds=(1, 2), stack=("a",)))
+    stack.runs_of(tiny(seeds=(1, 2), stack=("a",)))
   with pytest.raises(ValueError, match="repeat a seed"):
-    seeds.runs_of(tiny(seeds=(1, 1)))
+    stack.runs_of(tiny(seeds=(1, 1)))
   with pytest.raises(ValueError, match=r"model.depth is shared"):
     train.train_and_evaluate(tiny(stack=("a", "b:model.depth=14")), str(tmp_path / "w"))
   with pytest.raises(ValueError, match=r"gates.k=9 must be between 1 and the number of blocks"):
@@ -208,8 +208,8 @@ def test_a_bad_stack_is_refused_before_anything_is_written(tmp_path, tiny):
                              str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
   with pytest.raises(ValueError, match=r"--mode=lesion on one run: --workdir=w/e8 "):
-    seeds.check_mode(tiny(stack=("e8:gates.sampler=effective", "b")), "lesion", "w")
+    stack.check_mode(tiny(stack=("e8:gates.sampler=effective", "b")), "lesion", "w")
   with pytest.raises(ValueError, match=r"--mode=lesion on one run: --workdir=w/seed2"):
-    seeds.check_mode(tiny(seeds=(2, 4)), "lesion", "w")
-  seeds.check_mode(tiny(seeds=(2, 4)), "train", "w")
-  seeds.check_mode(tiny(), "lesion", "w")
+    stack.check_mode(tiny(seeds=(2, 4)), "lesion", "w")
+  stack.check_mode(tiny(seeds=(2, 4)), "train", "w")
+  stack.check_mode(tiny(), "lesion", "w")

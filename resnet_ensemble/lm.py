@@ -1,13 +1,17 @@
 """Command line of the transformer experiments:
 ``python -m resnet_ensemble.lm --config=configs/lm_bytes.py --workdir=DIR --mode=all``.
 
-Modes (the ResNets' names and files): lesion: E1, E3, E4 and the painters interventions
-(lesion.json); gradients: E6/E7 and the E5/E9 counts (gradients.json); report: report.md and
-figures from those; all: lesion, gradients, report; eval: the intact model and the variant of
-``--config.variant.order``/``gates`` (variant.json). The model is a local Hugging Face folder
-(``--config.weights``) or a freshly initialised one (``model.*``, seeded): nothing is trained.
+Modes (the ResNets' names and files): train: trains ``model.*`` on the training text for
+``train.steps`` steps (checkpoints, metrics.jsonl, final_metrics.json; resumes); lesion: E1, E3,
+E4 and the painters interventions (lesion.json); gradients: E6/E7 and the E5/E9 counts
+(gradients.json); report: report.md and figures from those; all: train (when ``train.steps``),
+lesion, gradients, report; eval: the intact model and the variant of
+``--config.variant.order``/``gates`` (variant.json). The model is trained here
+(``train.steps``), a local Hugging Face folder (``--config.weights``) or a freshly initialised
+one (``model.*``, seeded).
 
-Exit codes: 0 done; 2 a user error, one line on stderr (an unknown architecture or config
+Exit codes: 0 done; 143/130 stopped by SIGTERM/SIGINT during training (saved: rerun to go
+on); 75 the workdir's lock was taken by another job; 2 a user error, one line on stderr (an unknown architecture or config
 field, a model folder whose shapes do not match, a missing tokenizer, a text shorter than one
 window, gates of the wrong length, an index array that is not a valid order).
 """
@@ -24,14 +28,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/lm_*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for the results and the report.")
-MODES = ("lesion", "gradients", "report", "all", "eval")
-flags.DEFINE_enum("mode", "all", list(MODES), "lesion: E1-E4 (lesion.json); gradients: E6/E7 "
-                  "(gradients.json); report: report.md + figures; all: lesion, gradients, report; "
-                  "eval: the intact model and --config.variant (variant.json).")
+MODES = ("train", "lesion", "gradients", "report", "all", "eval")
+flags.DEFINE_enum("mode", "all", list(MODES), "train: train.steps steps on the training text; "
+                  "lesion: E1-E4 (lesion.json); gradients: E6/E7 (gradients.json); report: "
+                  "report.md + figures; all: train (when train.steps), lesion, gradients, "
+                  "report; eval: the intact model and --config.variant (variant.json).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 PROG = "resnet_ensemble.lm"
 EXIT_USER_ERROR = 2
+EXIT_LOCK_LOST = 75  # another job took the workdir (as python -m resnet_ensemble)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -42,20 +48,36 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run_mode(mode: str, config, workdir: str) -> list[str]:
   """Runs ``mode``; returns the files written. User errors are ValueErrors (one line)."""
-  from resnet_ensemble import lm_config, lm_study, workdir as workdir_lib
+  import dataclasses
+  from resnet_ensemble import lm_config, lm_study, lm_train, workdir as workdir_lib
   from resnet_ensemble.progress import format_duration, say
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+  trains = mode in ("train", "all") and bool(config.train.steps)
+  if mode == "train" and not trains:
+    raise ValueError("--mode=train needs --config.train.steps > 0")
   subject = None
   if mode != "report":  # every input checked before the workdir is made
     lm_config.validate(config)
-    subject = lm_study.load(config)
+    subject = lm_study.load(config, workdir, restore=False)
     if mode == "eval":
       lm_study.variant_of(config, subject.layout.n_layers)
   workdir_lib.check_path(workdir)
   written = []
   with workdir_lib.lock(workdir):
-    steps = {"lesion": [lm_study.run_lesion], "gradients": [lm_study.run_gradients],
+    if trains:
+      t0 = time.perf_counter()
+      say(f"== {mode}: train ({config.train.steps} steps)")
+      variables, final = lm_train.train(config, workdir, subject.model, subject.train_tokens,
+                                        subject.windows)
+      subject = dataclasses.replace(subject, variables=variables)
+      written.append(str(workdir_lib.path(workdir, "final_metrics.json")))
+      say(f"== done in {format_duration(time.perf_counter() - t0)}: held-out loss "
+          f"{final['held_out_loss']:.4f} nats/token")
+    elif subject is not None and subject.variables is None:  # analyses of a run trained here
+      subject = dataclasses.replace(
+          subject, variables=lm_train.restore_params(config, workdir, subject.model))
+    steps = {"train": [], "lesion": [lm_study.run_lesion], "gradients": [lm_study.run_gradients],
              "all": [lm_study.run_lesion, lm_study.run_gradients], "report": [],
              "eval": [lm_study.run_variant]}[mode]
     names = {lm_study.run_lesion: "lesion.json",
@@ -78,11 +100,21 @@ def run_mode(mode: str, config, workdir: str) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from resnet_ensemble import lm_eval, transformer, transformer_import, workdir as workdir_lib
+  from resnet_ensemble import (checkpoint, lm_eval, train, transformer, transformer_import,
+                               workdir as workdir_lib)
+  if not FLAGS["verbosity"].present:
+    checkpoint.quiet_orbax()
   user_errors = (ValueError, IndexError, ImportError, OSError, workdir_lib.WorkdirError,
-                 transformer.InputError, transformer_import.ModelFolderError, lm_eval.TextError)
+                 transformer.InputError, transformer_import.ModelFolderError, lm_eval.TextError,
+                 checkpoint.CheckpointError, FloatingPointError)
   try:
     run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  except train.Stopped as e:  # a signal during training: saved, rerun to go on
+    print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except workdir_lib.LockLostError as e:
+    print(f"{PROG}: stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_LOCK_LOST)
   except user_errors as e:
     logging.debug("user error", exc_info=True)
     print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_ensemble import (lm_eval, lm_variants, models, path_counts, path_gradients,
-                             transformer, transformer_import, workdir as workdir_lib)
+from resnet_ensemble import (lm_corpus, lm_eval, lm_train, lm_variants, models, path_counts,
+                             path_gradients, transformer, transformer_import,
+                             workdir as workdir_lib)
 from resnet_ensemble.lm_config import validate
 from resnet_ensemble.progress import say
 
@@ -38,6 +39,8 @@ class Subject:
   windows: np.ndarray          # (n, window + 1) tokens
   source: str                  # where the model came from
   tokenizer: str               # "bytes" or the tokenizer file
+  corpus: dict = dataclasses.field(default_factory=dict)  # the texts (lm_corpus' description)
+  train_tokens: np.ndarray | None = None                  # the training text (train.steps)
 
   @property
   def layout(self) -> transformer.TransformerLayout:
@@ -46,32 +49,53 @@ class Subject:
   def describe(self) -> dict:
     return {"model_source": self.source, "tokenizer": self.tokenizer,
             "windows": int(len(self.windows)), "window": int(self.windows.shape[1] - 1),
-            "tokens_predicted": int(self.windows[:, 1:].size), "layout": self.layout.describe()}
+            "tokens_predicted": int(self.windows[:, 1:].size), "layout": self.layout.describe(),
+            "corpus": self.corpus}
 
 
 def fresh_model(c) -> transformer.GatedTransformer:
   """The model of ``c.model`` (gpt2 or llama settings), not yet initialised."""
   m = c.model
+  unroll = models.scan_unroll(m.unroll, m.n_layers)
   if m.name == "gpt2":
     return transformer.gpt2(m.vocab_size, m.n_layers, m.d_model, m.n_heads, m.d_ff,
-                            max_positions=m.max_positions)
-  return transformer.llama(m.vocab_size, m.n_layers, m.d_model, m.n_heads, m.d_ff)
+                            max_positions=m.max_positions, unroll=unroll)
+  return transformer.llama(m.vocab_size, m.n_layers, m.d_model, m.n_heads, m.d_ff,
+                           unroll=unroll)
 
 
-def load(config) -> Subject:
-  """The model (imported from ``config.weights`` or freshly initialised with ``config.seed``)
-  and the windows of ``config.data.text``; every problem a one-line ValueError."""
-  validate(config)
-  d = config.data
-  path = os.path.expanduser(d.text)
+def _read_text(name: str, field: str) -> str:
+  path = os.path.expanduser(name)
   if not os.path.isfile(path):
-    raise ValueError(f"--config.data.text={d.text}: no such file")
+    raise ValueError(f"--config.data.{field}={name}: no such file")
   with open(path, "rb") as f:
     raw = f.read()
   try:
-    text = raw.decode("utf-8")
+    return raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"--config.data.text={d.text} is not UTF-8 text: {e}") from None
+    raise ValueError(f"--config.data.{field}={name} is not UTF-8 text: {e}") from None
+
+
+def texts(config) -> tuple[str, str | None, dict]:
+  """(held-out text, training text (None without ``train.steps``), the corpus's description)."""
+  d = config.data
+  if d.corpus:
+    corpus = lm_corpus.load(d.corpus)
+    return corpus.held_out, corpus.train, corpus.about
+  train = _read_text(d.train_text, "train_text") if config.train.steps else None
+  return _read_text(d.text, "text"), train, {"held_out": d.text, "train": d.train_text or None}
+
+
+def load(config, workdir: str | None = None, restore: bool = True) -> Subject:
+  """The model and the held-out windows of ``config.data``; every problem a one-line
+  ValueError. The model is imported from ``config.weights``, trained here (``train.steps``:
+  restored from ``workdir`` when ``restore``, else left for ``lm_train.train``: variables
+  None) or freshly initialised with ``config.seed``."""
+  validate(config)
+  d = config.data
+  text, train_text, corpus = texts(config)
+  name = d.corpus or d.text
+  train_tokens = None
   if config.weights:
     use_folder = d.tokenizer in ("auto", "folder")
     imported = transformer_import.load(config.weights, tokenizer=False)
@@ -89,21 +113,34 @@ def load(config) -> Subject:
   else:
     if d.tokenizer == "folder":
       raise ValueError("--config.data.tokenizer=folder needs --config.weights (a model folder)")
-    model, source, tokenizer = fresh_model(config), f"init(seed={config.seed})", "bytes"
+    model, tokenizer = fresh_model(config), "bytes"
     tokens = lm_eval.byte_tokens(text)
     variables = None
+    if config.train.steps:
+      source = f"trained here ({config.train.steps} steps on {d.corpus or d.train_text})"
+      train_tokens = lm_eval.byte_tokens(train_text)
+      if len(train_tokens) < d.window + 1:
+        raise lm_eval.TextError(f"the training text of {name} has {len(train_tokens)} tokens, "
+                                f"fewer than one window of {d.window + 1}")
+    else:
+      source = f"init(seed={config.seed})"
   if tokens.size and int(tokens.max()) >= model.vocab_size:
     raise ValueError(f"the text's tokens ({tokenizer}) reach id {int(tokens.max())}, outside the "
                      f"model's vocabulary of {model.vocab_size}")
   if model.positions == "learned" and d.window > model.max_positions:
     raise ValueError(f"--config.data.window={d.window} is longer than the model's "
                      f"{model.max_positions} learned positions")
-  windows = lm_eval.windows(tokens, d.window, name=f"the text {d.text}")
+  windows = lm_eval.windows(tokens, d.window, name=f"the text {name}")
   if d.max_windows:
     windows = windows[:d.max_windows]
-  if variables is None:
+  if variables is None and config.train.steps:
+    if restore:
+      if workdir is None:
+        raise ValueError("a model trained here (--config.train.steps) is read from its workdir")
+      variables = lm_train.restore_params(config, workdir, model)
+  elif variables is None:
     variables = jax.jit(model.init)(jax.random.key(config.seed), jnp.asarray(windows[:1, :-1]))
-  return Subject(model, variables, windows, source, tokenizer)
+  return Subject(model, variables, windows, source, tokenizer, corpus, train_tokens)
 
 
 class Evaluator:

@@ -116,3 +116,36 @@ def reference_measures(model, variables, w, gates, order=None) -> dict:
   nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   kl = (np.exp(intact) * (intact - logp)).sum(-1)
   return {"loss": nll.mean(), "top1": (logp.argmax(-1) == targets).mean(), "kl": kl.mean()}
+
+
+LM_WINDOW, LM_LAYERS = 16, 3
+
+
+def lm_tiny_config(text_path, **over):
+  """A tiny transformer study (3 layers, width 16, windows of 16 bytes) of ``text_path``;
+  ``over``: dotted field -> value."""
+  from resnet_ensemble import lm_config
+  c = lm_config.base_config()
+  c.data.text = str(text_path)
+  c.data.window = LM_WINDOW
+  c.model.n_layers, c.model.d_model, c.model.d_ff = LM_LAYERS, 16, 32
+  c.model.max_positions = LM_WINDOW
+  c.lesion.max_k, c.lesion.draws = 2, 2
+  c.lesion.reorder_max_swaps, c.lesion.reorder_draws, c.lesion.shuffles = 2, 2, 1
+  c.lesion.chunk = 4
+  c.paths.samples_per_k, c.paths.batch_size, c.paths.chunk = 2, 4, 6
+  for k, v in over.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def lm_cli(*args, timeout=600):
+  """``python -m resnet_ensemble.lm ARGS`` in the repository, on the CPU."""
+  import subprocess
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "resnet_ensemble.lm", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)

@@ -5,40 +5,21 @@ command line writes every result and figure, or one line and exit 2 for bad inpu
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_ensemble import (lesion, lm_config, lm_study, lm_variants, path_counts,
+from resnet_ensemble import (lesion, lm_study, lm_variants, path_counts,
                              path_gradients, transformer)
-from tests.conftest import reference_measures, write_tokenizer
+from tests.conftest import (LM_LAYERS, LM_WINDOW, lm_cli, lm_tiny_config, reference_measures,
+                            write_tokenizer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEQ, LAYERS = 16, 3
+SEQ, LAYERS = LM_WINDOW, LM_LAYERS
 TEXT = ("Residual networks behave like ensembles of relatively shallow networks. "
         "Deleting a single layer barely changes the error. ") * 2
-
-
-def _config(text_path, **over):
-  c = lm_config.base_config()
-  c.data.text = str(text_path)
-  c.data.window = SEQ
-  c.model.n_layers, c.model.d_model, c.model.d_ff, c.model.max_positions = LAYERS, 16, 32, SEQ
-  c.lesion.max_k, c.lesion.draws = 2, 2
-  c.lesion.reorder_max_swaps, c.lesion.reorder_draws, c.lesion.shuffles = 2, 2, 1
-  c.lesion.chunk = 4
-  c.paths.samples_per_k, c.paths.batch_size, c.paths.chunk = 2, 4, 6
-  for k, v in over.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -47,7 +28,7 @@ def study(request, tmp_path_factory):
   SwiGLU, RMSNorm) on byte windows."""
   d = tmp_path_factory.mktemp("lm")
   (d / "text.txt").write_text(TEXT)
-  c = _config(d / "text.txt", **{"model.name": request.param})
+  c = lm_tiny_config(d / "text.txt", **{"model.name": request.param})
   s = lm_study.load(c)
   return s, lm_study.run_lesion(c, str(d / "w"), s), lm_study.run_gradients(c, str(d / "w"), s)
 
@@ -186,12 +167,6 @@ def test_routed_paths_are_the_chain_of_branch_jacobians(study):
 # The command line.
 
 
-def cli(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "resnet_ensemble.lm", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
 SMALL = ["--config=configs/lm_bytes.py", f"--config.data.window={SEQ}",
          "--config.data.max_windows=8", "--config.model.n_layers=3", "--config.model.d_model=16",
          "--config.model.d_ff=32", f"--config.model.max_positions={SEQ}",
@@ -224,7 +199,7 @@ FIGURES = ["lm_e1_single.png", "lm_e3_delete_k.png", "lm_e4_reorder.png",
 def test_cli_all_on_an_imported_gpt2_writes_every_result_and_figure(gpt2_folder, tmp_path):
   w = tmp_path / "w"
   text = gpt2_folder / "text.txt"
-  proc = cli(*SMALL, f"--config.weights={gpt2_folder}", "--config.data.tokenizer=bytes",
+  proc = lm_cli(*SMALL, f"--config.weights={gpt2_folder}", "--config.data.tokenizer=bytes",
              f"--config.data.text={text}", f"--workdir={w}", "--mode=all")
   assert proc.returncode == 0, proc.stderr[-3000:]
   lesion_json = json.loads((w / "lesion.json").read_text())
@@ -237,7 +212,7 @@ def test_cli_all_on_an_imported_gpt2_writes_every_result_and_figure(gpt2_folder,
     assert (w / name).stat().st_size > 1000 and name in report, name
   assert "painters interventions" in report and "Missing" not in report
   # One variant by hand: layers 2, 1, 0 with the first attention deleted.
-  proc = cli(*SMALL, f"--config.weights={gpt2_folder}", "--config.data.tokenizer=bytes",
+  proc = lm_cli(*SMALL, f"--config.weights={gpt2_folder}", "--config.data.tokenizer=bytes",
              f"--config.data.text={text}", f"--workdir={w}", "--mode=eval",
              "--config.variant.order=(2, 1, 0)", "--config.variant.gates=(0, 1, 1, 1, 1, 1)")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -282,7 +257,7 @@ def test_bad_input_is_one_line_and_exit_2(gpt2_folder, tmp_path, case, args, mes
     else:
       extra.append(a)
   w = tmp_path / "w"
-  proc = cli(*SMALL, f"--config.data.text={text}", f"--workdir={w}", *extra)
+  proc = lm_cli(*SMALL, f"--config.data.text={text}", f"--workdir={w}", *extra)
   assert proc.returncode == 2, (case, proc.stderr[-3000:])
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("resnet_ensemble.lm: error: "), lines
@@ -296,7 +271,7 @@ def test_an_imported_folder_reads_the_text_with_its_own_tokenizer(gpt2_folder, t
   folder = tmp_path / "with_tokenizer"
   shutil.copytree(gpt2_folder, folder)
   write_tokenizer(folder / ti.TOKENIZER_FILE)
-  s = lm_study.load(_config(gpt2_folder / "text.txt", weights=str(folder), **{
+  s = lm_study.load(lm_tiny_config(gpt2_folder / "text.txt", weights=str(folder), **{
       "data.window": 8}))
   assert s.tokenizer == str(folder / ti.TOKENIZER_FILE) and s.model.n_layers == LAYERS
   want = lm_eval.tokenize(ti.load_tokenizer(str(folder)), TEXT)

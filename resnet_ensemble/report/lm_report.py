@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from resnet_ensemble import workdir as workdir_lib  # noqa: E402
-from resnet_ensemble.report import path_figures, read  # noqa: E402
+from resnet_ensemble.report import lm_compare, path_figures, read  # noqa: E402
 from resnet_ensemble.report.page import Page, pct  # noqa: E402
 
 CONFIG = "configs/lm_bytes.py"
@@ -125,15 +125,57 @@ def fig_reorder(page: Page, lesion: dict) -> list[str]:
           f"compiled program: every variant padded to L + 1 positions).", "", *rows, ""]
 
 
-def write_report(workdir: str, out_dir: str | None = None) -> list[str]:
-  """Reads lesion.json and gradients.json in ``workdir``; writes the figures and report.md into
-  ``out_dir`` (default: workdir). Returns the files written, report.md last."""
+def fig_training(page: Page, history: list[dict], final: dict, config: dict,
+                 corpus: dict) -> None:
+  """The training of a model trained here: training and held-out loss per step (bits per
+  token: bits per byte for bytes), and what it was trained on."""
+  train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+  held = [(r["step"], r["held_out_loss"]) for r in history if "held_out_loss" in r]
+  if not held:
+    return
+  bits = 1 / np.log(2)
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  if train:
+    ax.plot(*np.asarray(train).T * [[1], [bits]], lw=1, color="C0", label="training (mean of "
+            "the steps since the last row)")
+  ax.plot(*np.asarray(held).T * [[1], [bits]], "o-", ms=3, color="C1", label="held-out text")
+  ax.set_xlabel("step")
+  ax.set_ylabel("next-token loss, bits per token")
+  ax.set_title("Training")
+  ax.legend(fontsize=8)
+  tc = config.get("train", {})
+  best_step, best = min(held, key=lambda r: r[1])
+  text = [f"Trained here for {final['step']} steps of {tc.get('batch_size')} windows of "
+          f"{config.get('data', {}).get('window')} tokens ({final['tokens_seen']:,} tokens"]
+  if corpus.get("train_bytes"):
+    text[0] += (f", {final['tokens_seen'] / corpus['train_bytes']:.1f} passes over the "
+                f"{corpus['train_bytes']:,} training bytes of {corpus['source']}; "
+                f"{corpus['licence']}; {corpus['split']}")
+  text[0] += (f"). Held-out loss at the end: {final['held_out_loss'] * bits:.3f} bits per token "
+              f"({final['held_out_loss']:.3f} nats), top-1 error {pct(final['held_out_error'])}.")
+  if best_step != final["step"]:
+    text.append(f"The held-out loss was lowest at step {best_step} ({best * bits:.3f} bits per "
+                "token): the last steps fit the training text more than the held-out one.")
+  page.section("Training", page.save(fig, "lm_training.png"), text)
+
+
+def write_report(workdir: str, out_dir: str | None = None,
+                 resnet_workdir: str | None = None) -> list[str]:
+  """Reads lesion.json and gradients.json in ``workdir`` (and, for a model trained there,
+  metrics.jsonl and final_metrics.json); writes the figures and report.md into ``out_dir``
+  (default: workdir). ``resnet_workdir``: a ResNet's results set beside the transformer's
+  (default: the config's ``report.resnet``). Returns the files written, report.md last."""
   out_dir = out_dir or workdir
   workdir_lib.path(out_dir).mkdir(parents=True, exist_ok=True)
   lesion = read.load(workdir, "lesion.json")
   paths = read.load(workdir, workdir_lib.gradients_file(workdir))
+  final = read.load(workdir, "final_metrics.json")
   page = Page(out_dir)
   painters: list[str] = []
+  config = ((lesion or paths or {}).get("config") or read.load(workdir, "config.json") or {})
+  if final:
+    fig_training(page, read.history(workdir), final, config,
+                 (lesion or paths or {}).get("corpus") or {})
   if lesion:
     fig_single(page, lesion)
     fig_delete_k(page, lesion)
@@ -164,5 +206,7 @@ def write_report(workdir: str, out_dir: str | None = None) -> list[str]:
     lines += [*[t for t in text if t], ""]
     if title.startswith("E4") and painters:
       lines += painters
+  resnet = resnet_workdir or config.get("report", {}).get("resnet") or None
+  lines += lm_compare.section(lesion, paths, resnet)
   text = "\n".join(lines).rstrip() + "\n"
   return page.files + [workdir_lib.write_text(out_dir, "report.md", text)]

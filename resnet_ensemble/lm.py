@@ -2,7 +2,9 @@
 ``python -m resnet_ensemble.lm --config=configs/lm_bytes.py --workdir=DIR --mode=all``.
 
 Modes (the ResNets' names and files): train: trains ``model.*`` on the training text for
-``train.steps`` steps (checkpoints, metrics.jsonl, final_metrics.json; resumes); lesion: E1, E3,
+``train.steps`` steps (checkpoints, metrics.jsonl, final_metrics.json; resumes), then writes
+the model as a Hugging Face folder ``WORKDIR/model`` (``--config.weights`` reads it, with
+``--config.data.tokenizer=bytes``; so does ``transformers``); lesion: E1, E3,
 E4 and the painters interventions (lesion.json); gradients: E6/E7 and the E5/E9 counts
 (gradients.json); report: report.md and figures from those; all: train (when ``train.steps``),
 lesion, gradients, report; eval: the intact model and the variant of
@@ -37,6 +39,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 PROG = "resnet_ensemble.lm"
 EXIT_USER_ERROR = 2
+MODEL_FOLDER = "model"  # the trained model as a Hugging Face folder (config.json, safetensors)
 EXIT_LOCK_LOST = 75  # another job took the workdir (as python -m resnet_ensemble)
 
 
@@ -49,7 +52,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run_mode(mode: str, config, workdir: str) -> list[str]:
   """Runs ``mode``; returns the files written. User errors are ValueErrors (one line)."""
   import dataclasses
-  from resnet_ensemble import lm_config, lm_study, lm_train, workdir as workdir_lib
+  from resnet_ensemble import (lm_config, lm_study, lm_train, transformer_import,
+                               workdir as workdir_lib)
   from resnet_ensemble.progress import format_duration, say
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -72,6 +76,8 @@ def run_mode(mode: str, config, workdir: str) -> list[str]:
                                         subject.windows)
       subject = dataclasses.replace(subject, variables=variables)
       written.append(str(workdir_lib.path(workdir, "final_metrics.json")))
+      written += transformer_import.save_folder(subject.model, variables,
+                                                str(workdir_lib.path(workdir, MODEL_FOLDER)))
       say(f"== done in {format_duration(time.perf_counter() - t0)}: held-out loss "
           f"{final['held_out_loss']:.4f} nats/token")
     elif subject is not None and subject.variables is None:  # analyses of a run trained here

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 and Llama (Mistral, Qwen2) checkpoints as gated Flax transformers.
+"""Hugging Face GPT-2 and Llama (Mistral, Qwen2) checkpoints as gated Flax transformers, and
+a model trained here written back as such a folder (``save_folder``).
 
 A model is a local folder in Hugging Face's layout: ``config.json`` and the weights, as
 ``model.safetensors`` (or its shards, ``model.safetensors.index.json``) or a PyTorch state dict
@@ -465,3 +466,80 @@ def load(name_or_folder: str | os.PathLike, tokenizer: bool = True,
   state, weights = load_state_dict(folder)
   variables = variables_from_state_dict(model, family, state, weights)
   return Imported(model=model, variables=variables, tokenizer=tok, family=family, folder=folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a folder: the model trained here, readable by this module and by `transformers`.
+
+_ACTIVATION_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}
+
+
+def family_of_model(model: transformer.GatedTransformer) -> str:
+  """gpt2 or llama: the family whose names and config describe ``model``; a ModelFolderError
+  when its settings are neither's (mixed norms, positions or MLPs)."""
+  gpt2 = transformer.gpt2(model.vocab_size, model.n_layers, model.d_model, model.n_heads,
+                          model.d_ff)
+  llama = transformer.llama(model.vocab_size, model.n_layers, model.d_model, model.n_heads,
+                            model.d_ff)
+  for family, preset in (("gpt2", gpt2), ("llama", llama)):
+    if all(getattr(model, f) == getattr(preset, f) for f in
+           ("norm", "mlp", "positions", "qkv_bias", "out_bias", "mlp_bias")):
+      return family
+  _fail(f"a model with norm={model.norm}, mlp={model.mlp}, positions={model.positions} is "
+        "neither GPT-2's nor Llama's settings: no Hugging Face folder describes it")
+
+
+def config_of_model(model: transformer.GatedTransformer) -> dict:
+  """The Hugging Face ``config.json`` of ``model`` (``model_from_config`` reads it back)."""
+  family = family_of_model(model)
+  act = _ACTIVATION_NAMES[model.activation]
+  if family == "gpt2":
+    return {"architectures": [FAMILIES["gpt2"]], "model_type": "gpt2",
+            "vocab_size": model.vocab_size, "n_positions": model.max_positions,
+            "n_embd": model.d_model, "n_layer": model.n_layers, "n_head": model.n_heads,
+            "n_inner": model.d_ff, "activation_function": act,
+            "layer_norm_epsilon": model.norm_eps, "tie_word_embeddings": model.tie_embeddings,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "bos_token_id": None, "eos_token_id": None}
+  return {"architectures": [FAMILIES["llama"]], "model_type": "llama",
+          "vocab_size": model.vocab_size, "hidden_size": model.d_model,
+          "num_hidden_layers": model.n_layers, "num_attention_heads": model.n_heads,
+          "num_key_value_heads": model.kv_heads, "head_dim": model.head_size,
+          "intermediate_size": model.d_ff, "hidden_act": act, "rms_norm_eps": model.norm_eps,
+          "rope_theta": model.rope_theta, "tie_word_embeddings": model.tie_embeddings,
+          "attention_bias": model.qkv_bias, "mlp_bias": model.mlp_bias}
+
+
+def state_dict_of_variables(model: transformer.GatedTransformer, variables) -> dict[str, np.ndarray]:
+  """The Hugging Face state dict (float32 numpy, the ...ForCausalLM names) of ``variables``:
+  ``variables_from_state_dict`` inverted (GPT-2's q, k and v joined into ``c_attn`` again)."""
+  family = family_of_model(model)
+  params = flax.traverse_util.flatten_dict(jax.device_get(variables["params"]))
+  parts: dict[str, list] = {}
+  for key, ours, layer, shape, fn in _entries(model, family):
+    a = np.asarray(params[ours], np.float32)
+    a = a if layer is None else a[layer]
+    parts.setdefault(key, []).append((a.T if fn is _T else a, shape))
+  state = {}
+  for key, arrays in parts.items():
+    a = arrays[0][0] if len(arrays) == 1 else np.concatenate([x for x, _ in arrays], axis=-1)
+    if a.shape != arrays[0][1]:
+      raise AssertionError(f"internal mapping error: {key} is {a.shape}, not {arrays[0][1]}")
+    name = key if key == "lm_head.weight" else _PREFIX[family] + key
+    state[name] = np.ascontiguousarray(a)
+  return state
+
+
+def save_folder(model: transformer.GatedTransformer, variables, folder: str) -> list[str]:
+  """Writes ``model`` with ``variables`` as a Hugging Face folder (``config.json``,
+  ``model.safetensors``): ``load(folder)`` reads it back, and so does ``transformers``'
+  ``from_pretrained``. Returns the files written."""
+  from safetensors.numpy import save_file
+  os.makedirs(folder, exist_ok=True)
+  config_path = os.path.join(folder, CONFIG_FILE)
+  with open(config_path, "w") as f:
+    json.dump(config_of_model(model), f, indent=2, sort_keys=True)
+    f.write("\n")
+  weights = os.path.join(folder, SAFETENSORS_FILE)
+  save_file(state_dict_of_variables(model, variables), weights, metadata={"format": "pt"})
+  return [config_path, weights]

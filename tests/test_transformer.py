@@ -416,3 +416,31 @@ def test_the_readme_example_runs(hf, capsys):
   assert '"models/gpt2"' in code
   exec(compile(code.replace('"models/gpt2"', repr(str(safe))), "README.md", "exec"), {})
   assert "'attn_0'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_model_written_as_a_folder_reads_back_here_and_in_transformers(family, tmp_path):
+  """``save_folder`` (a model trained here, published): our importer gets the same parameters
+  back, and `transformers` computes the same logits from the folder."""
+  import torch
+  import transformers
+  model = _tiny(family)
+  variables = model.init(jax.random.key(3), _tokens())
+  variables = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(4), a.shape),
+                           variables)  # away from the initial values (norm scales, biases)
+  ti.save_folder(model, variables, str(tmp_path))
+  back = ti.load(tmp_path, tokenizer=False)
+  assert back.family == family and back.model == model.clone(parent=None)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(back.variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  with torch.no_grad():
+    want = torch_model(torch.tensor(_tokens(), dtype=torch.long)).logits.numpy()
+  got = np.asarray(model.apply(variables, jnp.asarray(_tokens())))
+  assert float(np.abs(got - want).max()) < TOL
+
+
+def test_settings_no_folder_describes_are_one_line():
+  mixed = transformer.gpt2(VOCAB, 2, 32, 4, norm="rmsnorm")
+  with pytest.raises(ModelFolderError, match="neither GPT-2's nor Llama's"):
+    ti.config_of_model(mixed)

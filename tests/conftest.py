@@ -15,6 +15,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+def offline_data(*parts: str) -> tuple[str | None, str]:
+  """(path, "") of a file or folder in the offline data folder ``$RESNET_ENSEMBLE_DATA``
+  (README "Data": never committed), or (None, one line naming the variable and what is
+  missing) to skip with where it is not there."""
+  from resnet_ensemble import data
+  folder, rel = data.data_folder(), "/".join(parts)
+  if folder is None:
+    return None, f"{data.DATA_ENV} is not set (the data folder that holds {rel})"
+  path = os.path.join(folder, *parts)
+  if not os.path.exists(path):
+    return None, f"{data.DATA_ENV}={folder} holds no {rel}"
+  return path, ""
+
+
 def tiny_config(**overrides):
   """ResNet-8 (3 blocks) of width 4 on the embedded digits, float32, a few steps."""
   from resnet_ensemble.config import base_config, override

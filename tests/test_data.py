@@ -4,15 +4,13 @@ import functools
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
 
 from resnet_ensemble import data
-
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+from tests.conftest import offline_data
 
 
 def _config(**kw):
@@ -145,11 +143,12 @@ def test_unknown_names_are_clear_errors():
 
 @pytest.fixture(scope="module")
 def shared_cifar(tmp_path_factory):
-  if not (SHARED_CIFAR / "make_cifar10_bin.py").exists():
-    pytest.skip(f"no CIFAR-10 copy at {SHARED_CIFAR} (only on the project's dev machines)")
+  """The offline CIFAR-10 pack converted to the binary layout (README "Data")."""
+  converter, missing = offline_data("cifar10", "make_cifar10_bin.py")
+  if converter is None:
+    pytest.skip(missing)
   out = tmp_path_factory.mktemp("cifar")
-  subprocess.run([sys.executable, str(SHARED_CIFAR / "make_cifar10_bin.py"), str(out)],
-                 check=True, capture_output=True)
+  subprocess.run([sys.executable, converter, str(out)], check=True, capture_output=True)
   return out
 
 

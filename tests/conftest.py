@@ -10,6 +10,11 @@ import pytest
 # subprocess. Must be set before jax is imported.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
+# The suite's bounds (float32 to 1e-5 and tighter, one compilation per program, the forms the
+# CPU picks) are the CPU's, where every test is meant to run: on a GPU host the tests run on
+# its CPU too (a GPU's TF32 convolutions alone would miss those bounds). JAX_PLATFORMS set
+# by hand overrides this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

@@ -141,6 +141,20 @@ def test_unknown_names_are_clear_errors():
     data.load(_config(source="web"))
 
 
+def test_the_data_folder_is_one_environment_variable(monkeypatch, tmp_path):
+  """``$RESNET_ENSEMBLE_DATA`` in a config's path is resolved when read; unset, the error names
+  it; other paths keep only ``~`` expanded."""
+  monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+  assert data.expand(data.DATA_DIR + "/cifar10") == str(tmp_path / "cifar10")
+  assert data.exact_subset_path(data.DATA_DIR + "/x.npz") == str(tmp_path / "x.npz")
+  assert data.expand("~/d") == os.path.expanduser("~/d")
+  assert data.expand("/a/$RESNET_ENSEMBLE_DATA") == "/a/$RESNET_ENSEMBLE_DATA"
+  monkeypatch.delenv(data.DATA_ENV)
+  assert data.data_folder() is None
+  with pytest.raises(FileNotFoundError, match="RESNET_ENSEMBLE_DATA is not set"):
+    data.read_exact_subset(data.DATA_DIR + "/cifar10/" + data.EXACT_SUBSET_FILE)
+
+
 @pytest.fixture(scope="module")
 def shared_cifar(tmp_path_factory):
   """The offline CIFAR-10 pack converted to the binary layout (README "Data")."""

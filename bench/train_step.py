@@ -23,7 +23,7 @@ import common
 from resnet_ensemble import (blocks, conv, feeds, gates as gates_lib, models, optim, state as state_lib,
                              train)
 from resnet_ensemble.sharding import make_mesh
-from resnet_ensemble.seeds import RunStack, runs_of
+from resnet_ensemble.stack import RunStack, runs_of
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("calls", 10, "Timed compiled calls (each runs train.steps_per_call steps).")

@@ -1,7 +1,7 @@
 """The analyses on a published PyTorch CIFAR ResNet (He et al.'s original form; no training).
 
     python -m resnet_ensemble --config=configs/cifar10_pretrained.py \
-        --config.weights=../shared/data/pretrained/cifar10/resnet56-4bfd9763.th \
+        --config.weights=$RESNET_ENSEMBLE_DATA/pretrained/cifar10/resnet56-4bfd9763.th \
         --workdir=runs/pretrained_r56 --mode=all
 
 ``weights`` is the ``.th`` checkpoint as published (read with ``torch.load(weights_only=True)``),
@@ -11,7 +11,8 @@ gated post-activation option-A ResNet (see resnet_ensemble/pretrained_cifar.py).
 normalised as those networks were trained: ImageNet's mean/std, not CIFAR-10's.
 
 Data: the exact-pixel test subset (1,017 original test images) by default, read from
-``data.dir`` (the .npz.xz or its folder). ``--config.data.source=bin --config.data.dir=DIR``
+``data.dir`` (the .npz.xz or its folder; default ``$RESNET_ENSEMBLE_DATA/cifar10``, the
+variable expanded when the file is read: README "Data"). ``--config.data.source=bin --config.data.dir=DIR``
 evaluates on the official binary release in DIR (or the JPEG copy converted to that layout);
 then E6's gradient batches come from its train split.
 
@@ -22,6 +23,7 @@ GPU use the paper's: ``--config.lesion.draws=100 --config.lesion.reorder_draws=5
 """
 
 from resnet_ensemble.config import base_config
+from resnet_ensemble.data import DATA_DIR
 from resnet_ensemble.pretrained_cifar import INPUT_MEAN, INPUT_STD
 
 
@@ -35,7 +37,7 @@ def get_config():
   c.model.shortcut = "zero_pad"
   c.data.name = "cifar10"
   c.data.source = "exact_subset"
-  c.data.dir = "../shared/data/cifar10"
+  c.data.dir = DATA_DIR + "/cifar10"  # $RESNET_ENSEMBLE_DATA/cifar10, expanded when read
   c.data.mean = INPUT_MEAN
   c.data.std = INPUT_STD
   c.eval.batch_size = 500

@@ -3,7 +3,7 @@
 XLA's CPU backend computes a convolution's weight gradient as one convolution whose window is
 the whole image and whose contraction runs over every image of the batch: its im2col buffer
 grows with the batch (75 MB for 128 CIFAR images at 16 channels), falls out of the cache, and
-the weight gradient costs 5-10x PyTorch's (BUILD_NOTES, "CPU training step"). The same sum
+the weight gradient costs 5-10x PyTorch's (BUILD_NOTES, "Speed on the CPU"). The same sum
 taken over slices of the batch whose buffers hold at most ``SLICE_BYTES`` stays in the cache:
 3.5x faster at 16 channels, the same numbers up to float32 rounding. A batch whose buffer is
 that small already is left whole (tiny models compile as before). The forward pass and the
@@ -79,7 +79,7 @@ def loops_are_slow(platform: str | None = None) -> bool:
   """Does a convolution's backward inside a compiled loop (``scan``, ``while``) run on a slow
   path on ``platform`` (default: JAX's default backend)? On the CPU it does: XLA does not give
   a loop body's backward convolutions the layout its fast kernels take, and they ran 10-40x
-  slower than the same convolutions outside a loop (BUILD_NOTES, "CPU training step"). So on
+  slower than the same convolutions outside a loop (BUILD_NOTES, "Speed on the CPU"). So on
   the CPU the block scans are unrolled (``models.scan_unroll``) and the steps of a training
   call run one compiled step at a time (``feeds.ResidentFeed.train``)."""
   return (platform or jax.default_backend()) == "cpu"

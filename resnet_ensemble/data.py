@@ -6,6 +6,10 @@ unpickled, since unpickling runs code); scikit-learn's digits, real images that 
 the package, so the quickstart runs offline; and the exact-pixel CIFAR-10 test subset
 (``exact_subset``: test images only, to evaluate networks trained elsewhere on real pixels).
 
+The offline data folder (``$RESNET_ENSEMBLE_DATA``, see ``expand``) holds ``cifar10/`` (the
+JPEG-recoded pack, its converter to the binary layout, and the exact-pixel test subset
+``cifar10-test-exact.npz.xz``) and ``pretrained/cifar10/*.th`` (published CIFAR ResNets).
+
 Inputs are normalised per channel with the train split's mean and std unless ``data.mean`` and
 ``data.std`` name others (a network trained elsewhere expects the normalisation it was trained
 with).
@@ -26,6 +30,11 @@ CIFAR10_RECORD = 1 + 32 * 32 * 3  # label byte, then 1024 R, 1024 G, 1024 B (row
 CIFAR10_RECORDS_PER_FILE = 10_000  # each of the six official batch files, train and test
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch.bin"
+# The one setting that names the offline data folder. Configs keep the variable unexpanded in
+# their paths ("$RESNET_ENSEMBLE_DATA/cifar10"), so a run's stored settings and its report name
+# no machine's folders; ``expand`` resolves it when a file is read.
+DATA_ENV = "RESNET_ENSEMBLE_DATA"
+DATA_DIR = "$" + DATA_ENV
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                   "ship", "truck")
 
@@ -102,8 +111,29 @@ def load_digits(num_test: int = 360) -> ImageDataset:
                   labels[-num_test:], 10, "scikit-learn digits (embedded, 8x8 grey)")
 
 
+def data_folder() -> str | None:
+  """The offline data folder ``$RESNET_ENSEMBLE_DATA`` (None where it is unset): the only
+  place the package reads the variable."""
+  return os.environ.get(DATA_ENV) or None
+
+
+def expand(path: str) -> str:
+  """A path from a config or flag, with ``~`` and a leading ``$RESNET_ENSEMBLE_DATA`` resolved;
+  the variable unset is an error naming it, rather than a "file not found" for a literal
+  ``$RESNET_ENSEMBLE_DATA/...`` folder."""
+  path = os.fspath(path)
+  if path == DATA_DIR or path.startswith(DATA_DIR + "/"):
+    folder = data_folder()
+    if folder is None:
+      raise FileNotFoundError(
+          f"{path}: {DATA_ENV} is not set; set it to the data folder (holding cifar10/ and "
+          "pretrained/cifar10/, see README 'Data'), or pass the file's own path")
+    path = folder + path[len(DATA_DIR):]
+  return os.path.expanduser(path)
+
+
 def _bin_dir(directory: str) -> str:
-  directory = os.path.expanduser(directory)
+  directory = expand(directory)
   nested = os.path.join(directory, "cifar-10-batches-bin")
   return nested if os.path.isdir(nested) else directory
 
@@ -142,7 +172,7 @@ def read_cifar10_bin(directory: str, records_per_file: int | None = CIFAR10_RECO
     raise FileNotFoundError(
         "CIFAR-10 binary files not found: " + ", ".join(missing) + ". Set --config.data.dir to "
         "the folder holding cifar-10-batches-bin/ (the official 'CIFAR-10 binary version', or "
-        "make one offline with ../shared/data/cifar10/make_cifar10_bin.py DIR).")
+        "make one offline with $RESNET_ENSEMBLE_DATA/cifar10/make_cifar10_bin.py DIR).")
   train = [_read_records(p, records_per_file) for p in paths[:-1]]
   test_x, test_y = _read_records(paths[-1], records_per_file)
   return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
@@ -200,7 +230,7 @@ def read_exact_subset(path: str) -> dict[str, np.ndarray]:
   """The exact-pixel test subset: an ``.npz`` (optionally ``.xz``-compressed) holding
   ``test_images`` (N, 32, 32, 3) uint8, ``test_indices`` (positions in the test split) and
   ``test_labels``. A missing file or array is an error naming it; nothing is unpickled."""
-  path = os.path.expanduser(os.fspath(path))
+  path = expand(path)
   if not epath.Path(path).is_file():
     raise FileNotFoundError(f"exact test subset not found: {path}")
   raw = epath.Path(path).read_bytes()
@@ -222,7 +252,7 @@ def read_exact_subset(path: str) -> dict[str, np.ndarray]:
 
 def exact_subset_path(directory: str) -> str:
   """``data.dir`` for ``exact_subset``: the file itself or the folder holding it."""
-  directory = os.path.expanduser(directory)
+  directory = expand(directory)
   return (os.path.join(directory, EXACT_SUBSET_FILE) if os.path.isdir(directory)
           else directory)
 
@@ -243,7 +273,7 @@ def load_exact_subset(path: str, mean, std) -> ImageDataset:
   x, y = z["test_images"], z["test_labels"].astype(np.int32)
   return ImageDataset("cifar10", x, y, x, y, 10, tuple(mean), tuple(std),
                       f"CIFAR-10 exact-pixel test subset ({len(y)} original test images, "
-                      f"{path}; E6 batches from these test images)",
+                      f"{os.path.basename(path)}; E6 batches from these test images)",
                       gradient_split="test (the exact subset has no train split)")
 
 
@@ -286,7 +316,7 @@ def _load(data_config) -> ImageDataset:
   if source == "bin" or (source == "auto" and os.path.isdir(root)
                          and os.path.isfile(os.path.join(root, CIFAR10_TEST_FILE))):
     return _dataset("cifar10", *read_cifar10_bin(data_config.dir), 10,
-                    f"CIFAR-10 binary at {root}")
+                    f"CIFAR-10 binary ({os.path.basename(root)})")
   if source == "tfds" or _tfds_available():
     try:
       return load_cifar10_tfds(data_config.dir if source == "tfds" else None)

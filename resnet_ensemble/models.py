@@ -31,8 +31,8 @@ ModuleDef = Any
 def scan_unroll(unroll: int, length: int, platform: str | None = None) -> int:
   """The unroll factor of a scan over ``length`` blocks: ``unroll`` > 0 as given (at most
   ``length``), 0 fully unrolled, < 0 chosen for the platform: fully unrolled on the CPU, whose
-  backend runs a rolled loop's backward convolutions 10-40x slower (BUILD_NOTES, "CPU training
-  step"), rolled elsewhere (an accelerator compiles a rolled loop far faster)."""
+  backend runs a rolled loop's backward convolutions 10-40x slower (BUILD_NOTES, "Speed on the
+  CPU"), rolled elsewhere (an accelerator compiles a rolled loop far faster)."""
   if unroll < 0:
     unroll = 0 if conv.loops_are_slow(platform) else 1
   return length if unroll == 0 else min(unroll, length)

@@ -10,9 +10,28 @@ import pytest
 # subprocess. Must be set before jax is imported.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
+# The suite's bounds (float32 to 1e-5 and tighter, one compilation per program, the forms the
+# CPU picks) are the CPU's, where every test is meant to run: on a GPU host the tests run on
+# its CPU too (a GPU's TF32 convolutions alone would miss those bounds). JAX_PLATFORMS set
+# by hand overrides this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+
+def offline_data(*parts: str) -> tuple[str | None, str]:
+  """(path, "") of a file or folder in the offline data folder ``$RESNET_ENSEMBLE_DATA``
+  (README "Data": never committed), or (None, one line naming the variable and what is
+  missing) to skip with where it is not there."""
+  from resnet_ensemble import data
+  folder, rel = data.data_folder(), "/".join(parts)
+  if folder is None:
+    return None, f"{data.DATA_ENV} is not set (the data folder that holds {rel})"
+  path = os.path.join(folder, *parts)
+  if not os.path.exists(path):
+    return None, f"{data.DATA_ENV}={folder} holds no {rel}"
+  return path, ""
 
 
 def tiny_config(**overrides):

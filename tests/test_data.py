@@ -4,15 +4,13 @@ import functools
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
 
 from resnet_ensemble import data
-
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+from tests.conftest import offline_data
 
 
 def _config(**kw):
@@ -143,13 +141,28 @@ def test_unknown_names_are_clear_errors():
     data.load(_config(source="web"))
 
 
+def test_the_data_folder_is_one_environment_variable(monkeypatch, tmp_path):
+  """``$RESNET_ENSEMBLE_DATA`` in a config's path is resolved when read; unset, the error names
+  it; other paths keep only ``~`` expanded."""
+  monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+  assert data.expand(data.DATA_DIR + "/cifar10") == str(tmp_path / "cifar10")
+  assert data.exact_subset_path(data.DATA_DIR + "/x.npz") == str(tmp_path / "x.npz")
+  assert data.expand("~/d") == os.path.expanduser("~/d")
+  assert data.expand("/a/$RESNET_ENSEMBLE_DATA") == "/a/$RESNET_ENSEMBLE_DATA"
+  monkeypatch.delenv(data.DATA_ENV)
+  assert data.data_folder() is None
+  with pytest.raises(FileNotFoundError, match="RESNET_ENSEMBLE_DATA is not set"):
+    data.read_exact_subset(data.DATA_DIR + "/cifar10/" + data.EXACT_SUBSET_FILE)
+
+
 @pytest.fixture(scope="module")
 def shared_cifar(tmp_path_factory):
-  if not (SHARED_CIFAR / "make_cifar10_bin.py").exists():
-    pytest.skip(f"no CIFAR-10 copy at {SHARED_CIFAR} (only on the project's dev machines)")
+  """The offline CIFAR-10 pack converted to the binary layout (README "Data")."""
+  converter, missing = offline_data("cifar10", "make_cifar10_bin.py")
+  if converter is None:
+    pytest.skip(missing)
   out = tmp_path_factory.mktemp("cifar")
-  subprocess.run([sys.executable, str(SHARED_CIFAR / "make_cifar10_bin.py"), str(out)],
-                 check=True, capture_output=True)
+  subprocess.run([sys.executable, converter, str(out)], check=True, capture_output=True)
   return out
 
 

@@ -1,7 +1,8 @@
 """The docs name code that exists: every backticked `module.name` in README.md, DESIGN.md,
-launch/README.md and bench/README.md that starts with a module of the package resolves to a
-top-level name of that module (or a method of its class), unless it is a config field
-(`train.num_steps`, `config.stack`: sections share names with modules)."""
+launch/README.md and bench/README.md that starts with a module of the package (or with
+`tools.`, the measurement programs beside it) resolves to a top-level name of that module (or
+a method of its class), unless it is a config field (`train.num_steps`, `config.stack`:
+sections share names with modules)."""
 
 import ast
 import os
@@ -16,7 +17,7 @@ TOKEN = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?:\(
 
 
 def _module_file(parts: list[str]) -> str | None:
-  base = os.path.join(PACKAGE, *parts)
+  base = os.path.join(REPO if parts[0] == "tools" else PACKAGE, *parts)
   for path in (base + ".py", os.path.join(base, "__init__.py")):
     if os.path.isfile(path):
       return path

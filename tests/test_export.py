@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_ensemble import data as data_lib, jpeg_gap, lesion, restore, train
+from resnet_ensemble import data as data_lib, lesion, restore, train
 from tests.conftest import tiny_config
+from tools import jpeg_gap
 
 
 @pytest.fixture(scope="module")

@@ -116,16 +116,18 @@ def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny, variant_wei
 
 
 def test_variant_weights_auto_and_unknown(monkeypatch):
+  """``auto`` on each platform (the device is stubbed, so this holds on any host)."""
   narrow = {"conv": {"kernel": np.zeros((3, 3, 16, 64))}}
   wide = {"conv": {"kernel": np.zeros((3, 3, 64, 256))}}
-  assert lesion_engine.resolve_variant_weights("auto", narrow) == "shared"  # these tests: CPU
+
+  class Device:
+    platform = "cpu"
+
+  monkeypatch.setattr(lesion_engine.jax, "devices", lambda: [Device()])
+  assert lesion_engine.resolve_variant_weights("auto", narrow) == "shared"
   assert lesion_engine.resolve_variant_weights("auto", narrow, prefix=True) == "prefix"
   assert lesion_engine.resolve_variant_weights("per_variant", wide) == "per_variant"
-
-  class Gpu:
-    platform = "gpu"
-
-  monkeypatch.setattr(lesion_engine.jax, "devices", lambda: [Gpu()])
+  Device.platform = "gpu"
   assert lesion_engine.resolve_variant_weights("auto", narrow) == "per_variant"
   assert lesion_engine.resolve_variant_weights("auto", wide) == "shared"
   assert lesion_engine.resolve_variant_weights("auto", narrow, prefix=True) == "per_variant"

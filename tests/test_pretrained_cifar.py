@@ -4,7 +4,8 @@ data they are evaluated on (the exact-pixel test subset, their input normalisati
 The reference forward is written here with torch.nn.functional from the published description
 of those networks (post-activation basic blocks; option A: every second pixel, the new channels
 zero-padded half before and half after). Random narrow copies (width 4) always run; the real
-published checkpoints in ../shared/data/pretrained/cifar10/ are checked when present.
+published checkpoints and the exact subset are checked where ``$RESNET_ENSEMBLE_DATA`` holds
+them (README "Data").
 """
 
 import glob
@@ -19,14 +20,13 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 from resnet_ensemble import data as data_lib, pretrained, pretrained_cifar
-from tests.conftest import Payload
+from tests.conftest import REPO, Payload, offline_data
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
-WEIGHTS = sorted(glob.glob(os.path.join(SHARED, "pretrained", "cifar10", "resnet*.th")))
-EXACT = os.path.join(SHARED, "cifar10", data_lib.EXACT_SUBSET_FILE)
-SHARED_REASON = ("the published CIFAR ResNet checkpoints are not in ../shared/data/pretrained/"
-                 "cifar10/ (they are never committed; this check runs where they are)")
+_WEIGHTS_DIR, WEIGHTS_MISSING = offline_data("pretrained", "cifar10")
+WEIGHTS = sorted(glob.glob(os.path.join(_WEIGHTS_DIR, "resnet*.th"))) if _WEIGHTS_DIR else []
+if _WEIGHTS_DIR and not WEIGHTS:
+  WEIGHTS_MISSING = f"{_WEIGHTS_DIR} holds no resnet*.th"
+EXACT, EXACT_MISSING = offline_data("cifar10", data_lib.EXACT_SUBSET_FILE)
 WIDTH = 4
 
 
@@ -184,7 +184,7 @@ def test_zero_gate_equals_the_reference_without_the_block(block):
   assert_close(ours(model, variables, x, jnp.asarray(gates)), ref)
 
 
-@pytest.mark.skipif(not WEIGHTS, reason=SHARED_REASON)
+@pytest.mark.skipif(not WEIGHTS, reason=WEIGHTS_MISSING)
 @pytest.mark.parametrize("path", WEIGHTS, ids=os.path.basename)
 def test_published_checkpoints_match_the_reference_on_real_pixels(path):
   """Each published depth, imported from the .th as published (depth read from the file), on
@@ -193,7 +193,7 @@ def test_published_checkpoints_match_the_reference_on_real_pixels(path):
   sd = pretrained.load_weights(path)
   depth = int(os.path.basename(path).split("-")[0][len("resnet"):])
   assert model.layout.n_blocks == (depth - 2) // 2
-  if os.path.isfile(EXACT):
+  if EXACT:
     z = data_lib.read_exact_subset(EXACT)
     x, labels = z["test_images"][:64], z["test_labels"][:64]
   else:
@@ -332,8 +332,7 @@ def test_the_cli_never_trains_on_the_exact_subset(tiny, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.skipif(not os.path.isfile(EXACT), reason="the exact-pixel CIFAR-10 test subset is "
-                    "not in ../shared/data/cifar10/ (never committed; checked where it is)")
+@pytest.mark.skipif(not EXACT, reason=EXACT_MISSING)
 def test_the_real_exact_subset_reads_as_cifar10():
   ds = data_lib.load(data_config(source="exact_subset", dir=os.path.dirname(EXACT),
                                  mean=pretrained_cifar.INPUT_MEAN, std=pretrained_cifar.INPUT_STD))
@@ -384,7 +383,7 @@ def test_mode_all_runs_the_analyses_on_imported_weights(tmp_path):
 def test_source_errors_compare_the_same_images_on_each_source(tmp_path):
   """source_errors: the subset's error, the binary copy's, and the copy's version of the
   subset's images (equal to the subset's when the copy holds the same pixels), with SEs."""
-  from resnet_ensemble import source_errors
+  from tools import source_errors
   from resnet_ensemble.config import base_config
   _, variables, sd = imported("resnet20")
   weights = str(tmp_path / "r20.safetensors")

@@ -302,6 +302,28 @@ def test_missing_commands_of_imported_weights_repeat_their_flags(tmp_path):
                         "--config.arch=resnet18"]]
 
 
+def test_the_report_names_no_folder_of_the_machine_that_measured(tmp_path):
+  """Results stored with the measuring machine's paths render without them: the data source as
+  its file, weights from the data folder as ``$RESNET_ENSEMBLE_DATA/pretrained/...``, left
+  unquoted for the shell to expand."""
+  rng = np.random.default_rng(3)
+  main = str(tmp_path / "r20")
+  lesion = _lesion(rng)
+  lesion["config"].update(weights="/mnt/lab/data/pretrained/cifar10/resnet20-12fca82f.th",
+                          arch="cifar")
+  lesion["data_source"] = ("CIFAR-10 exact-pixel test subset (1017 original test images, "
+                           "/home/me/data/cifar10/cifar10-test-exact.npz.xz; E6 batches)")
+  _write(main, "lesion.json", lesion)
+  report.write_report(main, config_file="configs/cifar10_pretrained.py")
+  md = open(os.path.join(main, "report.md")).read()
+  assert "test images, cifar10-test-exact.npz.xz; E6 batches)" in md
+  assert "/mnt/lab" not in md and "/home/me" not in md
+  weights = "--config.weights=$RESNET_ENSEMBLE_DATA/pretrained/cifar10/resnet20-12fca82f.th"
+  assert f" {weights} " in md
+  paths_cmd = next(v for k, v in _missing_commands(md).items() if k.startswith("E6, E7"))
+  assert paths_cmd[0][-2:] == [weights, "--config.arch=cifar"]
+
+
 def _section(md, title):
   return md.split(f"## {title}")[1].split("\n## ")[0]
 

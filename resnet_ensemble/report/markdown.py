@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from resnet_ensemble import path_counts
+from resnet_ensemble import data, path_counts
 from resnet_ensemble.report import paper, read
 from resnet_ensemble.report.page import pct
 from resnet_ensemble.report.path_figures import fit_text
@@ -40,7 +40,29 @@ def command(config: str, workdir: str, mode: str | None = None,
             flags: Sequence[str] = ()) -> str:
   """A command line to paste: each word shell-quoted, so a path with a space stays one word."""
   argv = ["python", "-m", "resnet_ensemble", f"--config={config}", f"--workdir={workdir}"]
-  return shlex.join(argv + ([f"--mode={mode}"] if mode else []) + list(flags))
+  return " ".join(map(_quote, argv + ([f"--mode={mode}"] if mode else []) + list(flags)))
+
+
+def _quote(word: str) -> str:
+  """One shell word, quoted, except ``$RESNET_ENSEMBLE_DATA``, which the shell is to expand."""
+  head, var, tail = word.partition(data.DATA_DIR)
+  return "".join([shlex.quote(head) if head else "", var, shlex.quote(tail) if tail else ""])
+
+
+def in_data_folder(path: str) -> str:
+  """A stored weights path as a command names it: a file under a ``pretrained/`` folder as
+  ``$RESNET_ENSEMBLE_DATA/pretrained/...`` (the data folder's layout, README "Data"), since
+  the folder it was read from is the measuring machine's; any other path as it is."""
+  parts = path.split("/")
+  if "pretrained" in parts[:-1]:
+    return "/".join([data.DATA_DIR] + parts[parts.index("pretrained"):])
+  return path
+
+
+def without_folders(text: str) -> str:
+  """``text`` with each path cut to its last part (older results stored the folder their data
+  was read from, which names the measuring machine's folders, not the data)."""
+  return re.sub(r"[^\s,;()=]*/([^\s,;()=/]+)/?", r"\1", text)
 
 
 def _blocks_1based(indices: Sequence[int]) -> str:
@@ -54,7 +76,8 @@ def _lesion_line(res: dict, what: str) -> str:
   return (f"- {what}: {read.model_label(res)} ({res.get('model_kind', 'n/a')}, {n} {unit}, "
           f"stages {(res.get('layout') or {}).get('stage_sizes', 'n/a')}, downsampling blocks "
           f"{_blocks_1based(down) or 'none'}), data {cfg.get('data', {}).get('name', 'n/a')} "
-          f"({res.get('data_source', 'n/a')}), seed {res.get('seed', cfg.get('seed', 'n/a'))}, "
+          f"({without_folders(res.get('data_source', 'n/a'))}), "
+          f"seed {res.get('seed', cfg.get('seed', 'n/a'))}, "
           f"checkpoint step {res.get('checkpoint_step', 'n/a')}; undamaged test error "
           f"{pct((res.get('baseline') or {}).get('error', float('nan')))}.")
 
@@ -232,7 +255,8 @@ def _main_command(runs: read.Runs, config_file: str | None) -> tuple[str, list[s
   cfg = read.config(runs.lesion) or read.config(runs.paths)
   if cfg.get("weights"):
     return (config_file or "configs/imagenet_pretrained.py",
-            [f"--config.weights={cfg['weights']}", f"--config.arch={cfg.get('arch')}"])
+            [f"--config.weights={in_data_folder(cfg['weights'])}",
+             f"--config.arch={cfg.get('arch')}"])
   if read.load(runs.workdir, "config.json") is not None:
     return f"{RUN_CONFIG}:{runs.workdir}", []
   return main_cfg, []

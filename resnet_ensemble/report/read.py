@@ -129,7 +129,7 @@ def n_blocks(runs: Runs) -> tuple[int, str]:
   """The network's block count for the analytic figures (E5, E9), and where it came from:
   the analyses' own files first, then the run's config, else the paper's network."""
   if runs.paths and runs.paths.get("n"):
-    return int(runs.paths["n"]), "n from gradients.json"
+    return int(runs.paths["n"]), f"n from {workdir_lib.gradients_file(runs.workdir)}"
   if runs.lesion is not None:
     n, _ = layout(runs.lesion)
     if n:

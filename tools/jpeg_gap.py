@@ -1,8 +1,8 @@
 """The test-time cost of the JPEG copy of CIFAR-10: one trained network evaluated on the exact
 original pixels of a test subset and on the JPEG-recoded versions of the same images.
 
-    python -m resnet_ensemble.jpeg_gap --config=configs/cifar10_resnet110.py --workdir=W \
-        --exact=../shared/data/cifar10/cifar10-test-exact.npz.xz
+    python tools/jpeg_gap.py --config=configs/cifar10_resnet110.py --workdir=W \
+        --exact=$RESNET_ENSEMBLE_DATA/cifar10/cifar10-test-exact.npz.xz
 
 ``--exact`` is an ``.npz`` (optionally ``.xz``-compressed) with ``test_images`` (N, 32, 32, 3)
 uint8, ``test_indices`` (positions in the test split) and ``test_labels``. Writes
@@ -22,8 +22,8 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  """The command line's flags, defined only when this module runs as the program (importing
-  it beside the package's CLI, which has its own --config, must not define them twice)."""
+  """The command line's flags, defined only when this file runs as the program (the tests
+  import it beside the package's CLI, which has its own --config: not defined twice)."""
   config_flags.DEFINE_config_file("config", None, "The trained run's config file.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "The trained run's workdir.")

@@ -2,8 +2,8 @@
 binary-layout copy (the official release, or the JPEG copy converted to that layout), the latter
 also on the subset's own images, so the test-time cost of the JPEG pixels is read off directly.
 
-    python -m resnet_ensemble.source_errors --config=configs/cifar10_pretrained.py \
-        --config.weights=../shared/data/pretrained/cifar10/resnet56-4bfd9763.th \
+    python tools/source_errors.py --config=configs/cifar10_pretrained.py \
+        --config.weights=$RESNET_ENSEMBLE_DATA/pretrained/cifar10/resnet56-4bfd9763.th \
         --bin=~/.cache/cifar10 --bin_name="JPEG copy" --out=errors_r56.json
 
 Each error comes with its binomial standard error, sqrt(e (1 - e) / n).
@@ -25,8 +25,8 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  """The command line's flags, defined only when this module runs as the program (importing
-  it beside the package's CLI, which has its own --config, must not define them twice)."""
+  """The command line's flags, defined only when this file runs as the program (the tests
+  import it beside the package's CLI, which has its own --config: not defined twice)."""
   config_flags.DEFINE_config_file("config", None, "configs/cifar10_pretrained.py",
                                   lock_config=True)
   flags.DEFINE_string("bin", "", "Folder holding cifar-10-batches-bin/ ('' = the subset only).")

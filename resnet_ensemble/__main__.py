@@ -117,7 +117,7 @@ def main(argv):
 
 def _main():
   from resnet_ensemble import checkpoint  # after flag parsing: jax reads XLA_FLAGS at import
-  from resnet_ensemble import restore, sharding, train, workdir
+  from resnet_ensemble import restore, sharding, stopping, workdir
   if not FLAGS["verbosity"].present:
     checkpoint.quiet_orbax()  # orbax logs every file it writes, and pages of tracebacks
   user_errors = (ValueError, IndexError, ImportError, OSError, FloatingPointError,
@@ -133,7 +133,7 @@ def _main():
       mode = "gradients"
     run_mode(mode, FLAGS.config, FLAGS.workdir, FLAGS.allow_unfinished,
              config_file=config_flags.get_config_filename(FLAGS["config"]))
-  except train.Stopped as e:
+  except stopping.Stopped as e:
     print(f"resnet_ensemble: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
   except workdir.LockLostError as e:
@@ -149,39 +149,47 @@ def run_mode(mode: str, config, workdir: str, allow_unfinished: bool = False,
              config_file: str | None = None) -> None:
   """Runs ``mode`` on ``workdir``: validated first, then with the workdir locked.
   ``config_file``: the config's file, named in the report's commands for missing results."""
-  from resnet_ensemble import config as config_lib, stack, train, workdir as workdir_lib
+  from resnet_ensemble import config as config_lib, restore, stack, workdir as workdir_lib
   _doing["what"] = f"--mode={mode}"
-  config_lib.validate(config)
   if (mode in ("train", "all") and not config.get("weights")
       and config.data.get("source") == "exact_subset"):
     raise ValueError("data.source=exact_subset is a test set (the exact-pixel CIFAR-10 test "
                      "images): evaluate on it (--mode=lesion, paths or report), never train")
   if mode != "report" and not config.get("weights"):
-    model = train.check_config(config)  # model and gates too, before the workdir is touched
+    model = config_lib.check_config(config)  # model and gates too, before the workdir is touched
     if mode in ("lesion", "all") and config.lesion.max_k > model.layout.n_blocks:
       raise ValueError(f"--config.lesion.max_k={config.lesion.max_k} is larger than the "
                        f"number of blocks ({model.layout.n_blocks})")
     if mode in ("train", "all"):
-      train.check_devices(config)
+      config_lib.check_devices(config)
+  else:
+    config_lib.validate(config)
   if mode == "runs":  # the workdirs a launcher packs and unpacks
     print("\n".join(run.workdir(workdir) for run in stack.runs_of(config)), flush=True)
     return
   writes_workdir = not (mode == "report" and config.report.out_dir)
+  sources = restore.Sources()
+  if mode in ("train", "all"):  # the data is there (loaded, once) before the workdir is made
+    _doing["what"] = f"--mode={mode}: loading the data"
+    sources(config.data)
   if writes_workdir:
     workdir_lib.check_path(workdir)
   with workdir_lib.lock(workdir) if writes_workdir else contextlib.nullcontext():
-    _run_mode(mode, config, workdir, allow_unfinished, config_file)
+    _run_mode(mode, config, workdir, allow_unfinished, config_file, sources)
 
 
 def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
-              config_file: str | None) -> None:
+              config_file: str | None, sources) -> None:
   from resnet_ensemble import (lesion, paper, path_gradients, report, restore, stack, train,
                                workdir as workdir_lib)
   from resnet_ensemble.progress import format_duration, is_main_process, say
   analyse = lambda fn: functools.partial(fn, allow_unfinished=allow_unfinished)  # noqa: E731
-  steps = {"train": [train.train_and_evaluate], "lesion": [analyse(lesion.run_study)],
-           "gradients": [analyse(path_gradients.run_study)], "report": [], "all": [],
-           "export": [analyse(restore.export_variables)]}[mode]
+  train_step = ("train", lambda c, w: train.train_and_evaluate(c, w, sources(c.data)))
+  # Each step: (the module that does it, as the progress lines name it; fn(config, workdir)).
+  steps = {"train": [train_step], "lesion": [("lesion", analyse(lesion.run_study))],
+           "gradients": [("path_gradients", analyse(path_gradients.run_study))],
+           "report": [], "all": [],
+           "export": [("restore", analyse(restore.export_variables))]}[mode]
   exported = workdir_lib.path(workdir, restore.VARIABLES_FILE).exists()
   imported = bool(config.get("weights"))  # pretrained weights: nothing to train
   if "weights" in config and not imported and mode != "report":
@@ -192,7 +200,7 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
                      "here: use --mode=all (or lesion, paths, report)")
   if mode == "all" and paper.is_paper(config) and not imported:
     _doing["what"] = "--mode=all: the paper's runs (paper.py)"
-    written = paper.run(config, workdir, allow_unfinished, config_file)
+    written = paper.run(config, workdir, allow_unfinished, config_file, sources)
     say(f"report: {written[-1]} and {len(written) - 1} figures")
     return
   stack.check_mode(config, mode, workdir)
@@ -201,17 +209,20 @@ def _run_mode(mode: str, config, workdir: str, allow_unfinished: bool,
     raise ValueError(f"the workdir {workdir} holds the exported variables of a finished run "
                      f"({restore.VARIABLES_FILE}) and no checkpoints; train in a new workdir")
   if mode == "all":
-    # Train (or resume) unless the run is finished: a stopped training raises train.Stopped
+    # Train (or resume) unless the run is finished: a stopped training raises stopping.Stopped
     # before any analysis, so an unfinished network is never analysed as the trained one.
+    # The run is restored once, after training, for both analyses.
     finished = (workdir_lib.trained(workdir, config.train.num_steps)
                 or (latest is None and exported) or imported)
-    steps = ([] if finished else [train.train_and_evaluate]) + [
-        analyse(lesion.run_study), analyse(path_gradients.run_study)]
-  for i, step in enumerate(steps):
+    trained = functools.cache(lambda: restore.load_trained(config, workdir, allow_unfinished,
+                                                           sources(config.data)))
+    steps = ([] if finished else [train_step]) + [
+        ("lesion", lambda c, w: lesion.study(c, w, trained())),
+        ("path_gradients", lambda c, w: path_gradients.study(c, w, trained()))]
+  for i, (what, step) in enumerate(steps):
     t0 = time.perf_counter()
-    fn = getattr(step, "func", step)
-    _doing["what"] = f"--mode={mode}: {fn.__module__.split('.')[-1]}"
-    say(f"== {mode}: {fn.__module__.split('.')[-1]} ({i + 1}/{len(steps)})")
+    _doing["what"] = f"--mode={mode}: {what}"
+    say(f"== {mode}: {what} ({i + 1}/{len(steps)})")
     step(config, workdir)
     say(f"== done in {format_duration(time.perf_counter() - t0)}")
   if mode in ("report", "all") and is_main_process():

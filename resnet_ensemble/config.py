@@ -249,3 +249,46 @@ def validate(config) -> None:
   for s in values.get("seeds", []):
     if isinstance(s, bool) or not isinstance(s, int) or s < 0:
       raise ValueError(f"--config.seeds={tuple(values['seeds'])!r}: seeds are integers >= 0")
+
+
+# Configs already checked in this process (their JSON): --mode=all's steps each start from a
+# check, and the job pays for one.
+_checked: dict[str, object] = {}
+
+
+def check_config(config):
+  """Every check of a training config that needs no data and writes nothing (fields, the runs
+  of a stack, model, each run's gates), so a mistake costs seconds, not a data load; returns
+  the model. Once per process and config: a second call returns the first one's model."""
+  key = config.to_json(sort_keys=True)
+  if key not in _checked:
+    _checked[key] = _check(config)
+  return _checked[key]
+
+
+def _check(config):
+  # Imported here: configs/*.py import this module while the flags are parsed, before jax
+  # may be imported (it reads XLA_FLAGS then).
+  from resnet_ensemble import data, gates, models
+  from resnet_ensemble.stack import runs_of
+  validate(config)
+  runs = runs_of(config)
+  model = models.build(config.model, data.num_classes(config.data.name))
+  for run in runs:
+    try:
+      gates.make_sampler(run.config.gates, model.layout, config.train.batch_size)
+    except ValueError as e:
+      raise ValueError(f"run {run.name}: {e}" if run.name else str(e)) from None
+  return model
+
+
+def check_devices(config) -> None:
+  """The batches split evenly over the devices (training's and its evaluation's), checked
+  before the workdir is written; once per process and batch sizes, as ``check_config``."""
+  from resnet_ensemble.sharding import check_divisible, make_mesh
+  key = f"devices: train {config.train.batch_size}, eval {config.eval.batch_size}"
+  if key not in _checked:
+    mesh = make_mesh()
+    check_divisible(config.train.batch_size, mesh, "train.batch_size")
+    check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    _checked[key] = None

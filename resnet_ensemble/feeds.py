@@ -87,8 +87,9 @@ def make_resident_train_fn(train_on_batch: Callable, *, batch_size: int, crop_pa
 class ResidentFeed:
   """A small dataset on the device; each compiled call runs k steps that pick their batches."""
 
-  def __init__(self, config, mesh):
-    self.dataset = data_lib.load(config.data)
+  def __init__(self, config, mesh, dataset: data_lib.ImageDataset | None = None):
+    """``dataset``: ``config.data`` loaded already (``--mode=all`` loads it once per job)."""
+    self.dataset = data_lib.load(config.data) if dataset is None else dataset
     d = self.dataset
     say(f"data: {d.source} ({len(d.train_labels)} train, {len(d.test_labels)} test)")
     self.config, self.mesh = config, mesh
@@ -192,8 +193,9 @@ class StreamedFeed:
             "eval_error": 1.0 - correct / count}
 
 
-def make_feed(config, mesh):
-  """The input feed for ``config.data.name``: resident (digits, cifar10) or streamed (ImageNet)."""
+def make_feed(config, mesh, dataset: data_lib.ImageDataset | None = None):
+  """The input feed for ``config.data.name``: resident (digits, cifar10; ``dataset``, when
+  given, is that data loaded already) or streamed (ImageNet)."""
   if config.data.name == "imagenet2012":
     return StreamedFeed(config, mesh)
-  return ResidentFeed(config, mesh)
+  return ResidentFeed(config, mesh, dataset)

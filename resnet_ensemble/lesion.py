@@ -142,7 +142,12 @@ def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   complete ``lesion.json``; the finished study replaces both. A rerun resumes: E3 and E4
   results already in either file for the same config, checkpoint and test images are kept
   (their draws are still made, so later experiments see the same random stream)."""
-  t = restore.load_trained(config, workdir, allow_unfinished)
+  return study(config, workdir, restore.load_trained(config, workdir, allow_unfinished))
+
+
+def study(config, workdir: str, t: restore.Trained) -> dict:
+  """``run_study`` on a network restored already, evaluated on its ``t.dataset``: a job that
+  analyses a run several ways (``--mode=all``) restores it once."""
   layout, lc = t.layout, config.lesion
   n = layout.n_blocks
   if lc.max_k > n:

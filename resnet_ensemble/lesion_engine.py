@@ -10,6 +10,10 @@ chunk of variants makes one pass over a stream of batches instead (``StreamedLes
 With resident test images the variants can instead start from the intact network's shared
 prefix (``lesion.variant_weights=prefix``, see shared_prefix.py): the trained network runs once
 per batch, and each variant only from its first deleted or moved block on.
+
+Each form (``lesion.variant_weights``) is a small strategy the engine calls on a chunk:
+``WholeNetworkForm`` (shared or per-variant weights) and ``PrefixForm``; the engine only
+chunks, places and remembers the variants.
 """
 
 from __future__ import annotations
@@ -124,6 +128,50 @@ class Prefix:
                shared_prefix.kept_bytes_per_image(model, input_shape))
 
 
+class WholeNetworkForm:
+  """The "shared" and "per_variant" forms: each variant runs the whole network over the test
+  batch, a chunk of variants split over the devices. ``shared``: a chunk in the trained order
+  shares the weights (``fn_gated``, one batch of G x images); any other chunk, and every chunk
+  per_variant, gives each variant weights of its own (``fn``, grouped convolutions)."""
+
+  def __init__(self, eval_fn: Callable, layout: BlockLayout, mesh, shared: bool):
+    self.name = "shared" if shared else "per_variant"
+    self.shared, self.split = shared, sharded(mesh)
+    self.fn = make_variant_evaluator(eval_fn, layout, mesh)
+    self.fn_gated = make_variant_evaluator(eval_fn, layout, mesh, reorder=False)
+
+  def in_trained_order(self, orders: np.ndarray) -> bool:
+    """Does this chunk run without orders (all variants in the trained order, weights
+    shared)?"""
+    return self.shared and bool(np.all(orders == np.arange(orders.shape[1])))
+
+  def __call__(self, variables, images, labels, mask, gates: jax.Array,
+               orders: jax.Array | None) -> dict:
+    if orders is None:
+      return self.fn_gated(variables, images, labels, mask, gates)
+    return self.fn(variables, images, labels, mask, gates, orders)
+
+
+class PrefixForm:
+  """The "prefix" form: the intact network runs once per batch and each variant from its first
+  deleted or moved block on (``shared_prefix``); the variants run one after another over the
+  whole batch, so they are not split over devices (the chunk is any size)."""
+
+  name = "prefix"
+
+  def __init__(self, prefix: Prefix, base_gates: np.ndarray, mesh):
+    self.split = replicated(mesh)
+    self.fn_prefix = jax.jit(prefix.fn, out_shardings=replicated(mesh))
+    self.base = put(base_gates, replicated(mesh))
+
+  def in_trained_order(self, orders: np.ndarray) -> bool:
+    return False  # one program takes every variant with its order
+
+  def __call__(self, variables, images, labels, mask, gates: jax.Array,
+               orders: jax.Array | None) -> dict:
+    return self.fn_prefix(variables, images, labels, mask, self.base, gates, orders)
+
+
 class LesionEngine:
   """Evaluates any number of variants in fixed-size chunks: one compilation for gated
   variants in the trained order (E1, E3) with shared weights, one for variants with weights
@@ -142,7 +190,7 @@ class LesionEngine:
     batch is split into batches that fit."""
     self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights, variables, prefix)
     self.images = int(np.sum(test_mask))  # test images each variant is evaluated on
-    if self.form == "prefix":  # batches whose kept block inputs fit the budget
+    if self.form.name == "prefix":  # batches whose kept block inputs fit the budget
       budget = prefix_budget_bytes() if prefix_budget is None else prefix_budget
       self.prefix_batch = shared_prefix.batch_for_budget(
           test_images.shape[1], prefix.bytes_per_image, budget)
@@ -158,29 +206,18 @@ class LesionEngine:
     self.layout, self.chunk, self.mesh = layout, chunk, mesh
     self.base_gates = (np.ones((layout.n_blocks,), np.float32) if base_gates is None
                        else np.asarray(base_gates, np.float32))
-    self.form = resolve_variant_weights(variant_weights, variables, prefix is not None)
-    if self.form == "prefix" and prefix is None:
+    name = resolve_variant_weights(variant_weights, variables, prefix is not None)
+    if name == "prefix" and prefix is None:
       raise ValueError("lesion.variant_weights='prefix' needs resident test images and the "
                        "network (lesion.make_engine builds it)")
-    self.shared = self.form == "shared"
-    self.fn = make_variant_evaluator(eval_fn, layout, mesh)  # weights per variant
-    self.fn_gated = make_variant_evaluator(eval_fn, layout, mesh, reorder=False)
-    # The prefix form runs the variants one after another over the whole batch: the
-    # variants are not split over devices (the chunk is any size).
-    self.split = replicated(mesh) if self.form == "prefix" else sharded(mesh)
-    if self.form == "prefix":
-      self.fn_prefix = jax.jit(prefix.fn, out_shardings=replicated(mesh))
-      self.base = put(self.base_gates, replicated(mesh))
+    self.form = (PrefixForm(prefix, self.base_gates, mesh) if name == "prefix"
+                 else WholeNetworkForm(eval_fn, layout, mesh, shared=name == "shared"))
     self.known: dict[bytes, float] = {}  # test error of each variant evaluated so far
 
   def _chunk_errors(self, gates: jax.Array, orders: jax.Array | None) -> np.ndarray:
     """Test error of one chunk of variants (device arrays, split over the mesh; ``orders``
     None: all in the trained order)."""
-    if self.form == "prefix":
-      return np.asarray(self.fn_prefix(*self.args, self.base, gates, orders)["error"])
-    if orders is None:
-      return np.asarray(self.fn_gated(*self.args, gates)["error"])
-    return np.asarray(self.fn(*self.args, gates, orders)["error"])
+    return np.asarray(self.form(*self.args, gates, orders)["error"])
 
   def evaluate(self, gates: np.ndarray | None = None, orders: np.ndarray | None = None,
                desc: str = "lesions") -> np.ndarray:
@@ -210,9 +247,9 @@ class LesionEngine:
       pad = self.chunk - len(sel)  # intact networks: free in the prefix form
       g = np.concatenate([gates[sel], np.ones((pad, n), np.float32)])
       o = np.concatenate([orders[sel], np.tile(np.arange(n, dtype=np.int32), (pad, 1))])
-      trained_order = self.shared and bool(np.all(o == np.arange(n)))
-      out = self._chunk_errors(put(g * self.base_gates, self.split),
-                               None if trained_order else put(o, self.split))
+      split = self.form.split
+      out = self._chunk_errors(put(g * self.base_gates, split),
+                               None if self.form.in_trained_order(o) else put(o, split))
       self.known.update(zip((keys[r] for r in sel), out[:len(sel)].tolist()))
       progress.update(start + len(sel))
     return np.asarray([self.known[key] for key in keys], np.float64)
@@ -237,8 +274,7 @@ class StreamedLesionEngine(LesionEngine):
     for batch in self.batches():
       # A stack of one batch (eval_fn scans over stacked batches), whole on every device.
       images, labels, mask = (replicate_local(a[None], self.mesh, axis=1) for a in batch)
-      out = (self.fn_gated(self.variables, images, labels, mask, gates) if orders is None
-             else self.fn(self.variables, images, labels, mask, gates, orders))
+      out = self.form(self.variables, images, labels, mask, gates, orders)
       # Counted on the device, read once per pass: the host keeps feeding batches meanwhile.
       wrong = wrong + jnp.where(out["count"] > 0, jnp.round(out["error"] * out["count"]), 0.0)
       count = count + out["count"]

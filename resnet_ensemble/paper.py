@@ -13,10 +13,12 @@ command resumes where it stopped and a finished one only rewrites the report.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, NamedTuple
 
-from resnet_ensemble import config as config_lib, lesion, path_gradients, report, train
+from resnet_ensemble import (config as config_lib, lesion, path_gradients, report, restore,
+                             train)
 from resnet_ensemble import workdir as workdir_lib
 from resnet_ensemble.progress import format_duration, say
 from resnet_ensemble.stack import Run, runs_of
@@ -94,29 +96,41 @@ def _trained(config, workdir: str) -> bool:
   return workdir_lib.trained(workdir, config.train.num_steps)
 
 
-def run(config, workdir: str, allow_unfinished: bool = False,
-        config_file: str | None = None) -> list[str]:
+def _restored_once(config, workdir: str, allow_unfinished: bool,
+                   sources: restore.Sources) -> Callable[[], restore.Trained]:
+  """The run in ``workdir`` restored at the first call (after its training) and kept."""
+  return functools.cache(lambda: restore.load_trained(config, workdir, allow_unfinished,
+                                                      sources(config.data)))
+
+
+def run(config, workdir: str, allow_unfinished: bool = False, config_file: str | None = None,
+        sources: restore.Sources | None = None) -> list[str]:
   """Trains what is not trained, analyses what is not analysed, writes the report into
-  ``workdir``; returns the report's files (figures first, report.md last)."""
+  ``workdir``; returns the report's files (figures first, report.md last). ``sources``: the
+  data, loaded once for every run (the caller's, when it loaded it before the workdir was
+  made); each run analysed is restored once for all its analyses."""
   r = roles(config)
+  sources = restore.Sources() if sources is None else sources
   steps: list[tuple[str, Callable[[], object]]] = []
   stack_runs = runs_of(config)
   if not all(_trained(run.config, run.workdir(workdir)) for run in stack_runs):
     steps.append((f"train {', '.join(run.name for run in stack_runs)} as one program",
-                  lambda: train.train_and_evaluate(config, workdir)))
+                  lambda: train.train_and_evaluate(config, workdir, sources(config.data))))
   if r.plain and not _trained(r.plain.config, r.plain.workdir(workdir)):
-    steps.append(("train the plain network",
-                  lambda: train.train_and_evaluate(r.plain.config, r.plain.workdir(workdir))))
+    plain = r.plain.config
+    steps.append(("train the plain network", lambda: train.train_and_evaluate(
+        plain, r.plain.workdir(workdir), sources(plain.data))))
   analyses = [(run, run.config, True) for run in (r.main, *r.seeds)]
   analyses += [(run, e1_only(run.config), False) for run in (r.stochastic_depth, r.plain) if run]
   for run, c, gradients in analyses:
     wd = run.workdir(workdir)
+    trained = _restored_once(c, wd, allow_unfinished, sources)
     if not _done(wd, "lesion.json", c):
       steps.append((f"lesion study of {run.name}",
-                    lambda c=c, wd=wd: lesion.run_study(c, wd, allow_unfinished)))
+                    lambda c=c, wd=wd, t=trained: lesion.study(c, wd, t())))
     if gradients and run is r.main and not _done(wd, workdir_lib.gradients_file(wd), c):
       steps.append((f"path gradients of {run.name}",
-                    lambda c=c, wd=wd: path_gradients.run_study(c, wd, allow_unfinished)))
+                    lambda c=c, wd=wd, t=trained: path_gradients.study(c, wd, t())))
   for i, (what, step) in enumerate(steps):
     say(f"== all: {what} ({i + 1}/{len(steps)})")
     t0 = time.perf_counter()

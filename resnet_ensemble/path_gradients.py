@@ -259,7 +259,11 @@ def one_ahead(dispatched: Iterable[T]) -> Iterator[T]:
 
 def run_study(config, workdir: str, allow_unfinished: bool = False) -> dict:
   """E6 (and the E7 totals) on the newest checkpoint of ``workdir``; writes ``gradients.json``."""
-  t = restore.load_trained(config, workdir, allow_unfinished)
+  return study(config, workdir, restore.load_trained(config, workdir, allow_unfinished))
+
+
+def study(config, workdir: str, t: restore.Trained) -> dict:
+  """``run_study`` on a network restored already (as ``lesion.study``)."""
   pc, n = config.paths, t.layout.n_blocks
   mesh = make_mesh()
   chunk = mesh.size * math.ceil(pc.chunk / 2 / mesh.size)  # pairs per call

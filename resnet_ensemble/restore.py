@@ -48,16 +48,18 @@ class UnfinishedRunError(RuntimeError):
   """An analysis asked of a run whose training has not reached ``train.num_steps``."""
 
 
-def load_trained(config, workdir: str, allow_unfinished: bool = False) -> Trained:
+def load_trained(config, workdir: str, allow_unfinished: bool = False,
+                 dataset=None) -> Trained:
   """The newest checkpoint of ``workdir`` for ``config`` (model/data must match), or, in a
   workdir without checkpoints, its exported ``variables.msgpack`` (a published result). With
   ``config.weights`` set, the imported pretrained weights instead (``load_pretrained``).
 
   A run that has not reached ``config.train.num_steps`` (stopped, preempted, or still
   training) is refused: its numbers would pass for the trained network's. ``allow_unfinished``
-  analyses it anyway, and the results say so (``Trained.describe``)."""
+  analyses it anyway, and the results say so (``Trained.describe``). ``dataset``: the
+  evaluation source (``eval_dataset(config.data)``) when the caller loaded it already."""
   if config.get("weights"):
-    return load_pretrained(config)
+    return load_pretrained(config, dataset)
   manager = (checkpoint.make_manager(workdir)
              if workdir_lib.path(workdir, "checkpoints").is_dir() else None)
   exported = workdir_lib.path(workdir, VARIABLES_FILE)
@@ -68,7 +70,7 @@ def load_trained(config, workdir: str, allow_unfinished: bool = False) -> Traine
         f"train first with --mode=train (or --mode=all) and the same --workdir")
   workdir_lib.check_analysis(workdir, config,
                              checkpoint.saved_config(manager) if has_checkpoint else None)
-  dataset = eval_dataset(config.data)
+  dataset = eval_dataset(config.data) if dataset is None else dataset
   model = models.build(config.model, dataset.num_classes)
   if not has_checkpoint:
     variables, step = read_variables(str(exported), model, dataset.input_shape)
@@ -100,16 +102,30 @@ def eval_dataset(data_config):
   return data_lib.load(data_config)
 
 
-def load_pretrained(config) -> Trained:
+class Sources:
+  """The evaluation source of each data config a job uses (``eval_dataset``), loaded at its
+  first use and kept: ``--mode=all`` trains and analyses every run on one load."""
+
+  def __init__(self):
+    self._loaded: dict[str, object] = {}
+
+  def __call__(self, data_config):
+    key = data_config.to_json(sort_keys=True)
+    if key not in self._loaded:
+      self._loaded[key] = eval_dataset(data_config)
+    return self._loaded[key]
+
+
+def load_pretrained(config, dataset=None) -> Trained:
   """``config.weights``, a state dict of ``config.arch`` (torchvision's ImageNet ResNets, or the
   PyTorch CIFAR ResNets: resnet20, ..., or ``cifar``, the depth the file holds), as the gated
   Flax model and its variables (step 0: nothing was trained here). ``model.width`` 0 = the
-  arch's own."""
+  arch's own. ``dataset``: as ``load_trained``'s."""
   importer = pretrained_cifar if pretrained_cifar.is_cifar_arch(config.arch) else pretrained
   model, variables = importer.load_pretrained(
       config.arch, config.weights, width=config.model.width or None,
       dtype=jnp.dtype(config.model.dtype), unroll=config.model.unroll)
-  dataset = eval_dataset(config.data)
+  dataset = eval_dataset(config.data) if dataset is None else dataset
   if model.num_classes != dataset.num_classes:
     raise ValueError(f"{config.weights} has {model.num_classes} classes but data "
                      f"{config.data.name} has {dataset.num_classes}")

@@ -2,13 +2,11 @@
 
 One jitted program per job, over a data-parallel mesh: the state is replicated, every batch is
 sharded on the 'data' axis. The batches come from a feed (``feeds``), the state from
-``state``, the test error from ``evaluate``; a stack of runs (``stack``) trains as one vmapped
-program, each run in its own workdir.
+``state``, the test error from ``evaluate``, each run's checkpoints and metrics go to its files
+(``run_files``), a signal stops the loop (``stopping``); a stack of runs (``stack``) trains as
+one vmapped program, each run in its own workdir.
 """
 
-import math
-import signal
-import threading
 import time
 from typing import Callable
 
@@ -20,15 +18,17 @@ import numpy as np
 import optax
 from clu import metrics
 
-from resnet_ensemble import (blocks, checkpoint, config as config_lib, data as data_lib,
-                             gates as gates_lib, models, optim, workdir as workdir_lib, writers)
+from resnet_ensemble import (blocks, config as config_lib, data as data_lib, gates as gates_lib,
+                             optim, workdir as workdir_lib, writers)
 from resnet_ensemble.augment import normalize
 from resnet_ensemble.evaluate import cross_entropy, grouped_apply
 from resnet_ensemble.feeds import make_feed
 from resnet_ensemble.progress import Progress, say
-from resnet_ensemble.sharding import check_divisible, make_mesh, replicated, sharded
+from resnet_ensemble.run_files import RunFiles
+from resnet_ensemble.sharding import make_mesh, replicated, sharded
 from resnet_ensemble.stack import RunStack, runs_of
 from resnet_ensemble.state import TrainState, create_train_state_unsharded
+from resnet_ensemble.stopping import StopRequest, Stopped
 
 
 @flax.struct.dataclass
@@ -75,136 +75,8 @@ def make_train_on_batch(model: nn.Module, tx: optax.GradientTransformation, mean
   return train_on_batch
 
 
-class StopRequest:
-  """Turns SIGTERM (a preempted VM) and SIGINT into a request to checkpoint and exit cleanly."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.received: signal.Signals | None = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.received = signal.Signals(signum)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-class Stopped(Exception):
-  """Training stopped by a signal, its state saved: an unfinished run, never a result.
-
-  ``exit_code`` is the shell's for a process killed by that signal (143 for SIGTERM, 130 for
-  SIGINT), so a scheduler tells a preempted run from a finished one."""
-
-  def __init__(self, signal_: signal.Signals, step: int, num_steps: int, workdirs: list[str]):
-    self.signal, self.step, self.exit_code = signal_, step, 128 + int(signal_)
-    super().__init__(
-        f"{signal_.name}: saved a checkpoint at step {step} of {num_steps} in "
-        f"{', '.join(workdirs)}; rerun the same command to resume")
-
-
 def _crossed(step: int, previous: int, every: int) -> bool:
   return every > 0 and step // every != previous // every
-
-
-def _all_finite(tree) -> jax.Array:
-  """One device-side reduction: is every floating-point entry of ``tree`` finite?"""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def _diverged(what: str, step: int, manager) -> FloatingPointError:
-  last = manager.latest_step()
-  where = (f"The last finite checkpoint is step {last} (every checkpoint is checked finite "
-           "before it is saved)" if last is not None else "No checkpoint was saved")
-  return FloatingPointError(f"non-finite {what} at step {step}; stopping. {where}: lower the "
-                            "learning rate or check the data.")
-
-
-class _Runs:
-  """The per-run side of a job (one run, or each run of a stack): its workdir (with its own
-  config), checkpoint manager and metric writer; the state and metrics arrive stacked and leave
-  per run."""
-
-  def __init__(self, workdir: str, stack: RunStack):
-    self.stack = stack
-    self.workdirs = [r.workdir(workdir) for r in stack.runs]
-    self.managers = [checkpoint.make_manager(w, r.config.checkpoint.max_to_keep)
-                     for w, r in zip(self.workdirs, stack.runs)]
-    if jax.process_index() == 0:
-      for w, r, m in zip(self.workdirs, stack.runs, self.managers):
-        workdir_lib.guard_resume(w, r.config, saved=checkpoint.saved_config(m))
-    self.configs = [workdir_lib.config_dict(r.config) for r in stack.runs]
-    self.writers: list[writers.MultiWriter] = []
-    self._finite = jax.jit(stack.vmap(_all_finite, 0))
-
-  def restore(self, state: TrainState) -> tuple[TrainState, int | None]:
-    """Every run's newest checkpoint (and their step), or ``state`` (and None) when no run has
-    one; a stack whose runs stand at different steps is refused (they share one step). Then
-    each run's metrics log loses the rows after that step, and its writer opens."""
-    restored = [checkpoint.restore_latest(m, s)
-                for m, s in zip(self.managers, self.stack.split(state))]
-    steps = [None if r is None else int(r.step) for r in restored]
-    if len(set(steps)) > 1:
-      where = ", ".join(f"{w}: {'no checkpoint' if s is None else f'step {s}'}"
-                        for w, s in zip(self.workdirs, steps))
-      raise ValueError(f"the runs of this stack stand at different steps ({where}); a "
-                       "stack resumes only when all its runs are at one step: train the others "
-                       "alone to that step, or start the stack in a new workdir")
-    main = jax.process_index() == 0
-    for w in self.workdirs:
-      dropped = workdir_lib.trim_metrics(w, -1 if steps[0] is None else steps[0]) if main else 0
-      if dropped:
-        say(f"{w}/metrics.jsonl: dropped {dropped} rows written after step {steps[0] or 0} "
-            "(they are written again)")
-    self.writers = [writers.create_writer(w, enabled=main) for w in self.workdirs]
-    return (state, None) if steps[0] is None else (self.stack.join(restored), steps[0])
-
-  def check_owner(self) -> None:
-    """Each run's workdir is still this job's (``workdir.check_owner``), before a write."""
-    for w in self.workdirs:
-      workdir_lib.check_owner(w)
-
-  def write(self, step: int, per_run: list[dict]) -> None:
-    self.check_owner()
-    for writer, scalars in zip(self.writers, per_run):
-      writer.write_scalars(step, scalars)
-
-  def check_finite(self, per_run: list[dict], step: int) -> None:
-    for name, m, values in zip(self.stack.names, self.managers, per_run):
-      if not math.isfinite(values["train_loss"]):
-        self.wait()  # the checkpoint it names is committed
-        what = f"training loss ({values['train_loss']})"
-        raise _diverged(what + (f" of run {name}" if self.stack.stacked else ""), step, m)
-
-  def save(self, step: int, state: TrainState) -> None:
-    """Each run's checkpoint at ``step``, where it has none yet; a run whose parameters, BN
-    statistics or optimizer state are not all finite is never saved (it would be resumed)."""
-    finite = np.atleast_1d(np.asarray(self._finite(state)))
-    for name, m, ok in zip(self.stack.names, self.managers, finite):
-      if not ok:
-        self.wait()  # the checkpoint it names is committed
-        what = "parameters or statistics" + (f" of run {name}" if self.stack.stacked else "")
-        raise _diverged(what, step, m)
-    self.check_owner()
-    for m, s, c in zip(self.managers, self.stack.split(state), self.configs):
-      if m.latest_step() != step:
-        checkpoint.save(m, step, s, c)
-
-  def wait(self) -> None:
-    for m in self.managers:
-      checkpoint.wait(m)
-    for w in self.writers:
-      w.flush()
 
 
 def _say_partial_row(step: int, log_every: int, num_steps: int) -> None:
@@ -232,29 +104,6 @@ def _progress_fields(per_run: list[dict]) -> dict:
           for name, key in (("loss", "train_loss"), ("acc", "train_accuracy"))}
 
 
-def check_config(config) -> nn.Module:
-  """Every check of a training config that needs no data and writes nothing (fields, the runs
-  of a stack, model, each run's gates), so a mistake costs seconds, not a data load; returns
-  the model."""
-  config_lib.validate(config)
-  runs = runs_of(config)
-  model = models.build(config.model, data_lib.num_classes(config.data.name))
-  for run in runs:
-    try:
-      gates_lib.make_sampler(run.config.gates, model.layout, config.train.batch_size)
-    except ValueError as e:
-      raise ValueError(f"run {run.name}: {e}" if run.name else str(e)) from None
-  return model
-
-
-def check_devices(config) -> None:
-  """The batches split evenly over the devices (training's and its evaluation's), checked
-  before the workdir is written."""
-  mesh = make_mesh()
-  check_divisible(config.train.batch_size, mesh, "train.batch_size")
-  check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-
-
 def run_eval_gates(stack: RunStack, layout) -> tuple[jax.Array | None, list[bool]]:
   """The gates of each run's test-time network as one argument (each run's expected gates,
   ones for a run evaluated unscaled; None when every run is), and which runs are scaled (they
@@ -267,7 +116,7 @@ def run_eval_gates(stack: RunStack, layout) -> tuple[jax.Array | None, list[bool
       g is not None for g in scaled]
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, dataset: data_lib.ImageDataset | None = None) -> dict:
   """Trains ``config.model`` on ``config.data``; checkpoints, metrics and config in ``workdir``.
 
   Resumes from the newest checkpoint in the workdir. Returns the final evaluation metrics.
@@ -277,16 +126,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   arrives.
 
   Everything the config names (fields, model, gates, data) is checked before anything is
-  written; then the workdir is locked (``workdir.lock``) for the whole run.
+  written (``config.check_config``, once per process); then the workdir is locked
+  (``workdir.lock``) for the whole run. ``dataset``: ``config.data`` loaded already (the
+  evaluation source ``--mode=all`` loads once for training and the analyses).
   """
-  model = check_config(config)
+  model = config_lib.check_config(config)
+  config_lib.check_devices(config)
   mesh = make_mesh()
   stack = RunStack(runs_of(config), mesh)
   tc = config.train
-  check_devices(config)
   sample_gates = gates_lib.make_stack_sampler([r.config.gates for r in stack.runs],
                                               model.layout, tc.batch_size)
-  feed = make_feed(config, mesh)
+  feed = make_feed(config, mesh, dataset)
   workdir_lib.check_path(workdir)
   with workdir_lib.lock(workdir, *(r.workdir(workdir) for r in stack.runs)):
     return _train(config, workdir, stack, model, feed, sample_gates)
@@ -295,8 +146,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed,
            sample_gates) -> dict:
   """The training loop of ``train_and_evaluate``, in a validated and locked workdir."""
+  with RunFiles(workdir, stack) as runs:
+    step, finals = _loop(config, workdir, stack, model, feed, sample_gates, runs)
+    runs.write_final(step, finals)
+  return dict(zip(stack.names, finals)) if stack.stacked else finals[0]
+
+
+def _loop(config, workdir: str, stack: RunStack, model: nn.Module, feed, sample_gates,
+          runs: RunFiles) -> tuple[int, list[dict]]:
+  """Trains to ``train.num_steps`` (resuming from ``runs``), logging, evaluating and saving
+  on the way; returns the last step and each run's final evaluation. Raises ``Stopped`` after
+  saving when SIGTERM or SIGINT arrives."""
   mesh, tc = stack.mesh, config.train
-  runs = _Runs(workdir, stack)
   tx, schedule = optim.make_optimizer(config.optim, tc.num_steps)
   state, resumed_at = runs.restore(stack.init(
       lambda seed: create_train_state_unsharded(model, tx, seed, feed.input_shape)))
@@ -375,6 +236,5 @@ def _train(config, workdir: str, stack: RunStack, model: nn.Module, feed,
   runs.wait()
   if not finals:  # resumed a finished run
     finals = evaluate(state)
-  for w, final in zip(runs.workdirs, finals):
-    workdir_lib.write_json(w, "final_metrics.json", {"step": step, **final})
-  return dict(zip(stack.names, finals)) if stack.stacked else finals[0]
+  return step, finals
+

@@ -13,7 +13,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from tests.conftest import tiny_config  # noqa: E402
-from resnet_ensemble import stack, train  # noqa: E402
+from resnet_ensemble import checkpoint, stack, stopping, train  # noqa: E402
 
 
 def main():
@@ -25,7 +25,7 @@ def main():
   sharding.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS etc. when set
   try:
     final = train.train_and_evaluate(config, workdir)
-  except train.Stopped as e:  # SIGTERM: a checkpoint is saved, the run is not finished
+  except stopping.Stopped as e:  # SIGTERM: a checkpoint is saved, the run is not finished
     print(json.dumps({"stopped_at": e.step}), flush=True)
     sys.exit(e.exit_code)
   if os.environ.get("PROBE_LESION") == "1":  # then E1-E4 on the result (lesion.json)
@@ -36,8 +36,8 @@ def main():
     return
   arrays = {}
   for run in stack.runs_of(config):
-    state = train.checkpoint.restore_latest(
-        train.checkpoint.make_manager(run.workdir(workdir)), None)
+    state = checkpoint.restore_latest(
+        checkpoint.make_manager(run.workdir(workdir)), None)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     # a stack's runs by name: seed0['params']..., e8['params']...
     arrays.update({run.name + jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})

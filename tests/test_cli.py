@@ -136,6 +136,7 @@ def test_missing_data_names_the_path(tmp_path):
   assert proc.returncode == 2
   assert str(missing) in proc.stderr
   assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()  # the data is looked for before the workdir is made
 
 
 def test_mode_runs_prints_each_runs_workdir_and_writes_nothing(tmp_path):
@@ -175,3 +176,47 @@ def test_an_eval_batch_the_devices_do_not_divide_is_refused_before_the_workdir_i
   assert proc.stderr.strip().splitlines() == [
       "resnet_ensemble: error: eval.batch_size = 7 must be divisible by the number of devices (2)"]
   assert not (tmp_path / "w").exists()
+
+
+def _paper(tiny):
+  """The paper's pipeline on the tiny ResNet-8: two seeds, E10's run and the plain network."""
+  return tiny(**{"stack": ("seed0", "seed1:seed=1",
+                           "sd:gates.sampler=stochastic_depth,gates.p_last=0.5"),
+                 "paper.plain": True, "paper.plain_stages": (1, 1, 1), "paper.plain_width": 4,
+                 "lesion.max_k": 3, "lesion.draws": 2, "lesion.reorder_max_swaps": 1,
+                 "lesion.reorder_draws": 2, "paths.samples_per_k": 2, "paths.chunk": 4,
+                 "paths.batch_size": 32})
+
+
+def test_mode_all_loads_the_data_once_and_restores_each_run_once(tmp_path, tiny, monkeypatch):
+  from resnet_ensemble import __main__ as main, config as config_lib, data, restore
+  loads, restores, checks = [], [], []
+
+  def counted(calls, fn, key):
+    def wrapper(*args, **kwargs):
+      calls.append(key(*args))
+      return fn(*args, **kwargs)
+    return wrapper
+
+  monkeypatch.setattr(data, "load", counted(loads, data.load, lambda c: c.name))
+  monkeypatch.setattr(restore, "load_trained", counted(
+      restores, restore.load_trained, lambda c, w, *a: os.path.basename(w)))
+  monkeypatch.setattr(config_lib, "_checked", {})
+  monkeypatch.setattr(config_lib, "_check", counted(
+      checks, config_lib._check, lambda c: c.model.name))
+  main.run_mode("all", _paper(tiny), str(tmp_path / "w"))
+  assert loads == ["digits"]  # one dataset: every run trains and is analysed on one load
+  assert sorted(restores) == ["plain", "sd", "seed0", "seed1"]  # once each, after training
+  assert sorted(checks) == ["cifar_resnet", "plain"]  # the stack's config and the plain one's
+  assert (tmp_path / "w" / "report.md").exists()
+
+
+def test_missing_data_leaves_no_workdir(tmp_path, tiny):
+  from resnet_ensemble import __main__ as main
+  missing, workdir = tmp_path / "no_cifar_here", tmp_path / "w"
+  config = _paper(tiny)
+  config.data.name, config.data.source, config.data.dir = "cifar10", "bin", str(missing)
+  for mode in ("all", "train"):
+    with pytest.raises(FileNotFoundError, match="no_cifar_here"):
+      main.run_mode(mode, config, str(workdir))
+    assert not workdir.exists()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_ensemble import gates, train
+from resnet_ensemble import checkpoint, gates, train
 from resnet_ensemble.config import base_config
 from resnet_ensemble.layout import BlockLayout
 from resnet_ensemble.writers import read_jsonl
@@ -125,7 +125,7 @@ def test_gated_training_learns_resumes_and_compiles_once(tmp_path, tiny, sampler
   # Stopped at step 10 and resumed: the same gate sequence, hence the same parameters.
   train.train_and_evaluate(tiny(**{**over, "train.num_steps": 10}), str(tmp_path / "b"))
   train.train_and_evaluate(tiny(**over), str(tmp_path / "b"))
-  restore = lambda d: jax.tree.leaves(train.checkpoint.restore_latest(
-      train.checkpoint.make_manager(str(d)), None))
+  restore = lambda d: jax.tree.leaves(checkpoint.restore_latest(
+      checkpoint.make_manager(str(d)), None))
   for x, y in zip(restore(tmp_path / "a"), restore(tmp_path / "b")):
     np.testing.assert_array_equal(x, y)

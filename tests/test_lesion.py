@@ -108,11 +108,12 @@ def test_batched_lesions_equal_lesions_evaluated_alone(trained_tiny, variant_wei
   # Shared: gated variants share one program, reordered ones another. Per variant: one
   # program (weights of their own) serves both; so does the prefix form's own program.
   if variant_weights == "prefix":
-    assert engine.fn_prefix._cache_size() == 1
-    assert engine.fn_gated._cache_size() == engine.fn._cache_size() == 0
+    assert engine.form.name == "prefix" and engine.form.fn_prefix._cache_size() == 1
+    assert not hasattr(engine.form, "fn")  # no whole-network program is even made
   else:
-    shared = variant_weights == "shared"
-    assert engine.fn_gated._cache_size() == int(shared) and engine.fn._cache_size() == 1
+    form = engine.form
+    assert form.name == variant_weights
+    assert form.fn_gated._cache_size() == int(form.shared) and form.fn._cache_size() == 1
 
 
 def test_variant_weights_auto_and_unknown(monkeypatch):

@@ -168,8 +168,8 @@ def test_streamed_engine_reorders_and_compiles_once(net, monkeypatch, tmp_path):
   for g, order, error in zip(gates, orders, errors):
     permuted = permute_blocks(net["variables"], t.layout, order)
     assert error == pytest.approx(net["direct"](permuted, g), abs=1e-6)
-  assert engine.images == CAP and engine.fn._cache_size() == 1  # two chunks, one program
-  assert engine.fn_gated._cache_size() == 0
+  assert engine.images == CAP and engine.form.fn._cache_size() == 1  # two chunks, one program
+  assert engine.form.fn_gated._cache_size() == 0
 
 
 def test_cap_keeps_the_first_images_in_global_batch_order(monkeypatch):

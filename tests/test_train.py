@@ -67,6 +67,25 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny):
                              str(tmp_path / "nan"))
 
 
+def test_every_runs_metric_writer_is_closed_when_training_ends(tmp_path, tiny, monkeypatch):
+  from resnet_ensemble import writers
+  made, create = [], writers.create_writer
+  monkeypatch.setattr(writers, "create_writer", lambda *a, **k: made.append(create(*a, **k))
+                      or made[-1])
+  files = lambda: [w for m in made for w in m.writers if isinstance(w, writers.JsonlWriter)]
+  train.train_and_evaluate(tiny(seeds=(0, 1)), str(tmp_path / "stack"))
+  assert len(files()) == 2 and all(f._file.closed for f in files())
+  for run in ("seed0", "seed1"):  # complete: every log and eval row, the last at the end
+    rows = read_jsonl(str(tmp_path / "stack" / run / "metrics.jsonl"))
+    assert [r["step"] for r in rows if "train_loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in rows if "eval_error" in r] == [3, 6]
+  made.clear()  # a run that stops on an error closes its writer too
+  with pytest.raises(FloatingPointError):
+    train.train_and_evaluate(tiny(**{"optim.learning_rate": 1e30, "optim.warmup_steps": 0}),
+                             str(tmp_path / "nan"))
+  assert len(files()) == 1 and files()[0]._file.closed
+
+
 def test_a_workdir_refuses_another_model(tmp_path, tiny):
   train.train_and_evaluate(tiny(**{"train.num_steps": 2}), str(tmp_path / "w"))
   with pytest.raises(ConfigMismatchError, match="model.depth: workdir has 8"):

@@ -106,7 +106,7 @@ def run_mode(mode: str, config, workdir: str) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from resnet_ensemble import (checkpoint, lm_eval, train, transformer, transformer_import,
+  from resnet_ensemble import (checkpoint, lm_eval, stopping, transformer, transformer_import,
                                workdir as workdir_lib)
   if not FLAGS["verbosity"].present:
     checkpoint.quiet_orbax()
@@ -115,7 +115,7 @@ def main(argv):
                  checkpoint.CheckpointError, FloatingPointError)
   try:
     run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-  except train.Stopped as e:  # a signal during training: saved, rerun to go on
+  except stopping.Stopped as e:  # a signal during training: saved, rerun to go on
     print(f"{PROG}: {e}", file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
   except workdir_lib.LockLostError as e:

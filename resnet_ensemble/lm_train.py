@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from resnet_ensemble import checkpoint, evaluate, lm_eval, transformer, writers
+from resnet_ensemble.stopping import StopRequest, Stopped
 from resnet_ensemble import config as config_lib, workdir as workdir_lib
 from resnet_ensemble.progress import Progress, say
 
@@ -153,7 +154,6 @@ def train(config, workdir: str, model: transformer.GatedTransformer, tokens: np.
   the caller), resuming from its newest checkpoint; evaluates on the ``held_out`` windows.
   Returns the trained variables (``{"params": ...}``) and the final metrics (also written to
   ``final_metrics.json``)."""
-  from resnet_ensemble.train import StopRequest, Stopped
   tc, window = config.train, config.data.window
   steps = tc.steps
   tx, schedule = make_optimizer(tc, steps)

@@ -34,6 +34,6 @@ def get_config():
   c.lesion.draws = 10
   c.lesion.reorder_max_swaps = 4
   c.lesion.reorder_draws = 10
-  c.paths.samples_per_k = 20
-  c.report.resnet = "results/cifar10"
+  c.paths.samples_per_k = 100        # E6: routed paths per length 0..16
+  c.report.resnet = "results/cifar10/resnet110_seed0"
   return c

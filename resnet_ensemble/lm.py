@@ -97,7 +97,7 @@ def run_mode(mode: str, config, workdir: str) -> list[str]:
       say(f"== done in {format_duration(time.perf_counter() - t0)}")
     if mode in ("report", "all"):
       from resnet_ensemble.report import lm_report
-      files = lm_report.write_report(workdir)
+      files = lm_report.write_report(workdir, resnet_workdir=config.report.resnet or None)
       say(f"report: {files[-1]} and {len(files) - 1} figures")
       written += files
   return written

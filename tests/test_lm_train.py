@@ -144,3 +144,23 @@ def test_bad_training_input_is_one_line_and_exit_2(texts, extra, message):
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and message in lines[-1], proc.stderr[-2000:]
   assert not (texts / "w").exists()
+
+
+def test_the_published_model_reproduces_its_published_numbers():
+  """results/lm_python_docs/model (the Hugging Face folder training wrote) read back by the
+  importer gives the intact numbers lesion.json publishes, on the same held-out windows."""
+  import os
+  from resnet_ensemble import lm_eval, transformer_import
+  from tests.conftest import REPO
+  published = os.path.join(REPO, "results", "lm_python_docs")
+  lesion = json.load(open(os.path.join(published, "lesion.json")))
+  corpus = lm_corpus.python_docs()
+  if corpus.about["held_out_sha256"] != lesion["corpus"]["held_out_sha256"]:
+    pytest.skip(f"this Python's pydoc topics differ from those of the published run "
+                f"({lesion['corpus']['source']})")
+  model = transformer_import.load(os.path.join(published, "model"), tokenizer=False)
+  window, n = lesion["window"], lesion["windows"]
+  windows = lm_eval.windows(lm_eval.byte_tokens(corpus.held_out), window)[:n]
+  got = lm_train.make_held_out_eval(model.model, windows, 32)(model.variables["params"])
+  assert got["held_out_loss"] == pytest.approx(lesion["baseline"]["loss"], rel=1e-5)
+  assert got["held_out_error"] == pytest.approx(lesion["baseline"]["error"], abs=1 / (n * window))

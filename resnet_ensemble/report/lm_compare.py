@@ -105,7 +105,7 @@ ROWS = (("single", "delete one block / branch: accuracy kept, median", VEIT_SING
         ("quarter", "delete a quarter at random: accuracy kept, mean over draws",
          f"{SHORTGPT}; {GROMOV}"),
         ("e7", "E7: lengths with 90 % of the total gradient", VEIT_PATHS),
-        ("e6", "E6: gradient magnitude per extra block (log-linear fit)",
+        ("e6", "E6: gradient magnitude per extra block / branch (log-linear fit)",
          f"Veit et al.: {resnet_paper.DECAY}"))
 
 

@@ -118,7 +118,7 @@ def fig_reorder(page: Page, lesion: dict) -> list[str]:
   for r in painters["rows"]:
     tau = "—" if r["tau"] is None else f"{r['tau']:.2f}"
     rows.append(f"| {r['name']} | {' '.join(map(str, r['order']))} | {tau} | {r['loss']:.3f} | "
-                f"{pct(r['error'])} | {r['kl']:.4f} |")
+                f"{pct(r['error'])} | {max(r['kl'], 0.0):.4f} |")  # KL >= 0: -1e-8 is rounding
   lo, hi = painters["span"]
   return ["## E4 — painters interventions", "",
           f"The middle layers {lo}–{hi - 1} repeated, reversed, shuffled or skipped (one "

@@ -504,7 +504,7 @@ def config_of_model(model: transformer.GatedTransformer) -> dict:
   return {"architectures": [FAMILIES["llama"]], "model_type": "llama",
           "vocab_size": model.vocab_size, "hidden_size": model.d_model,
           "num_hidden_layers": model.n_layers, "num_attention_heads": model.n_heads,
-          "num_key_value_heads": model.kv_heads, "head_dim": model.head_size,
+          "num_key_value_heads": model.kv_heads, "head_dim": model.head_dim,
           "intermediate_size": model.d_ff, "hidden_act": act, "rms_norm_eps": model.norm_eps,
           "rope_theta": model.rope_theta, "tie_word_embeddings": model.tie_embeddings,
           "attention_bias": model.qkv_bias, "mlp_bias": model.mlp_bias}

@@ -192,9 +192,10 @@ ANALYSIS_MAY_CHANGE = ("model.dtype", "model.stream_dtype", "model.unroll", "dat
                        "data.source")
 
 
-def removed_fields(values) -> list[str]:
-  """The dotted fields of ``values`` (a stored config) that the base config no longer has."""
-  known = flatten(base_config())
+def removed_fields(values, base=None) -> list[str]:
+  """The dotted fields of ``values`` (a stored config) that the base config (``base``, default
+  the ResNets') no longer has."""
+  known = flatten(base if base is not None else base_config())
   sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
   return [k for k in flatten(values) if k not in known and k not in sections]
 

@@ -63,7 +63,8 @@ def run_mode(mode: str, config, workdir: str) -> list[str]:
   subject = None
   if mode != "report":  # every input checked before the workdir is made
     lm_config.validate(config)
-    subject = lm_study.load(config, workdir, restore=False)
+    # A model trained here: restored for the analyses alone, trained (or resumed) by train/all.
+    subject = lm_study.load(config, workdir, restore=not trains)
     if mode == "eval":
       lm_study.variant_of(config, subject.layout.n_layers)
   workdir_lib.check_path(workdir)
@@ -80,9 +81,6 @@ def run_mode(mode: str, config, workdir: str) -> list[str]:
                                                 str(workdir_lib.path(workdir, MODEL_FOLDER)))
       say(f"== done in {format_duration(time.perf_counter() - t0)}: held-out loss "
           f"{final['held_out_loss']:.4f} nats/token")
-    elif subject is not None and subject.variables is None:  # analyses of a run trained here
-      subject = dataclasses.replace(
-          subject, variables=lm_train.restore_params(config, workdir, subject.model))
     steps = {"train": [], "lesion": [lm_study.run_lesion], "gradients": [lm_study.run_gradients],
              "all": [lm_study.run_lesion, lm_study.run_gradients], "report": [],
              "eval": [lm_study.run_variant]}[mode]

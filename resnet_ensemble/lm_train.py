@@ -84,24 +84,17 @@ def make_train_step(model: transformer.GatedTransformer,
 
 def make_held_out_eval(model: transformer.GatedTransformer, windows_: np.ndarray,
                        batch_size: int) -> Callable:
-  """``fn(params) -> {loss, error, bits_per_token}`` over every predicted token of
-  ``windows_`` (the intact model: the analyses' reference numbers)."""
+  """``fn(params) -> {held_out_loss, held_out_error, held_out_bits_per_token}`` over every
+  predicted token of ``windows_``: the intact model through the analyses' own evaluator, so the
+  training's last row is their baseline."""
   batches, mask = (jnp.asarray(a) for a in lm_eval.batched(windows_, batch_size))
-
-  @jax.jit
-  def totals(params):
-    def one(total, batch):
-      w, m = batch
-      logits = model.apply({"params": params}, w[:, :-1])
-      out = lm_eval.measures(logits, w[:, 1:], jax.nn.log_softmax(logits, -1), m)
-      return jax.tree.map(jnp.add, total, out), None
-    zero = {k: jnp.zeros((), jnp.float32) for k in ("loss", "top1", "kl", "count")}
-    return jax.lax.scan(one, zero, (batches, mask))[0]
+  evaluate = lm_eval.make_variant_evaluator(model)
+  intact = np.ones((1, model.layout.n_branches), np.float32)
 
   def fn(params) -> dict[str, float]:
-    t = jax.device_get(totals(params))
-    loss = float(t["loss"] / t["count"])
-    return {"held_out_loss": loss, "held_out_error": float(1.0 - t["top1"] / t["count"]),
+    out = jax.device_get(evaluate({"params": params}, batches, mask, intact))
+    loss = float(out["loss"][0])
+    return {"held_out_loss": loss, "held_out_error": float(1.0 - out["top1"][0]),
             "held_out_bits_per_token": loss / math.log(2)}
 
   return fn
@@ -112,12 +105,9 @@ def _guard_resume(workdir: str, config, saved: dict | None) -> None:
   if saved is None:
     return
   from resnet_ensemble.lm_config import base_config
-  new = config_lib.flatten(workdir_lib.config_dict(config))
-  # A field added since the run started has its default there (defaults keep the old behaviour).
-  old = {**config_lib.flatten(base_config()), **config_lib.flatten(saved)}
-  diffs = [f"{k}: workdir has {old.get(k)!r}, this command has {new.get(k)!r}"
-           for k in sorted(set(old) | set(new))
-           if not config_lib.covered(k, RESUME_MAY_CHANGE) and old.get(k) != new.get(k)]
+  diffs = workdir_lib.config_differences(
+      saved, workdir_lib.config_dict(config),
+      lambda k: not config_lib.covered(k, RESUME_MAY_CHANGE), base=base_config())
   if diffs:
     raise workdir_lib.ConfigMismatchError(
         f"the workdir {workdir} holds a language model trained with another config; use a new "

@@ -377,13 +377,17 @@ def lock(*workdirs: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------- the config
 
 
-def _differences(old: dict, new: dict, compared) -> list[str]:
+def config_differences(old: dict, new: dict, compared, base=None) -> list[str]:
+  """``"field: workdir has A, this command has B"`` for each ``compared(field)`` that differs
+  between a stored config and a new one; ``base``: the base config whose defaults fill fields
+  ``old`` predates (default the ResNets', ``config.base_config``)."""
   # A field added after the workdir's run was started has its default there (defaults keep
   # the behaviour from before the field existed); a field the code has since removed cannot be
   # set by any command, so it is not compared (config.removed_fields).
-  a = {**config_lib.flatten(config_lib.base_config()), **config_lib.flatten(old)}
+  base = config_lib.base_config() if base is None else base
+  a = {**config_lib.flatten(base), **config_lib.flatten(old)}
   b = config_lib.flatten(new)
-  removed = set(config_lib.removed_fields(old)) - set(b)
+  removed = set(config_lib.removed_fields(old, base)) - set(b)
   return [f"{k}: workdir has {a.get(k)!r}, this command has {b.get(k)!r}"
           for k in sorted((set(a) | set(b)) - removed) if compared(k) and a.get(k) != b.get(k)]
 
@@ -445,7 +449,7 @@ def guard_resume(workdir: str, config, saved: dict | None = None) -> None:
       say(f"note: {workdir} records no config for its checkpoints (no {CONFIG_FILE}, "
           "checkpoints of older code): only their structure is checked on resume")
     else:
-      diffs = _differences(old, new, lambda k: not config_lib.covered(
+      diffs = config_differences(old, new, lambda k: not config_lib.covered(
           k, config_lib.RESUME_MAY_CHANGE))
       if diffs:
         _refuse(workdir, "config", diffs)
@@ -459,7 +463,7 @@ def check_analysis(workdir: str, config, saved: dict | None = None) -> None:
   old = saved if saved is not None else read_json(workdir, CONFIG_FILE)
   if old is None:
     return
-  diffs = _differences(old, config_dict(config), lambda k: config_lib.covered(
+  diffs = config_differences(old, config_dict(config), lambda k: config_lib.covered(
       k, config_lib.ANALYSIS_MUST_MATCH) and not config_lib.covered(
           k, config_lib.ANALYSIS_MAY_CHANGE))
   if diffs:

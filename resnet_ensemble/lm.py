@@ -52,8 +52,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run_mode(mode: str, config, workdir: str) -> list[str]:
   """Runs ``mode``; returns the files written. User errors are ValueErrors (one line)."""
   import dataclasses
-  from resnet_ensemble import (lm_config, lm_study, lm_train, transformer_import,
-                               workdir as workdir_lib)
+  from resnet_ensemble import lm_study, lm_train, transformer_import, workdir as workdir_lib
   from resnet_ensemble.progress import format_duration, say
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -62,8 +61,8 @@ def run_mode(mode: str, config, workdir: str) -> list[str]:
     raise ValueError("--mode=train needs --config.train.steps > 0")
   subject = None
   if mode != "report":  # every input checked before the workdir is made
-    lm_config.validate(config)
-    # A model trained here: restored for the analyses alone, trained (or resumed) by train/all.
+    # load validates the config; a model trained here is restored for the analyses alone,
+    # trained (or resumed) by train and all.
     subject = lm_study.load(config, workdir, restore=not trains)
     if mode == "eval":
       lm_study.variant_of(config, subject.layout.n_layers)

@@ -176,9 +176,7 @@ def main(_):
           "n_blocks": layout.n_blocks, "dtype": c.model.dtype, "unroll": c.model.unroll,
           "images": FLAGS.num_images, "batch": c.eval.batch_size, "chunk": chunk,
           "variables": source}
-  forms = [lesion_engine.resolve_variant_weights(f, variables, prefix=True)
-           for f in FLAGS.variant_weights]
-  prefix = lesion_engine.Prefix.of(model, dataset.mean, dataset.std, dataset.test_images.shape[1:])
+  forms = [lesion_engine.resolve_variant_weights(f, variables) for f in FLAGS.variant_weights]
   forward = jax.jit(eval_fn)
   args = put_tree((variables, *batches), replicated(mesh))
   call = lambda: forward(*args)["error"]  # noqa: E731
@@ -186,9 +184,9 @@ def main(_):
   jax.block_until_ready(call())
   engine, shared_e4, timed_e4 = None, {}, False
   for form in dict.fromkeys(forms):
-    engine = lesion_engine.LesionEngine(
-        eval_fn, layout, variables, *batches, mesh=mesh, chunk=chunk,
-        base_gates=gates_lib.eval_gates(c.gates, layout), variant_weights=form, prefix=prefix)
+    engine = lesion_engine.build_engine(
+        model, variables, dataset, mesh, batch_size=c.eval.batch_size, chunk=chunk,
+        base_gates=gates_lib.eval_gates(c.gates, layout), variant_weights=form)
     # E4 runs the same program with shared and per-variant weights: timed with the first of
     # them, counted in each; the prefix form runs it in its own program.
     own_e4 = form == "prefix" or not timed_e4

@@ -1,4 +1,5 @@
-"""Small image datasets held in memory as uint8, ready to live on the device.
+"""Small image datasets held in memory as uint8, ready to live on the device: evaluation
+sources whose passes are one stack of batches placed once (``eval_batches.Resident``).
 
 Sources, in the order users have them: TFDS ``cifar10``; the official binary release
 directory ``cifar-10-batches-bin/`` (parsed with numpy: the pickled python release is never
@@ -25,6 +26,9 @@ import os
 
 import numpy as np
 from etils import epath  # local paths or gs:// alike
+
+from resnet_ensemble.eval_batches import Resident
+from resnet_ensemble.sharding import put, replicated
 
 CIFAR10_RECORD = 1 + 32 * 32 * 3  # label byte, then 1024 R, 1024 G, 1024 B (row-major)
 CIFAR10_RECORDS_PER_FILE = 10_000  # each of the six official batch files, train and test
@@ -54,11 +58,6 @@ class ImageDataset:
   source: str               # where it came from, for reports
   gradient_split: str = "train (un-augmented)"  # where E6's batches come from
 
-  # The evaluation source every analysis takes (``imagenet.StreamedValidation`` is the other):
-  # ``resident`` sources go to the device whole (``padded_test``); others stream
-  # (``test_batches``). Both give the same (images, labels, mask) batches.
-  resident = True
-
   @property
   def input_shape(self) -> tuple[int, ...]:
     return tuple(self.train_images.shape[1:])
@@ -82,14 +81,20 @@ class ImageDataset:
     """One pass over ``padded_test``'s batches, one (images, labels, mask) at a time."""
     return zip(*self.padded_test(batch_size, max_images))
 
-  def gradient_batches(self, batch_size: int, seed: int, max_images: int = 0):
-    """E6's batches, endless: a random training batch per chunk of paths, fixed by
-    (seed, chunk) (``max_images`` concerns the test split; unused here)."""
+  def eval_batches(self, batch_size: int, max_images: int, mesh,
+                   split: bool = False) -> Resident:
+    """The evaluation source's passes (``eval_batches``): ``padded_test`` on the devices, once."""
+    return Resident(*self.padded_test(batch_size, max_images), mesh, split)
+
+  def gradient_batches(self, batch_size: int, seed: int, max_images: int, mesh):
+    """E6's batches on every device, endless: a random training batch per chunk of paths,
+    fixed by (seed, chunk) (``max_images`` concerns the test split; unused here)."""
     del max_images
     for chunk in itertools.count():
       idx = np.random.default_rng([seed, chunk]).choice(len(self.train_labels), batch_size,
                                                         replace=False)
-      yield self.train_images[idx], self.train_labels[idx]
+      yield (put(self.train_images[idx], replicated(mesh)),
+             put(self.train_labels[idx], replicated(mesh)))
 
 
 def _dataset(name, train_x, train_y, test_x, test_y, num_classes, source) -> ImageDataset:

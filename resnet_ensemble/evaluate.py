@@ -7,7 +7,7 @@ nothing of the trainer: a trained network in, named numbers out.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -26,11 +26,29 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
   return optax.softmax_cross_entropy(logits, targets)
 
 
+SUMS = ("loss_sum", "correct", "count")  # what an evaluator adds over its images
+
+
+def means(loss_sum, correct, count) -> dict:
+  """``{loss, accuracy, error, count}`` from sums over ``count`` images: every evaluator's and
+  every pass's numbers come from this one arithmetic, so a test set evaluated as one stack of
+  batches or as a stream of them gives its numbers the same way."""
+  accuracy = correct / count
+  return {"loss": loss_sum / count, "accuracy": accuracy, "error": 1.0 - accuracy,
+          "count": count}
+
+
+def with_means(loss_sum, correct, count) -> dict:
+  """The sums and their ``means``: what an evaluator returns."""
+  return {"loss_sum": loss_sum, "correct": correct, **means(loss_sum, correct, count)}
+
+
 def make_eval_fn(model: nn.Module, mean, std, conv_groups: int = 1) -> Callable:
-  """``eval_fn(variables, images, labels, mask, gates=None) -> {loss, accuracy, error, count}``
-  over a stack of padded batches (leading axis). Pure, so it can be vmapped over gates.
-  ``conv_groups`` (``eval.conv_groups``): each batch as that many slices over weight copies,
-  grouped convolutions, the same numbers (``grouped_apply``)."""
+  """``eval_fn(variables, images, labels, mask, gates=None) -> {loss, accuracy, error, count,
+  loss_sum, correct}`` over a stack of padded batches (leading axis); the sums let ``total``
+  add stacks up. Pure, so it can be vmapped over gates. ``conv_groups`` (``eval.conv_groups``):
+  each batch as that many slices over weight copies, grouped convolutions, the same numbers
+  (``grouped_apply``)."""
   apply = grouped_apply(model, conv_groups, train=False)
 
   def eval_fn(variables, images, labels, mask, gates=None):
@@ -43,12 +61,22 @@ def make_eval_fn(model: nn.Module, mean, std, conv_groups: int = 1) -> Callable:
 
     zero = jnp.zeros((), jnp.float32)
     (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (images, labels, mask))
-    count = jnp.sum(mask)
-    accuracy = correct / count
-    return {"loss": loss_sum / count, "accuracy": accuracy, "error": 1.0 - accuracy,
-            "count": count}
+    return with_means(loss_sum, correct, jnp.sum(mask))
 
   return eval_fn
+
+
+def total(outs: Iterable[dict]) -> dict:
+  """An evaluator's numbers over a whole pass (``eval_batches``) from each item's: the sums
+  added on the device (nothing is read back until the caller reads), then ``with_means``.
+  A pass of one stack gives that stack's numbers exactly."""
+  sums = None
+  for out in outs:
+    part = tuple(out[k] for k in SUMS)
+    sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+  if sums is None:
+    raise ValueError("the test pass held no batches (check eval.max_images and the data)")
+  return with_means(*sums)
 
 
 GROUP_AXIS = "conv_groups"

@@ -2,7 +2,8 @@
 
 Small datasets (CIFAR-10, the embedded digits) live on the device as uint8 and each step
 selects and augments its own batch, several steps per compiled call (a ``lax.scan``);
-ImageNet streams from a host pipeline. Both evaluate through ``evaluate.make_eval_fn``.
+ImageNet streams from a host pipeline. Both evaluate the same way (``TestEvaluation``): one
+pass over their evaluation source's test batches (``eval_batches``), split over the devices.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from resnet_ensemble import conv, data as data_lib, imagenet
 from resnet_ensemble.augment import batch_indices, random_crop_flip
-from resnet_ensemble.evaluate import make_eval_fn
+from resnet_ensemble.evaluate import make_eval_fn, total
 from resnet_ensemble.progress import say
 from resnet_ensemble.sharding import check_divisible, put, replicated, sharded
 from resnet_ensemble.stack import RunStack
@@ -26,24 +27,34 @@ from resnet_ensemble.state import TrainState
 
 @flax.struct.dataclass
 class ResidentData:
-  """A dataset on the device: train split flat, test split padded into masked batches."""
-  train_images: jax.Array  # uint8 (N, H, W, C), replicated
+  """A train split on the device, flat and replicated: each step gathers its own batch."""
+  train_images: jax.Array  # uint8 (N, H, W, C)
   train_labels: jax.Array  # int32 (N,)
-  test_images: jax.Array   # uint8 (n_batches, B, H, W, C), batch axis sharded
-  test_labels: jax.Array   # int32 (n_batches, B)
-  test_mask: jax.Array     # float32 (n_batches, B): 0 for padding
 
 
-def put_resident(dataset: data_lib.ImageDataset, eval_batch_size: int, mesh) -> ResidentData:
-  check_divisible(eval_batch_size, mesh, "eval.batch_size")
-  test_images, test_labels, mask = dataset.padded_test(eval_batch_size)
-  rep, batch_axis = replicated(mesh), sharded(mesh, axis=1)
-  return ResidentData(
-      train_images=put(dataset.train_images, rep),
-      train_labels=put(dataset.train_labels.astype(np.int32), rep),
-      test_images=put(test_images, batch_axis),
-      test_labels=put(test_labels, batch_axis),
-      test_mask=put(mask, batch_axis))
+def put_resident(dataset: data_lib.ImageDataset, mesh) -> ResidentData:
+  rep = replicated(mesh)
+  return ResidentData(train_images=put(dataset.train_images, rep),
+                      train_labels=put(dataset.train_labels.astype(np.int32), rep))
+
+
+class TestEvaluation:
+  """Training's evaluation, the same for every feed: one pass over the evaluation source's
+  test batches, their images split over the devices (data parallel), every run of a stack
+  evaluated with its own variables and gates."""
+
+  def __init__(self, source, model, config, mesh, stack: RunStack):
+    check_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    self.batches = source.eval_batches(config.eval.batch_size, 0, mesh, split=True)
+    eval_fn = make_eval_fn(model, source.mean, source.std, config.eval.conv_groups)
+    self._eval = jax.jit(stack.vmap(eval_fn, (0, None, None, None, 0)),
+                         out_shardings=replicated(mesh))
+
+  def __call__(self, variables, gates=None) -> dict:
+    """``{eval_loss, eval_accuracy, eval_error}``: scalars, or one value per run of a stack
+    (``gates``: None, or each run's, stacked)."""
+    out = total(self._eval(variables, *batch, gates) for batch in self.batches)
+    return {f"eval_{k}": out[k] for k in ("loss", "accuracy", "error")}
 
 
 class RunKeys(NamedTuple):
@@ -98,26 +109,25 @@ class ResidentFeed:
 
   def start(self, model, train_on_batch, log_compile: Callable[[str, float], None],
             stack: RunStack) -> None:
-    c, rep = self.config, replicated(self.mesh)
-    self.resident = put_resident(self.dataset, c.eval.batch_size, self.mesh)
+    c = self.config
+    self.resident = put_resident(self.dataset, self.mesh)
     self._make = functools.partial(
         make_resident_train_fn, train_on_batch, batch_size=c.train.batch_size,
         crop_padding=c.data.crop_padding, flip=c.data.flip)
     self._compiled: dict[int, Any] = {}
     self._log_compile, self._stack = log_compile, stack
-    eval_fn = make_eval_fn(model, self.mean, self.std, c.eval.conv_groups)
-    self._eval = jax.jit(stack.vmap(eval_fn, (0, None, None, None, 0)), out_shardings=rep)
+    self.evaluate = TestEvaluation(self.dataset, model, c, self.mesh, stack)
 
   def train(self, state: TrainState, k: int):
     """k steps: one compiled call, or on the CPU k calls of one step (``conv.loops_are_slow``:
     a compiled loop would run every convolution's backward on XLA's slow path)."""
     if not conv.loops_are_slow(self.mesh.devices.flat[0].platform):
       return self._compiled_steps(k, state)(state, self.resident, *self._args)
-    total = None
+    merged = None
     for _ in range(k):
       state, m = self._compiled_steps(1, state)(state, self.resident, *self._args)
-      total = m if total is None else total.merge(m)
-    return state, total
+      merged = m if merged is None else merged.merge(m)
+    return state, merged
 
   @property
   def _args(self) -> tuple:
@@ -131,13 +141,6 @@ class ResidentFeed:
       self._compiled[k] = jitted.lower(state, self.resident, *self._args).compile()
       self._log_compile(f"train_{k}_steps", time.perf_counter() - t0)
     return self._compiled[k]
-
-  def evaluate(self, state: TrainState, gates=None) -> dict:
-    """``{eval_loss, eval_accuracy, eval_error}``: scalars, or one value per run of a stack
-    (``gates``: None, or each run's, stacked)."""
-    r = self.resident
-    out = self._eval(state.variables, r.test_images, r.test_labels, r.test_mask, gates)
-    return {f"eval_{k}": v for k, v in out.items() if k != "count"}
 
 
 class StreamedFeed:
@@ -165,32 +168,21 @@ class StreamedFeed:
                        "(cifar10, digits); train ImageNet runs one at a time")
     self.config = stack.runs[0].config  # the run's own seed: its batches and gates
     rep = replicated(self.mesh)
-    check_divisible(self.config.eval.batch_size, self.mesh, "eval.batch_size")
     self._batches = self._split("train", True, self.config.train.batch_size)
     gate_key = run_keys(self.config.seed).gates
     self._step = jax.jit(lambda state, x, y: train_on_batch(state, x, y, gate_key),
                          out_shardings=(rep, rep), donate_argnums=0)
-    eval_fn = make_eval_fn(model, self.mean, self.std, self.config.eval.conv_groups)
-    # One batch at a time: add a leading batch-stack axis of 1 for eval_fn's scan.
-    self._eval = jax.jit(lambda v, x, y, m, g: eval_fn(v, x[None], y[None], m[None], g),
-                         out_shardings=rep)
+    validation = imagenet.StreamedValidation(image_size=self.config.data.image_size,
+                                             data_dir=self.config.data.dir or None)
+    self.evaluate = TestEvaluation(validation, model, self.config, self.mesh, stack)
 
   def train(self, state: TrainState, k: int):
-    total = None
+    merged = None
     for _ in range(k):
       images, labels = next(self._batches)
       state, m = self._step(state, self._global(images), self._global(labels))
-      total = m if total is None else total.merge(m)
-    return state, total
-
-  def evaluate(self, state: TrainState, gates=None) -> dict:
-    loss = correct = count = 0.0
-    for images, labels, mask in self._split("validation", False, self.config.eval.batch_size):
-      out = self._eval(state.variables, *(self._global(a) for a in (images, labels, mask)), gates)
-      n = float(out["count"])
-      loss, correct, count = loss + float(out["loss"]) * n, correct + float(out["accuracy"]) * n, count + n
-    return {"eval_loss": loss / count, "eval_accuracy": correct / count,
-            "eval_error": 1.0 - correct / count}
+      merged = m if merged is None else merged.merge(m)
+    return state, merged
 
 
 def make_feed(config, mesh, dataset: data_lib.ImageDataset | None = None):

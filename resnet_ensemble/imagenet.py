@@ -15,6 +15,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from resnet_ensemble.eval_batches import Streamed
+from resnet_ensemble.sharding import check_divisible, replicate_local
+
 NUM_CLASSES = 1000
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -125,8 +128,9 @@ def _largest_share(tfds, builder, split: str, count: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StreamedValidation:
-  """ImageNet validation for the analyses (lesions, routed gradients): an evaluation source
-  like ``data.ImageDataset`` that stays on the host and streams its batches."""
+  """ImageNet validation as an evaluation source (``eval_batches``), for the trainer's
+  evaluation and the analyses: it stays on the host and streams its batches
+  (``eval_batches.Streamed``)."""
 
   image_size: int = 224
   data_dir: str | None = None
@@ -145,7 +149,6 @@ class StreamedValidation:
     return (f"TFDS imagenet2012 validation (data_dir={self.data_dir or 'default'}), resize "
             f"{resize} / center crop {self.image_size}")
 
-  resident = False  # streams: see data.ImageDataset for the evaluation-source interface
   gradient_split = "validation"
 
   def test_batches(self, batch_size: int,
@@ -157,18 +160,27 @@ class StreamedValidation:
                         image_size=self.image_size, data_dir=self.data_dir)
     return capped(stream, batch_size, max_images) if max_images > 0 else stream
 
-  def gradient_batches(self, batch_size: int, seed: int,
-                       max_images: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """E6's batches (no resident train split): the whole validation batches among the first
-    ``max_images`` images, in order, cycled when the chunks of paths outnumber them. A padded
-    batch would bias the mean loss, so only batches whole on every process count."""
+  def eval_batches(self, batch_size: int, max_images: int, mesh,
+                   split: bool = False) -> Streamed:
+    """The evaluation source's passes (``eval_batches``): each a new read of ``test_batches``."""
+    check_divisible(batch_size, mesh, "eval.batch_size")
+    return Streamed(lambda: self.test_batches(batch_size, max_images), mesh,
+                                 batch_size, split)
+
+  def gradient_batches(self, batch_size: int, seed: int, max_images: int,
+                       mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """E6's batches on every device (no resident train split): the whole validation batches
+    among the first ``max_images`` images, in order, cycled when the chunks of paths outnumber
+    them. A padded batch would bias the mean loss, so only batches whole on every process
+    count."""
     del seed  # the validation order is fixed
+    check_divisible(batch_size, mesh, "paths.batch_size")
     while True:
       whole = 0
       for images, labels, mask in self.test_batches(batch_size, max_images):
         if on_every_process(bool(mask.all())):
           whole += 1
-          yield images, labels
+          yield replicate_local(images, mesh), replicate_local(labels, mesh)
       if not whole:
         raise ValueError(f"E6 needs a whole batch of paths.batch_size={batch_size} images, but "
                          f"the validation stream (eval.max_images={max_images}) holds fewer")

@@ -1,43 +1,39 @@
 """The lesion engine: many damaged networks (variants) evaluated by one compiled program.
 
 A *variant* of the trained network is a block order (a permutation of the stacked same-shape
-blocks, E4) plus a gate vector over positions (zeros delete blocks, E1–E3). The evaluator
-``vmap``s the test-set evaluation over a chunk of variants, with the chunk axis sharded over
-the mesh and the test set resident on every device; every chunk has the same shape, so a
-whole study compiles once. ImageNet's validation set does not fit on the device: there each
-chunk of variants makes one pass over a stream of batches instead (``StreamedLesionEngine``).
+blocks, E4) plus a gate vector over positions (zeros delete blocks, E1–E3). The engine takes
+the variants in fixed-size chunks and evaluates each chunk with one pass over the evaluation
+source's test batches (``eval_batches``: one stack placed once for CIFAR-10, a stream of
+batches for ImageNet), adding the sums up on the device (``evaluate.total``); every chunk has
+the same shape, so a whole study compiles once per form.
 
-With resident test images the variants can instead start from the intact network's shared
-prefix (``lesion.variant_weights=prefix``, see shared_prefix.py): the trained network runs once
-per batch, and each variant only from its first deleted or moved block on.
-
-Each form (``lesion.variant_weights``) is a small strategy the engine calls on a chunk:
-``WholeNetworkForm`` (shared or per-variant weights) and ``PrefixForm``; the engine only
-chunks, places and remembers the variants.
+How a chunk is evaluated is the *form* (``lesion.variant_weights``), a small strategy:
+``WholeNetworkForm`` ``vmap``s the whole network over the chunk, split over the mesh (the
+variants share the weights, or each has its own), and ``PrefixForm`` runs the intact network
+once per batch and each variant only from its first deleted or moved block on
+(shared_prefix.py). The engine only chunks, places and remembers the variants.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from resnet_ensemble import evaluate, gates as gates_lib, shared_prefix
 from resnet_ensemble.layout import BlockLayout
 from resnet_ensemble.surgery import reorder_stacked
 from resnet_ensemble.progress import Progress, say
-from resnet_ensemble.sharding import (check_divisible, put, put_tree, replicate_local, replicated,
-                                      sharded)
+from resnet_ensemble.sharding import put, put_tree, replicated, sharded
 
 
 def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh,
                            reorder: bool = True) -> Callable:
   """``fn(variables, images, labels, mask, gates (G, n), orders (G, n)) -> {error, loss,
-  count}`` (G,), count being the number of unmasked images; without ``reorder``,
+  loss_sum, correct, count}`` (G,), count being the number of unmasked images; without
+  ``reorder``,
   ``fn(variables, images, labels, mask, gates)`` for variants in the trained order.
 
   Reordered variants each get their own weights (a gather per variant), so vmap turns every
@@ -51,7 +47,7 @@ def make_variant_evaluator(eval_fn: Callable, layout: BlockLayout, mesh,
     if order is not None:
       variables = reorder_stacked(variables, layout, order)
     out = eval_fn(variables, images, labels, mask, gates)
-    return {"error": out["error"], "loss": out["loss"], "count": out["count"]}
+    return {k: out[k] for k in ("error", "loss", *evaluate.SUMS)}
 
   rep, split = replicated(mesh), sharded(mesh)
   variant_axes = (0, 0) if reorder else (0,)
@@ -65,25 +61,23 @@ VARIANT_WEIGHTS = ("auto", "shared", "per_variant", "prefix")
 AUTO_PER_VARIANT_MAX_CHANNELS = 64  # the widths where per_variant was measured faster
 
 
-def resolve_variant_weights(variant_weights: str, variables=None, prefix: bool = False) -> str:
-  """``lesion.variant_weights`` for this machine and network. "auto" is "prefix" on the CPU
-  where the engine can evaluate from the shared prefix (``prefix``: resident test images;
-  every variant one pass over the batch, ~2x fewer FLOPs for E1 and no G x images batch
-  spilling out of the caches); on GPUs it is per_variant for networks whose convolutions have
-  at most 64 output channels (the CIFAR ResNets, where grouped convolutions keep a GPU's tiles
-  fuller) and shared otherwise (wide ImageNet layers already fill the GPU's tiles), until the
-  prefix form is measured there."""
+def resolve_variant_weights(variant_weights: str, variables=None) -> str:
+  """``lesion.variant_weights`` for this machine and network. "auto" is "prefix" off GPUs
+  (every variant one pass over the batch from its first change on, ~2x fewer FLOPs for E1
+  and no G x images batch spilling out of the caches); on GPUs it is per_variant for networks
+  whose convolutions have at most 64 output channels (the CIFAR ResNets, where grouped
+  convolutions keep a GPU's tiles fuller) and shared otherwise (wide ImageNet layers already
+  fill the GPU's tiles), until the prefix form is measured there."""
   if variant_weights not in VARIANT_WEIGHTS:
     raise ValueError(f"lesion.variant_weights={variant_weights!r}; valid: "
                      f"{', '.join(VARIANT_WEIGHTS)}")
   if variant_weights != "auto":
     return variant_weights
-  gpu = jax.devices()[0].platform == "gpu"
-  if prefix and not gpu:
+  if jax.devices()[0].platform != "gpu":
     return "prefix"
   kernels = [v.shape[-1] for v in jax.tree.leaves(variables) if np.ndim(v) == 4]
   narrow = bool(kernels) and max(kernels) <= AUTO_PER_VARIANT_MAX_CHANNELS
-  return "per_variant" if gpu and narrow else "shared"
+  return "per_variant" if narrow else "shared"
 
 
 PREFIX_BUDGET_CPU = 2 << 30  # bytes of kept block inputs on a CPU (host memory)
@@ -98,34 +92,6 @@ def prefix_budget_bytes() -> int:
   except Exception:  # noqa: BLE001 (backends without memory statistics)
     limit = None
   return int(limit * PREFIX_BUDGET_SHARE) if limit else PREFIX_BUDGET_CPU
-
-
-def rebatch(images: np.ndarray, labels: np.ndarray, mask: np.ndarray, batch: int):
-  """Padded test batches (n_batches, B, ...) as batches of ``batch`` images (the unmasked
-  images in the same order, padding masked out)."""
-  keep = np.asarray(mask).reshape(-1) > 0
-  images = np.asarray(images).reshape((-1,) + images.shape[2:])[keep]
-  labels = np.asarray(labels).reshape(-1)[keep]
-  n = len(labels)
-  pad = -n % batch
-  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-  labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
-  shape = (-1, batch)
-  return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))
-
-
-@dataclasses.dataclass(frozen=True)
-class Prefix:
-  """What the prefix form needs besides ``eval_fn``: ``shared_prefix.make_prefix_evaluator``'s
-  function and the bytes of block inputs one image keeps (``kept_bytes_per_image``)."""
-  fn: Callable
-  bytes_per_image: int
-
-  @classmethod
-  def of(cls, model, mean, std, input_shape) -> "Prefix":
-    return cls(shared_prefix.make_prefix_evaluator(model, mean, std),
-               shared_prefix.kept_bytes_per_image(model, input_shape))
 
 
 class WholeNetworkForm:
@@ -159,9 +125,10 @@ class PrefixForm:
 
   name = "prefix"
 
-  def __init__(self, prefix: Prefix, base_gates: np.ndarray, mesh):
+  def __init__(self, model, mean, std, base_gates: np.ndarray, mesh):
     self.split = replicated(mesh)
-    self.fn_prefix = jax.jit(prefix.fn, out_shardings=replicated(mesh))
+    self.fn_prefix = jax.jit(shared_prefix.make_prefix_evaluator(model, mean, std),
+                             out_shardings=replicated(mesh))
     self.base = put(base_gates, replicated(mesh))
 
   def in_trained_order(self, orders: np.ndarray) -> bool:
@@ -173,51 +140,35 @@ class PrefixForm:
 
 
 class LesionEngine:
-  """Evaluates any number of variants in fixed-size chunks: one compilation for gated
-  variants in the trained order (E1, E3) with shared weights, one for variants with weights
-  of their own (E4's reorders; E1/E3 too where ``variant_weights`` says per_variant), or one
-  for every variant evaluated from the intact network's shared prefix ("prefix")."""
+  """Evaluates any number of variants in fixed-size chunks, each chunk by ``form`` over one
+  pass of ``batches``: one compilation for gated variants in the trained order (E1, E3) with
+  shared weights, one for variants with weights of their own (E4's reorders; E1/E3 too where
+  the form is per_variant), or one for every variant evaluated from the shared prefix."""
 
-  def __init__(self, eval_fn: Callable, layout: BlockLayout, variables, test_images,
-               test_labels, test_mask, mesh, chunk: int, base_gates: np.ndarray | None = None,
-               variant_weights: str = "auto", prefix: Prefix | None = None,
-               prefix_budget: int | None = None):
-    """``base_gates``: the trained network's test-time gates (stochastic depth or effective
-    paths scale residuals by their expected gate); every variant's gates multiply them.
-    ``variant_weights``: "shared", "per_variant", "prefix" (needs ``prefix``) or "auto"
-    (``resolve_variant_weights``); the errors are the same either way. ``prefix_budget``:
-    bytes of kept block inputs per batch (default ``prefix_budget_bytes()``); a larger eval
-    batch is split into batches that fit."""
-    self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights, variables, prefix)
-    self.images = int(np.sum(test_mask))  # test images each variant is evaluated on
-    if self.form.name == "prefix":  # batches whose kept block inputs fit the budget
-      budget = prefix_budget_bytes() if prefix_budget is None else prefix_budget
-      self.prefix_batch = shared_prefix.batch_for_budget(
-          test_images.shape[1], prefix.bytes_per_image, budget)
-      test_images, test_labels, test_mask = rebatch(test_images, test_labels, test_mask,
-                                                    self.prefix_batch)
-    self.args = put_tree((variables, test_images, test_labels, test_mask), replicated(mesh))
-
-  def _setup(self, eval_fn: Callable, layout: BlockLayout, mesh, chunk: int,
-             base_gates: np.ndarray | None, variant_weights: str, variables,
-             prefix: Prefix | None = None) -> None:
+  def __init__(self, form, layout: BlockLayout, variables, batches: Iterable, mesh,
+               chunk: int, base_gates: np.ndarray | None = None):
+    """``batches``: a pass over the test set (``eval_batches``), iterated once per chunk.
+    ``base_gates``: the trained network's test-time gates (stochastic depth or effective
+    paths scale residuals by their expected gate); every variant's gates multiply them."""
     if chunk % mesh.size:
       chunk = mesh.size * math.ceil(chunk / mesh.size)
-    self.layout, self.chunk, self.mesh = layout, chunk, mesh
+    self.form, self.layout, self.chunk, self.batches = form, layout, chunk, batches
     self.base_gates = (np.ones((layout.n_blocks,), np.float32) if base_gates is None
                        else np.asarray(base_gates, np.float32))
-    name = resolve_variant_weights(variant_weights, variables, prefix is not None)
-    if name == "prefix" and prefix is None:
-      raise ValueError("lesion.variant_weights='prefix' needs resident test images and the "
-                       "network (lesion.make_engine builds it)")
-    self.form = (PrefixForm(prefix, self.base_gates, mesh) if name == "prefix"
-                 else WholeNetworkForm(eval_fn, layout, mesh, shared=name == "shared"))
+    self.variables = put_tree(variables, replicated(mesh))
+    self.images: int | None = None  # test images each variant is evaluated on: known after a pass
     self.known: dict[bytes, float] = {}  # test error of each variant evaluated so far
 
   def _chunk_errors(self, gates: jax.Array, orders: jax.Array | None) -> np.ndarray:
-    """Test error of one chunk of variants (device arrays, split over the mesh; ``orders``
-    None: all in the trained order)."""
-    return np.asarray(self.form(*self.args, gates, orders)["error"])
+    """Test error of one chunk of variants (device arrays, split as the form says; ``orders``
+    None: all in the trained order), counted on the device over one pass and read once."""
+    out = evaluate.total(self.form(self.variables, *batch, gates, orders)
+                         for batch in self.batches)
+    error, count = jax.device_get((out["error"], out["count"]))
+    if not np.all(count > 0):
+      raise ValueError("the test pass held no images (check eval.max_images and the data)")
+    self.images = int(count[0])
+    return np.asarray(error)
 
   def evaluate(self, gates: np.ndarray | None = None, orders: np.ndarray | None = None,
                desc: str = "lesions") -> np.ndarray:
@@ -255,48 +206,37 @@ class LesionEngine:
     return np.asarray([self.known[key] for key in keys], np.float64)
 
 
-class StreamedLesionEngine(LesionEngine):
-  """A LesionEngine over a stream of test batches (ImageNet validation, not resident): each
-  chunk of variants makes one pass over ``batches()``, counting every variant's errors; all
-  batches have one shape, so a whole study still compiles once per kind of variant."""
-
-  def __init__(self, eval_fn: Callable, layout: BlockLayout, variables,
-               batches: Callable[[], Iterable[tuple[np.ndarray, ...]]], mesh, chunk: int,
-               base_gates: np.ndarray | None = None, variant_weights: str = "auto"):
-    """``batches()``: a new pass of this process's ``(images, labels, mask)`` shares."""
-    self._setup(eval_fn, layout, mesh, chunk, base_gates, variant_weights, variables)
-    self.variables = put_tree(variables, replicated(mesh))
-    self.batches = batches
-    self.images = None  # known after the first pass
-
-  def _chunk_errors(self, gates: jax.Array, orders: jax.Array | None) -> np.ndarray:
-    wrong = count = 0.0
-    for batch in self.batches():
-      # A stack of one batch (eval_fn scans over stacked batches), whole on every device.
-      images, labels, mask = (replicate_local(a[None], self.mesh, axis=1) for a in batch)
-      out = self.form(self.variables, images, labels, mask, gates, orders)
-      # Counted on the device, read once per pass: the host keeps feeding batches meanwhile.
-      wrong = wrong + jnp.where(out["count"] > 0, jnp.round(out["error"] * out["count"]), 0.0)
-      count = count + out["count"]
-    count = np.asarray(count)
-    if not np.all(count > 0):
-      raise ValueError("the test stream held no images (check eval.max_images and the data)")
-    self.images = int(count[0])
-    return np.asarray(wrong) / count
+def build_engine(model, variables, source, mesh, *, batch_size: int, chunk: int,
+                 max_images: int = 0, base_gates: np.ndarray | None = None,
+                 variant_weights: str = "auto", prefix_budget: int | None = None) -> LesionEngine:
+  """The lesion engine for ``model`` with ``variables`` on an evaluation source (``data.
+  ImageDataset``, ``imagenet.StreamedValidation``): its first ``max_images`` test images (0:
+  all) in batches of ``batch_size``. ``variant_weights``: "shared", "per_variant", "prefix" or
+  "auto" (``resolve_variant_weights``); the errors are the same either way. The prefix form
+  keeps every block's input for a batch: its batches are cut to what fits ``prefix_budget``
+  bytes (default ``prefix_budget_bytes()``)."""
+  layout = model.layout
+  base = (np.ones((layout.n_blocks,), np.float32) if base_gates is None
+          else np.asarray(base_gates, np.float32))
+  name = resolve_variant_weights(variant_weights, variables)
+  if name == "prefix":
+    budget = prefix_budget_bytes() if prefix_budget is None else prefix_budget
+    batch_size = shared_prefix.batch_for_budget(
+        batch_size, shared_prefix.kept_bytes_per_image(model, source.input_shape), budget,
+        multiple=mesh.size)
+    form = PrefixForm(model, source.mean, source.std, base, mesh)
+  else:
+    form = WholeNetworkForm(evaluate.make_eval_fn(model, source.mean, source.std), layout,
+                            mesh, shared=name == "shared")
+  return LesionEngine(form, layout, variables, source.eval_batches(batch_size, max_images, mesh),
+                      mesh, chunk, base)
 
 
 def make_engine(config, t, mesh) -> LesionEngine:
-  """The lesion engine for ``t``'s data: resident (CIFAR, digits) or streamed (ImageNet); both
-  evaluate on the first ``eval.max_images`` test images (0: all)."""
-  eval_fn = evaluate.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
-  common = dict(mesh=mesh, chunk=config.lesion.chunk,
-                base_gates=gates_lib.eval_gates(config.gates, t.layout),
-                variant_weights=config.lesion.variant_weights)
-  batch_size, cap = config.eval.batch_size, config.eval.max_images
-  if not t.dataset.resident:
-    check_divisible(batch_size, mesh, "eval.batch_size")
-    return StreamedLesionEngine(eval_fn, t.layout, t.variables,
-                                lambda: t.dataset.test_batches(batch_size, cap), **common)
-  batches = t.dataset.padded_test(batch_size, cap)
-  prefix = Prefix.of(t.model, t.dataset.mean, t.dataset.std, t.dataset.input_shape)
-  return LesionEngine(eval_fn, t.layout, t.variables, *batches, prefix=prefix, **common)
+  """The lesion engine for the restored network ``t`` on its evaluation source, as ``config``
+  says (``eval.batch_size``, ``eval.max_images``, ``lesion.chunk``, ``lesion.variant_weights``,
+  the test-time gates of ``config.gates``)."""
+  return build_engine(t.model, t.variables, t.dataset, mesh, batch_size=config.eval.batch_size,
+                      chunk=config.lesion.chunk, max_images=config.eval.max_images,
+                      base_gates=gates_lib.eval_gates(config.gates, t.layout),
+                      variant_weights=config.lesion.variant_weights)

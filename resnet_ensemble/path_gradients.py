@@ -34,8 +34,7 @@ from resnet_ensemble import (augment, evaluate, gates as gates_lib, models, path
                              restore, workdir as workdir_lib)
 from resnet_ensemble.models import Unrolled
 from resnet_ensemble.progress import Progress
-from resnet_ensemble.sharding import (check_divisible, make_mesh, put, put_tree, replicate_local,
-                                      replicated, sharded)
+from resnet_ensemble.sharding import make_mesh, put, put_tree, replicated, sharded
 
 
 def linearize(unrolled: Unrolled, images: jax.Array, labels: jax.Array, scales=None):
@@ -278,17 +277,13 @@ def study(config, workdir: str, t: restore.Trained) -> dict:
   variables = put_tree(t.variables, rep)
   q = len(selections)
   log10 = np.zeros((2, q, 2))  # log10 norms: (selection | complement, pair, y0 | image)
-  if not t.dataset.resident:  # each process streams its share of a batch
-    check_divisible(pc.batch_size, mesh, "paths.batch_size")
-    place = lambda a: replicate_local(a, mesh)  # noqa: E731
-  else:  # every process holds the same batch
-    place = lambda a: put(a, rep)  # noqa: E731
-  batches = t.dataset.gradient_batches(pc.batch_size, config.seed, config.eval.max_images)
+  # On every device: a random train batch per chunk (CIFAR-10), or the validation stream's.
+  batches = t.dataset.gradient_batches(pc.batch_size, config.seed, config.eval.max_images, mesh)
   progress = Progress(2 * q, "E6 routed path gradients", unit="paths", every_s=10.0)
 
   def dispatch(start: int):
     # A new batch for each chunk of paths (un-augmented; BN in inference mode).
-    images, labels = map(place, next(batches))
+    images, labels = next(batches)
     sel = selections[start:start + chunk]
     padded = np.concatenate([sel, np.zeros((chunk - len(sel), n), np.float32)])
     return start, len(sel), jitted(variables, images, labels, put(padded, split))

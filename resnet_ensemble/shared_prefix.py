@@ -26,7 +26,7 @@ import numpy as np
 
 from resnet_ensemble import models
 from resnet_ensemble.augment import normalize
-from resnet_ensemble.evaluate import cross_entropy
+from resnet_ensemble.evaluate import cross_entropy, with_means
 from resnet_ensemble.layout import down_name, stacked_name
 
 
@@ -137,9 +137,10 @@ def _variant_logits(model, variables, kept, intact_logits, gates: jax.Array,
 
 def make_prefix_evaluator(model, mean, std) -> Callable:
   """``fn(variables, images, labels, mask, base_gates (n,), gates (G, n), orders (G, n))
-  -> {error, loss, count}`` (G,) over a stack of padded batches; the variants' gates are
-  already multiplied by ``base_gates`` (the trained network's test-time gates, those of its
-  shared prefix). The same numbers as ``evaluate.make_eval_fn`` on each variant alone."""
+  -> {error, loss, accuracy, loss_sum, correct, count}`` (G,) over a stack of padded batches;
+  the variants' gates are already multiplied by ``base_gates`` (the trained network's
+  test-time gates, those of its shared prefix). The same numbers as ``evaluate.make_eval_fn``
+  on each variant alone."""
 
   def fn(variables, images, labels, mask, base_gates, gates, orders):
     starts = first_changed(gates, orders, base_gates)
@@ -157,8 +158,7 @@ def make_prefix_evaluator(model, mean, std) -> Callable:
 
     zero = jnp.zeros((gates.shape[0], 2), jnp.float32)
     sums, _ = jax.lax.scan(batch, zero, (images, labels, mask))
-    count = jnp.sum(mask)
-    return {"loss": sums[:, 0] / count, "error": 1.0 - sums[:, 1] / count,
-            "count": jnp.full((gates.shape[0],), count)}
+    count = jnp.full((gates.shape[0],), jnp.sum(mask))
+    return with_means(sums[:, 0], sums[:, 1], count)
 
   return fn

@@ -185,9 +185,9 @@ def _loop(config, workdir: str, stack: RunStack, model: nn.Module, feed, sample_
   def evaluate(state: TrainState) -> list[dict]:
     """Each run's test-time network (scaled by its expected gates when it samples gates), and
     the unscaled one beside it for those runs; one dict per run."""
-    per_run = stack.per_run(feed.evaluate(state, gates_at_test))
+    per_run = stack.per_run(feed.evaluate(state.variables, gates_at_test))
     if gates_at_test is not None:
-      unscaled = stack.per_run(feed.evaluate(state, None))
+      unscaled = stack.per_run(feed.evaluate(state.variables, None))
       for out, plain, has in zip(per_run, unscaled, scaled):
         out.update({f"{k}_unscaled": v for k, v in plain.items()} if has else {})
     return per_run

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_ensemble import evaluate, lesion, lesion_engine, restore, shared_prefix, train
+from resnet_ensemble import (eval_batches, evaluate, lesion, lesion_engine, restore, shared_prefix,
+                             train)
 from resnet_ensemble.layout import BlockLayout, check_order
 from resnet_ensemble.sharding import make_mesh
 from resnet_ensemble.surgery import permute_blocks
@@ -78,11 +79,9 @@ def _tiny_engine(trained_tiny):
   t = restore.load_trained(config, workdir)
   eval_fn = evaluate.make_eval_fn(t.model, t.dataset.mean, t.dataset.std)
   batches = t.dataset.padded_test(config.eval.batch_size)
-  prefix = lesion_engine.Prefix.of(t.model, t.dataset.mean, t.dataset.std,
-                            t.dataset.test_images.shape[1:])
-  make = lambda **kw: lesion_engine.LesionEngine(eval_fn, t.layout, t.variables,  # noqa: E731
-                                          *batches, mesh=make_mesh(), chunk=4, prefix=prefix,
-                                          **kw)
+  make = lambda source=t.dataset, **kw: lesion_engine.build_engine(  # noqa: E731
+      t.model, t.variables, source, make_mesh(), batch_size=config.eval.batch_size, chunk=4,
+      **kw)
   return t, eval_fn, batches, make
 
 
@@ -125,13 +124,12 @@ def test_variant_weights_auto_and_unknown(monkeypatch):
     platform = "cpu"
 
   monkeypatch.setattr(lesion_engine.jax, "devices", lambda: [Device()])
-  assert lesion_engine.resolve_variant_weights("auto", narrow) == "shared"
-  assert lesion_engine.resolve_variant_weights("auto", narrow, prefix=True) == "prefix"
+  assert lesion_engine.resolve_variant_weights("auto", narrow) == "prefix"
+  assert lesion_engine.resolve_variant_weights("auto", wide) == "prefix"
   assert lesion_engine.resolve_variant_weights("per_variant", wide) == "per_variant"
   Device.platform = "gpu"
   assert lesion_engine.resolve_variant_weights("auto", narrow) == "per_variant"
   assert lesion_engine.resolve_variant_weights("auto", wide) == "shared"
-  assert lesion_engine.resolve_variant_weights("auto", narrow, prefix=True) == "per_variant"
   with pytest.raises(ValueError, match="lesion.variant_weights='grouped'; valid: auto"):
     lesion_engine.resolve_variant_weights("grouped")
 
@@ -148,10 +146,10 @@ def test_prefix_form_gives_every_variant_the_error_of_todays_engine(trained_tiny
                           lesion.random_deletion_gates(rng, t.layout, 5, 6)])
   orders = lesion.random_swap_orders(rng, t.layout, 2, 6)
   today = make(variant_weights="per_variant", base_gates=base)
-  kept = today.args[1].shape[1] * lesion_engine.Prefix.of(
-      t.model, t.dataset.mean, t.dataset.std, t.dataset.test_images.shape[1:]).bytes_per_image
+  kept = today.batches.batch_size * shared_prefix.kept_bytes_per_image(t.model,
+                                                                        t.dataset.input_shape)
   prefix = make(variant_weights="prefix", base_gates=base, prefix_budget=kept // 3)
-  assert prefix.prefix_batch < today.args[1].shape[1]  # the budget split the batches
+  assert prefix.batches.batch_size < today.batches.batch_size  # the budget split the batches
   np.testing.assert_array_equal(prefix.evaluate(gates), today.evaluate(gates))
   np.testing.assert_array_equal(prefix.evaluate(orders=orders), today.evaluate(orders=orders))
   both = (gates[10:16], orders)  # deletions and swaps in one variant
@@ -286,3 +284,43 @@ def test_lesion_errors_name_the_problem(trained_tiny, tmp_path):
     lesion.run_study(tiny_config(**{"model.depth": 14}), workdir)
   with pytest.raises(ValueError, match="lesion.max_k=10 is larger than the number of blocks"):
     lesion.run_study(tiny_config(**{"model.depth": 20, "lesion.max_k": 10}), workdir)
+
+
+class _AsStream:
+  """The tiny test split served as a stream, a batch at a time (as ImageNet validation is)."""
+
+  def __init__(self, dataset):
+    self.dataset = dataset
+    self.mean, self.std, self.input_shape = dataset.mean, dataset.std, dataset.input_shape
+
+  def eval_batches(self, batch_size, max_images, mesh, split=False):
+    return eval_batches.Streamed(lambda: self.dataset.test_batches(batch_size, max_images),
+                                 mesh, batch_size, split)
+
+
+@pytest.mark.parametrize("variant_weights", ["shared", "per_variant", "prefix"])
+def test_one_engine_over_resident_and_streamed_batches(trained_tiny, variant_weights):
+  """The same test images as one stack on the device or as a stream of batches: each form
+  gives every variant the same error (counts add up exactly), on all images or a cap that
+  cuts a batch."""
+  t, _, _, make = _tiny_engine(trained_tiny)
+  rng = np.random.default_rng(5)
+  gates = np.concatenate([np.ones((1, 9), np.float32), lesion.single_deletion_gates(t.layout),
+                          lesion.random_deletion_gates(rng, t.layout, 3, 4)])
+  orders = lesion.random_swap_orders(rng, t.layout, 1, 4)
+  for cap in (0, 37):
+    resident = make(variant_weights=variant_weights, max_images=cap)
+    streamed = make(_AsStream(t.dataset), variant_weights=variant_weights, max_images=cap)
+    assert isinstance(resident.batches, eval_batches.Resident)
+    np.testing.assert_array_equal(streamed.evaluate(gates), resident.evaluate(gates))
+    np.testing.assert_array_equal(streamed.evaluate(orders=orders),
+                                  resident.evaluate(orders=orders))
+    assert streamed.images == resident.images == (cap or len(t.dataset.test_labels))
+
+
+def test_a_pass_without_images_is_an_error(trained_tiny):
+  t, _, _, make = _tiny_engine(trained_tiny)
+  empty = _AsStream(t.dataset)
+  empty.eval_batches = lambda *a, **k: eval_batches.Streamed(lambda: iter(()), make_mesh(), 4)
+  with pytest.raises(ValueError, match="the test pass held no batches"):
+    make(empty, variant_weights="shared").evaluate(np.ones((1, 9), np.float32))

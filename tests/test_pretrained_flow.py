@@ -15,7 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 from safetensors import numpy as safetensors_numpy
 
-from resnet_ensemble import evaluate, imagenet, lesion, lesion_engine, pretrained, restore
+from resnet_ensemble import (eval_batches, evaluate, imagenet, lesion, lesion_engine, pretrained,
+                             restore)
 from resnet_ensemble.sharding import make_mesh
 from resnet_ensemble.surgery import permute_blocks
 
@@ -156,11 +157,17 @@ def test_mode_all_runs_every_analysis_on_the_streamed_images_without_training(ne
   assert len({round(e, 6) for e in out["single"]["error"] + [out["baseline"]["error"]]}) > 1
 
 
-def test_streamed_engine_reorders_and_compiles_once(net, monkeypatch, tmp_path):
+@pytest.mark.parametrize("variant_weights", ["per_variant", "prefix"])
+def test_streamed_engine_reorders_and_compiles_once(net, monkeypatch, tmp_path, variant_weights):
+  """Each form over the validation stream: every variant's error that of a direct evaluation,
+  the images counted from the stream, one program for both chunks."""
   monkeypatch.setattr(imagenet, "make_split", _mock(imagenet.make_split))
-  t = restore.load_trained(net["config"], str(tmp_path))
-  engine = lesion_engine.make_engine(net["config"], t, make_mesh())
-  assert isinstance(engine, lesion_engine.StreamedLesionEngine) and engine.chunk == 8
+  config = pretrained_config(weights=net["weights"],
+                             **{"lesion.variant_weights": variant_weights})
+  t = restore.load_trained(config, str(tmp_path))
+  engine = lesion_engine.make_engine(config, t, make_mesh())
+  assert isinstance(engine.batches, eval_batches.Streamed) and engine.chunk == 8
+  assert engine.form.name == variant_weights
   rng = np.random.default_rng(0)
   orders = lesion.random_swap_orders(rng, t.layout, 1, 10)  # one swap: never the trained order
   gates = lesion.random_deletion_gates(rng, t.layout, 1, 10)
@@ -168,8 +175,11 @@ def test_streamed_engine_reorders_and_compiles_once(net, monkeypatch, tmp_path):
   for g, order, error in zip(gates, orders, errors):
     permuted = permute_blocks(net["variables"], t.layout, order)
     assert error == pytest.approx(net["direct"](permuted, g), abs=1e-6)
-  assert engine.images == CAP and engine.form.fn._cache_size() == 1  # two chunks, one program
-  assert engine.form.fn_gated._cache_size() == 0
+  assert engine.images == CAP
+  if variant_weights == "prefix":
+    assert engine.form.fn_prefix._cache_size() == 1  # two chunks, one program
+  else:
+    assert engine.form.fn._cache_size() == 1 and engine.form.fn_gated._cache_size() == 0
 
 
 def test_cap_keeps_the_first_images_in_global_batch_order(monkeypatch):

@@ -236,10 +236,11 @@ def validate(config) -> None:
   positive = ["train.batch_size", "train.num_steps", "train.steps_per_call",
               "train.conv_groups", "eval.batch_size", "eval.conv_groups",
               "checkpoint.max_to_keep", "lesion.chunk", "paths.samples_per_k",
-              "paths.batch_size", "paths.chunk"]
+              "paths.batch_size", "paths.chunk", "paper.plain_width"]
   at_least_zero = ["seed", "train.log_every", "train.eval_every", "checkpoint.every",
                    "eval.max_images", "lesion.max_k", "lesion.draws",
-                   "lesion.reorder_max_swaps", "lesion.reorder_draws", "data.crop_padding"]
+                   "lesion.reorder_max_swaps", "lesion.reorder_draws", "data.crop_padding",
+                   "model.width"]
   values = flatten(config)
   for field in positive + at_least_zero:
     if field not in values:
@@ -247,6 +248,10 @@ def validate(config) -> None:
     value, least = values[field], 1 if field in positive else 0
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
       raise ValueError(f"--config.{field}={value!r}: must be an integer >= {least}")
+  for field in ("model.plain_stages", "paper.plain_stages"):  # layers per stage
+    sizes = tuple(values.get(field, (1,)))
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+      raise ValueError(f"--config.{field}={sizes!r}: layers per stage, integers >= 1")
   for s in values.get("seeds", []):
     if isinstance(s, bool) or not isinstance(s, int) or s < 0:
       raise ValueError(f"--config.seeds={tuple(values['seeds'])!r}: seeds are integers >= 0")

@@ -17,8 +17,7 @@ import functools
 import time
 from typing import Callable, NamedTuple
 
-from resnet_ensemble import (config as config_lib, lesion, path_gradients, report, restore,
-                             train)
+from resnet_ensemble import lesion, path_gradients, report, restore, train
 from resnet_ensemble import workdir as workdir_lib
 from resnet_ensemble.progress import format_duration, say
 from resnet_ensemble.stack import Run, runs_of
@@ -61,7 +60,8 @@ def roles(config) -> Roles:
 
 
 def plain_config(config):
-  """The plain network of Fig. 3 with everything else of the main run (data, recipe, seed)."""
+  """The plain network of Fig. 3 with everything else of the main run (data, recipe, seed);
+  checked, with its model, when it is trained (``config.check_config``)."""
   c = config.copy_and_resolve_references()
   c.seeds, c.stack = (), ()
   c.seed = runs_of(config)[0].config.seed
@@ -70,7 +70,6 @@ def plain_config(config):
   c.model.plain_stages = tuple(config.paper.plain_stages)
   c.model.width = config.paper.plain_width
   c.gates.sampler = "none"
-  config_lib.validate(c)
   return c
 
 

@@ -96,6 +96,9 @@ def test_mode_paths_is_an_alias_of_gradients_that_says_so(tmp_path):
     (["--config.model.depth=100"], "6n+2"),
     (["--config.train.batch_size=0"], "--config.train.batch_size=0: must be an integer >= 1"),
     (["--config.train.steps_per_call=0"], "--config.train.steps_per_call=0: must be"),
+    # The plain network of Fig. 3 trains last: its fields are checked first all the same.
+    (["--config.paper.plain_width=0"], "--config.paper.plain_width=0: must be an integer >= 1"),
+    (["--config.paper.plain_stages=(4,0,4)"], "--config.paper.plain_stages=(4, 0, 4): layers"),
     (["--config.train.batch_size=abc"], "--config.train.batch_size=abc"),
     (["--config=configs/no_such_file.py"], "cannot load the config file "
                                            "--config=configs/no_such_file.py"),

@@ -54,7 +54,7 @@ def main(_):
   replicas = len(stack)
   shape = dataset.train_images.shape[1:]
   state = stack.init(lambda seed: state_lib.create_train_state_unsharded(model, tx, seed, shape))
-  resident = feeds.put_resident(dataset, mesh)
+  resident = feeds.put_train(dataset, mesh)
   sample_gates = gates_lib.make_stack_sampler([r.config.gates for r in stack.runs],
                                               model.layout, c.train.batch_size)
   skip = blocks.should_skip(c.gates.skip_compute, sampled=sample_gates is not None,

@@ -26,16 +26,16 @@ from resnet_ensemble.state import TrainState
 
 
 @flax.struct.dataclass
-class ResidentData:
+class ResidentTrain:
   """A train split on the device, flat and replicated: each step gathers its own batch."""
   train_images: jax.Array  # uint8 (N, H, W, C)
   train_labels: jax.Array  # int32 (N,)
 
 
-def put_resident(dataset: data_lib.ImageDataset, mesh) -> ResidentData:
+def put_train(dataset: data_lib.ImageDataset, mesh) -> ResidentTrain:
   rep = replicated(mesh)
-  return ResidentData(train_images=put(dataset.train_images, rep),
-                      train_labels=put(dataset.train_labels.astype(np.int32), rep))
+  return ResidentTrain(train_images=put(dataset.train_images, rep),
+                       train_labels=put(dataset.train_labels.astype(np.int32), rep))
 
 
 class TestEvaluation:
@@ -78,7 +78,7 @@ def make_resident_train_fn(train_on_batch: Callable, *, batch_size: int, crop_pa
   The batch, augmentation and gates of step t depend only on (seed, t). The seed and the run
   are arguments, not constants, so the function can be vmapped over a stack of runs."""
 
-  def train_fn(state: TrainState, data: ResidentData, seed, run):
+  def train_fn(state: TrainState, data: ResidentTrain, seed, run):
     keys = run_keys(seed)
 
     def one_step(state: TrainState):
@@ -110,7 +110,7 @@ class ResidentFeed:
   def start(self, model, train_on_batch, log_compile: Callable[[str, float], None],
             stack: RunStack) -> None:
     c = self.config
-    self.resident = put_resident(self.dataset, self.mesh)
+    self.train_data = put_train(self.dataset, self.mesh)
     self._make = functools.partial(
         make_resident_train_fn, train_on_batch, batch_size=c.train.batch_size,
         crop_padding=c.data.crop_padding, flip=c.data.flip)
@@ -122,10 +122,10 @@ class ResidentFeed:
     """k steps: one compiled call, or on the CPU k calls of one step (``conv.loops_are_slow``:
     a compiled loop would run every convolution's backward on XLA's slow path)."""
     if not conv.loops_are_slow(self.mesh.devices.flat[0].platform):
-      return self._compiled_steps(k, state)(state, self.resident, *self._args)
+      return self._compiled_steps(k, state)(state, self.train_data, *self._args)
     merged = None
     for _ in range(k):
-      state, m = self._compiled_steps(1, state)(state, self.resident, *self._args)
+      state, m = self._compiled_steps(1, state)(state, self.train_data, *self._args)
       merged = m if merged is None else merged.merge(m)
     return state, merged
 
@@ -138,7 +138,7 @@ class ResidentFeed:
       t0 = time.perf_counter()
       fn = self._stack.vmap(self._make(num_steps=k), (0, None, 0, 0))
       jitted = jax.jit(fn, out_shardings=(replicated(self.mesh),) * 2, donate_argnums=0)
-      self._compiled[k] = jitted.lower(state, self.resident, *self._args).compile()
+      self._compiled[k] = jitted.lower(state, self.train_data, *self._args).compile()
       self._log_compile(f"train_{k}_steps", time.perf_counter() - t0)
     return self._compiled[k]
 

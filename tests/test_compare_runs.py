@@ -26,7 +26,8 @@ def test_equal_runs_and_every_kind_of_difference(tmp_path, capsys):
   assert counts == {"json": 1, "numbers": 5, "png": 1}
   assert sorted(found) == sorted([
       "fig.png: the images differ", f"gradients.json: only in {tmp_path / 'c'}",
-      f"lesion.json.baseline.error: 0.1 vs {0.1 + 1e-12!r}", "lesion.json.extra: only in the second",
+      f"lesion.json.baseline.error: 0.1 vs {0.1 + 1e-12!r}",
+      "lesion.json.extra: only in the second",
       "lesion.json.k: 2 vs 3 entries"])
   assert compare_runs.main(["compare_runs", str(tmp_path / "a"), str(tmp_path / "c")]) == 1
   assert compare_runs.main(["compare_runs", str(tmp_path / "a"), str(tmp_path / "x")]) == 2
